@@ -1,0 +1,120 @@
+//! Who may connect and what they may touch: the `Authenticator` (CONNECT) and `Authorizer`
+//! (channel and plain-topic access) traits, and the SuperMQ topic rules that decide which check a
+//! PUBLISH topic or SUBSCRIBE filter needs.
+
+pub mod static_registry;
+
+use async_trait::async_trait;
+
+use crate::topic::{self, TopicError, TopicKind, Usage};
+
+pub use static_registry::StaticRegistry;
+
+/// The identity a CONNECT was accepted as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The platform's client id (the MQTT username); empty for an anonymous session.
+    pub client_id: String,
+    pub anonymous: bool,
+}
+
+/// What the device presented in its CONNECT.
+#[derive(Debug, Clone, Copy)]
+pub struct Credentials<'a> {
+    pub username: Option<&'a str>,
+    pub password: Option<&'a str>,
+}
+
+/// Why a CONNECT was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("bad username or password")]
+    BadCredentials,
+    #[error("no username given and anonymous access is off")]
+    MissingCredentials,
+    #[error("authentication service unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What a client wants to do on a channel or topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Publish,
+    Subscribe,
+}
+
+impl From<Usage> for Action {
+    fn from(usage: Usage) -> Self {
+        match usage {
+            Usage::Publish => Action::Publish,
+            Usage::Subscribe => Action::Subscribe,
+        }
+    }
+}
+
+/// Checks a CONNECT's credentials.
+#[async_trait]
+pub trait Authenticator: Send + Sync {
+    async fn authenticate(&self, credentials: Credentials<'_>) -> Result<Identity, AuthError>;
+}
+
+/// Decides access to channels and to plain (non-SuperMQ) topics.
+#[async_trait]
+pub trait Authorizer: Send + Sync {
+    /// May `who` perform `action` on channel `channel` of `domain`?
+    async fn authorize_channel(
+        &self,
+        who: &Identity,
+        domain: &str,
+        channel: &str,
+        action: Action,
+    ) -> bool;
+
+    /// May `who` perform `action` on a plain topic (PUBLISH) or filter (SUBSCRIBE)?
+    fn authorize_plain(&self, who: &Identity, topic_or_filter: &str, action: Action) -> bool;
+}
+
+/// The outcome of applying the topic rules to one topic or filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicDecision {
+    /// Allowed; route under this topic or filter.
+    Allow(String),
+    /// Well-formed but not permitted for this client.
+    Deny,
+    /// Malformed by the SuperMQ rules.
+    Invalid(TopicError),
+}
+
+/// Applies SPEC §2: channel topics ask the authorizer, `hc/` topics are open to every session,
+/// anything else needs a plain grant.
+pub async fn authorize_topic(
+    authorizer: &dyn Authorizer,
+    who: &Identity,
+    topic: &str,
+    usage: Usage,
+) -> TopicDecision {
+    let action = Action::from(usage);
+    match topic::parse(topic, usage) {
+        Err(e) => TopicDecision::Invalid(e),
+        Ok(TopicKind::Channel(channel)) => {
+            if (!who.anonymous
+                && authorizer
+                    .authorize_channel(who, &channel.domain, &channel.channel, action)
+                    .await)
+                || authorizer.authorize_plain(who, &channel.canonical(), action)
+            {
+                TopicDecision::Allow(channel.canonical())
+            } else {
+                TopicDecision::Deny
+            }
+        }
+        Ok(TopicKind::Health { domain }) => TopicDecision::Allow(format!("hc/{domain}")),
+        Ok(TopicKind::Plain) => {
+            if authorizer.authorize_plain(who, topic, action) {
+                TopicDecision::Allow(topic.to_owned())
+            } else {
+                TopicDecision::Deny
+            }
+        }
+    }
+}

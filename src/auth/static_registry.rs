@@ -1,0 +1,374 @@
+//! The static auth backend: clients, channel connections, plain-topic grants and anonymous access
+//! read from one TOML file (format in SPEC §3), or a built-in demo registry.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{Action, AuthError, Authenticator, Authorizer, Credentials, Identity};
+
+/// A registry file that cannot be used, with what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot read clients file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("clients file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("clients file {path}, line {line}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    #[serde(default)]
+    clients: Vec<ClientEntry>,
+    #[serde(default)]
+    connections: Vec<ConnectionEntry>,
+    #[serde(default)]
+    acl: Vec<AclEntry>,
+    anonymous: Option<AnonymousEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientEntry {
+    id: Spanned<String>,
+    secret: String,
+    #[allow(dead_code)] // part of the file format; shown nowhere yet
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectionEntry {
+    client: Spanned<String>,
+    domain: String,
+    channel: String,
+    actions: Vec<ActionName>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AclEntry {
+    client: Spanned<String>,
+    topics: Vec<String>,
+    actions: Vec<ActionName>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnonymousEntry {
+    topics: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ActionName {
+    Publish,
+    Subscribe,
+}
+
+impl From<ActionName> for Action {
+    fn from(name: ActionName) -> Self {
+        match name {
+            ActionName::Publish => Action::Publish,
+            ActionName::Subscribe => Action::Subscribe,
+        }
+    }
+}
+
+/// The loaded registry; answers authentication and authorization from memory.
+#[derive(Debug, Default)]
+pub struct StaticRegistry {
+    secrets: HashMap<String, String>,
+    channels: HashSet<(String, String, String, Action)>,
+    plain: HashMap<String, Vec<(String, Action)>>,
+    anonymous: Option<Vec<String>>,
+}
+
+/// Client ids and secrets of the built-in demo registry, also printed at start-up.
+pub const DEMO_DOMAIN: &str = "demo-domain";
+pub const DEMO_CHANNEL: &str = "demo-channel";
+pub const DEMO_CLIENTS: [(&str, &str); 2] = [
+    ("demo-sensor", "demo-sensor-secret"),
+    ("demo-app", "demo-app-secret"),
+];
+
+impl StaticRegistry {
+    /// Loads and validates a registry file.
+    pub fn from_file(path: &Path) -> Result<Self, RegistryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses registry text; `path` only names the source in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, RegistryError> {
+        let file: RegistryFile = toml::from_str(text).map_err(|e| RegistryError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        let invalid = |span: std::ops::Range<usize>, message: String| RegistryError::Invalid {
+            path: path.to_owned(),
+            line: text[..span.start.min(text.len())].matches('\n').count() + 1,
+            message,
+        };
+
+        let mut registry = StaticRegistry::default();
+        for client in &file.clients {
+            let id = client.id.get_ref();
+            if id.is_empty() {
+                return Err(invalid(
+                    client.id.span(),
+                    "client id must not be empty".into(),
+                ));
+            }
+            if registry
+                .secrets
+                .insert(id.clone(), client.secret.clone())
+                .is_some()
+            {
+                return Err(invalid(
+                    client.id.span(),
+                    format!("duplicate client id {id:?}"),
+                ));
+            }
+        }
+        for conn in &file.connections {
+            let client = conn.client.get_ref();
+            if !registry.secrets.contains_key(client) {
+                return Err(invalid(
+                    conn.client.span(),
+                    format!("connection names unknown client {client:?}"),
+                ));
+            }
+            for action in &conn.actions {
+                registry.channels.insert((
+                    client.clone(),
+                    conn.domain.clone(),
+                    conn.channel.clone(),
+                    (*action).into(),
+                ));
+            }
+        }
+        for acl in &file.acl {
+            let client = acl.client.get_ref();
+            if !registry.secrets.contains_key(client) {
+                return Err(invalid(
+                    acl.client.span(),
+                    format!("acl names unknown client {client:?}"),
+                ));
+            }
+            for filter in &acl.topics {
+                if !rumqttd::protocol::valid_filter(filter) {
+                    return Err(invalid(
+                        acl.client.span(),
+                        format!("acl topic {filter:?} is not a valid MQTT filter"),
+                    ));
+                }
+                let grants = registry.plain.entry(client.clone()).or_default();
+                grants.extend(acl.actions.iter().map(|a| (filter.clone(), (*a).into())));
+            }
+        }
+        registry.anonymous = file.anonymous.map(|a| a.topics);
+        Ok(registry)
+    }
+
+    /// The demo registry used when no file is given: two clients sharing one channel.
+    pub fn demo() -> Self {
+        let mut registry = StaticRegistry::default();
+        for (id, secret) in DEMO_CLIENTS {
+            registry.secrets.insert(id.into(), secret.into());
+            for action in [Action::Publish, Action::Subscribe] {
+                registry.channels.insert((
+                    id.into(),
+                    DEMO_DOMAIN.into(),
+                    DEMO_CHANNEL.into(),
+                    action,
+                ));
+            }
+        }
+        registry
+    }
+
+    /// Ready-to-paste client command lines that work against the demo registry.
+    pub fn demo_commands(port: u16) -> [String; 2] {
+        let (pub_id, pub_secret) = DEMO_CLIENTS[0];
+        let (sub_id, sub_secret) = DEMO_CLIENTS[1];
+        [
+            format!(
+                "mosquitto_sub -h 127.0.0.1 -p {port} -i {sub_id} -u {sub_id} -P {sub_secret} -t 'm/{DEMO_DOMAIN}/c/{DEMO_CHANNEL}/#' -v"
+            ),
+            format!(
+                "mosquitto_pub -h 127.0.0.1 -p {port} -i {pub_id} -u {pub_id} -P {pub_secret} -t m/{DEMO_DOMAIN}/c/{DEMO_CHANNEL}/temperature -m 21.5"
+            ),
+        ]
+    }
+}
+
+/// Compares secrets without an early exit, so timing does not reveal a matching prefix.
+fn secrets_match(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[async_trait]
+impl Authenticator for StaticRegistry {
+    async fn authenticate(&self, credentials: Credentials<'_>) -> Result<Identity, AuthError> {
+        match credentials.username {
+            None | Some("") if self.anonymous.is_some() => Ok(Identity {
+                client_id: String::new(),
+                anonymous: true,
+            }),
+            None | Some("") => Err(AuthError::MissingCredentials),
+            Some(username) => {
+                let password = credentials.password.unwrap_or("");
+                match self.secrets.get(username) {
+                    Some(secret) if secrets_match(secret, password) => Ok(Identity {
+                        client_id: username.to_owned(),
+                        anonymous: false,
+                    }),
+                    _ => Err(AuthError::BadCredentials),
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Authorizer for StaticRegistry {
+    async fn authorize_channel(
+        &self,
+        who: &Identity,
+        domain: &str,
+        channel: &str,
+        action: Action,
+    ) -> bool {
+        // Borrowed lookup would need a custom key type; channel checks are cached per session.
+        self.channels.contains(&(
+            who.client_id.clone(),
+            domain.to_owned(),
+            channel.to_owned(),
+            action,
+        ))
+    }
+
+    fn authorize_plain(&self, who: &Identity, topic_or_filter: &str, action: Action) -> bool {
+        if who.anonymous {
+            return self.anonymous.as_ref().is_some_and(|filters| {
+                filters
+                    .iter()
+                    .any(|f| rumqttd::protocol::matches(topic_or_filter, f))
+            });
+        }
+        self.plain.get(&who.client_id).is_some_and(|grants| {
+            grants
+                .iter()
+                .any(|(f, a)| *a == action && rumqttd::protocol::matches(topic_or_filter, f))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+[[clients]]
+id = "c1"
+secret = "s1"
+name = "sensor-1"
+
+[[connections]]
+client = "c1"
+domain = "d1"
+channel = "ch1"
+actions = ["publish"]
+
+[[acl]]
+client = "c1"
+topics = ["sensors/#"]
+actions = ["subscribe"]
+"#;
+
+    fn id(client: &str) -> Identity {
+        Identity {
+            client_id: client.into(),
+            anonymous: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn authenticates_by_secret() {
+        let r = StaticRegistry::from_toml(FILE, Path::new("f.toml")).unwrap();
+        let ok = Credentials {
+            username: Some("c1"),
+            password: Some("s1"),
+        };
+        assert_eq!(r.authenticate(ok).await, Ok(id("c1")));
+        let bad = Credentials {
+            username: Some("c1"),
+            password: Some("s2"),
+        };
+        assert_eq!(r.authenticate(bad).await, Err(AuthError::BadCredentials));
+        let none = Credentials {
+            username: None,
+            password: None,
+        };
+        assert_eq!(
+            r.authenticate(none).await,
+            Err(AuthError::MissingCredentials)
+        );
+    }
+
+    #[tokio::test]
+    async fn authorizes_channels_and_plain_topics_per_action() {
+        let r = StaticRegistry::from_toml(FILE, Path::new("f.toml")).unwrap();
+        assert!(
+            r.authorize_channel(&id("c1"), "d1", "ch1", Action::Publish)
+                .await
+        );
+        assert!(
+            !r.authorize_channel(&id("c1"), "d1", "ch1", Action::Subscribe)
+                .await
+        );
+        assert!(
+            !r.authorize_channel(&id("c1"), "d1", "ch2", Action::Publish)
+                .await
+        );
+        assert!(r.authorize_plain(&id("c1"), "sensors/+", Action::Subscribe));
+        assert!(!r.authorize_plain(&id("c1"), "sensors/t", Action::Publish));
+        assert!(!r.authorize_plain(&id("c1"), "#", Action::Subscribe));
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let dup =
+            "[[clients]]\nid = \"a\"\nsecret = \"x\"\n[[clients]]\nid = \"a\"\nsecret = \"y\"\n";
+        let err = StaticRegistry::from_toml(dup, Path::new("f.toml")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "clients file f.toml, line 5: duplicate client id \"a\""
+        );
+        let unknown = "[[clients]]\nid = \"a\"\nsecret = \"x\"\n[[connections]]\nclient = \"b\"\ndomain = \"d\"\nchannel = \"c\"\nactions = []\n";
+        let err = StaticRegistry::from_toml(unknown, Path::new("f.toml")).unwrap_err();
+        assert!(err.to_string().contains("line 5"), "{err}");
+        let extra = "[[clients]]\nid = \"a\"\nsecret = \"x\"\ncolour = \"red\"\n";
+        let err = StaticRegistry::from_toml(extra, Path::new("f.toml")).unwrap_err();
+        assert!(err.to_string().contains("line 4"), "{err}");
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+}

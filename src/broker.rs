@@ -1,0 +1,155 @@
+//! The embedded broker: rumqttd's router running in its own thread, and the links sessions use
+//! to drive it. No rumqttd listener is ever opened; the adapter's sessions speak MQTT to devices.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::{Notification, Router, RouterConfig};
+
+type LinkFactory =
+    dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync;
+
+/// The router plus the bookkeeping that keeps its per-client state bounded.
+pub struct Broker {
+    connect: Box<LinkFactory>,
+    names: Mutex<RouterNames>,
+}
+
+/// Router-side names. Clean sessions borrow a name from a pool (`c:<n>`), so the router's
+/// never-freed per-name state is bounded by the peak number of concurrent sessions instead of
+/// growing with every client id ever seen. Persistent sessions need a stable name: `p:<id>`.
+#[derive(Default)]
+struct RouterNames {
+    free: Vec<u32>,
+    next: u32,
+    persistent: HashSet<String>,
+}
+
+/// A router name held by a session, returned to the pool when released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouterName {
+    Pooled(u32),
+    Persistent(String),
+}
+
+impl RouterName {
+    /// The id the router knows the link by. The router refuses ids containing `+ $ # /`, which
+    /// MQTT client identifiers may hold, so those are percent-encoded.
+    pub fn as_router_id(&self) -> String {
+        const RESERVED: &AsciiSet = &CONTROLS.add(b'+').add(b'$').add(b'#').add(b'/').add(b'%');
+        match self {
+            RouterName::Pooled(n) => format!("c:{n}"),
+            RouterName::Persistent(id) => format!("p:{}", utf8_percent_encode(id, RESERVED)),
+        }
+    }
+}
+
+/// Sizing of the router. Commit-log segments are kept small: every subscription filter holds up
+/// to `segment_size × segment_count` bytes in memory.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub max_connections: usize,
+    pub segment_size: usize,
+    pub segment_count: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            max_connections: 100_000,
+            segment_size: 1024 * 1024,
+            segment_count: 4,
+        }
+    }
+}
+
+impl Broker {
+    /// Spawns the router thread.
+    pub fn start(config: &BrokerConfig) -> Arc<Broker> {
+        let router = Router::new(
+            0,
+            RouterConfig {
+                max_connections: config.max_connections,
+                max_outgoing_packet_count: 200,
+                max_segment_size: config.segment_size,
+                max_segment_count: config.segment_count,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+        );
+        let router_tx = router.spawn();
+        let connect = move |name: &str, clean: bool| {
+            LinkBuilder::new(name, router_tx.clone())
+                .clean_session(clean)
+                .build()
+        };
+        Arc::new(Broker {
+            connect: Box::new(connect),
+            names: Mutex::new(RouterNames::default()),
+        })
+    }
+
+    /// Picks the router name for a session of MQTT client `client_id`. A clean session also
+    /// discards what a previous persistent session of that client left in the router.
+    pub fn name_for(&self, client_id: &str, clean: bool) -> RouterName {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if !clean {
+            names.persistent.insert(client_id.to_owned());
+            return RouterName::Persistent(client_id.to_owned());
+        }
+        if names.persistent.remove(client_id) {
+            // Connecting this name with clean = true makes the router drop the old state.
+            return RouterName::Persistent(client_id.to_owned());
+        }
+        match names.free.pop() {
+            Some(n) => RouterName::Pooled(n),
+            None => {
+                names.next += 1;
+                RouterName::Pooled(names.next)
+            }
+        }
+    }
+
+    /// Returns a name to the pool once its link has been disconnected from the router.
+    pub fn release(&self, name: RouterName) {
+        if let RouterName::Pooled(n) = name {
+            self.names
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .free
+                .push(n);
+        }
+    }
+
+    /// Registers a link with the router. Blocks until the router answers, so it runs on the
+    /// blocking pool, never on an async worker.
+    pub async fn link(
+        self: &Arc<Self>,
+        name: &RouterName,
+        clean: bool,
+    ) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let broker = self.clone();
+        let id = name.as_router_id();
+        tokio::task::spawn_blocking(move || (broker.connect)(&id, clean))
+            .await
+            .unwrap_or(Err(LinkError::NotConnectionAck))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn router_ids_avoid_reserved_characters() {
+        let id = RouterName::Persistent("a/b+#$%".into()).as_router_id();
+        assert!(!"+$#/".chars().any(|c| id.contains(c)), "{id}");
+        assert_ne!(
+            id,
+            RouterName::Persistent("a%2Fb+#$%".into()).as_router_id()
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! The hook layer around every session: authentication on CONNECT, authorization of each
+//! PUBLISH topic and SUBSCRIBE filter, and observers told when a session starts and ends
+//! (connection events now; metrics and the bus bridge plug in the same way).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::auth::{
+    self, AuthError, Authenticator, Authorizer, Credentials, Identity, TopicDecision,
+};
+use crate::events::{ConnectionEvent, EventClock, EventType, Outbox};
+use crate::session::codec::ProtocolVersion;
+use crate::topic::Usage;
+
+/// What every hook knows about a session.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub identity: Identity,
+    /// The MQTT client identifier (may differ from the platform client id).
+    pub mqtt_client_id: String,
+    pub version: ProtocolVersion,
+    pub peer: SocketAddr,
+}
+
+/// How a session ended; each accepted session ends exactly once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectReason {
+    ClientDisconnect,
+    ConnectionLost,
+    KeepAliveTimeout,
+    ProtocolError,
+    Takeover,
+    ServerShutdown,
+}
+
+impl DisconnectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectReason::ClientDisconnect => "client_disconnect",
+            DisconnectReason::ConnectionLost => "connection_lost",
+            DisconnectReason::KeepAliveTimeout => "keepalive_timeout",
+            DisconnectReason::ProtocolError => "protocol_error",
+            DisconnectReason::Takeover => "takeover",
+            DisconnectReason::ServerShutdown => "server_shutdown",
+        }
+    }
+}
+
+/// Observes session lifecycles. Called on the session's task: must not block.
+pub trait SessionObserver: Send + Sync {
+    fn on_connected(&self, session: &SessionInfo);
+    fn on_disconnected(&self, session: &SessionInfo, reason: DisconnectReason);
+}
+
+/// The hooks every session runs through.
+#[derive(Clone)]
+pub struct Hooks {
+    authenticator: Arc<dyn Authenticator>,
+    authorizer: Arc<dyn Authorizer>,
+    observers: Vec<Arc<dyn SessionObserver>>,
+}
+
+impl Hooks {
+    pub fn new(authenticator: Arc<dyn Authenticator>, authorizer: Arc<dyn Authorizer>) -> Self {
+        Hooks {
+            authenticator,
+            authorizer,
+            observers: Vec::new(),
+        }
+    }
+
+    pub fn with_observer(mut self, observer: Arc<dyn SessionObserver>) -> Self {
+        self.observers.push(observer);
+        self
+    }
+
+    pub async fn authenticate(&self, credentials: Credentials<'_>) -> Result<Identity, AuthError> {
+        self.authenticator.authenticate(credentials).await
+    }
+
+    pub async fn authorize(&self, who: &Identity, topic: &str, usage: Usage) -> TopicDecision {
+        auth::authorize_topic(self.authorizer.as_ref(), who, topic, usage).await
+    }
+
+    pub fn connected(&self, session: &SessionInfo) {
+        for o in &self.observers {
+            o.on_connected(session);
+        }
+    }
+
+    pub fn disconnected(&self, session: &SessionInfo, reason: DisconnectReason) {
+        for o in &self.observers {
+            o.on_disconnected(session, reason);
+        }
+    }
+}
+
+/// Emits `connect`/`disconnect` events into the outbox.
+pub struct ConnectionEvents {
+    outbox: Outbox,
+    instance: String,
+    clock: EventClock,
+}
+
+impl ConnectionEvents {
+    pub fn new(outbox: Outbox, instance: String) -> Self {
+        ConnectionEvents {
+            outbox,
+            instance,
+            clock: EventClock::default(),
+        }
+    }
+
+    fn emit(&self, session: &SessionInfo, event_type: EventType) {
+        self.outbox.emit(ConnectionEvent {
+            client_id: session.identity.client_id.clone(),
+            event_type,
+            instance: self.instance.clone(),
+            occurred_at: self.clock.now(),
+        });
+    }
+}
+
+impl SessionObserver for ConnectionEvents {
+    fn on_connected(&self, session: &SessionInfo) {
+        self.emit(session, EventType::Connect);
+    }
+
+    fn on_disconnected(&self, session: &SessionInfo, _reason: DisconnectReason) {
+        self.emit(session, EventType::Disconnect);
+    }
+}

@@ -1,0 +1,17 @@
+//! MQTT adapter for SuperMQ-family IoT platforms: devices connect over MQTT 3.1.1 or 5; every
+//! CONNECT is authenticated, every PUBLISH and SUBSCRIBE authorized against the platform's
+//! channels; messages are routed by rumqttd's in-process router; every session produces exactly
+//! one `connect` and one `disconnect` event.
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod events;
+pub mod hooks;
+pub mod listener;
+pub mod server;
+pub mod session;
+pub mod topic;
+
+pub use config::Config;
+pub use server::{Server, StartError};

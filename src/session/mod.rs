@@ -1,0 +1,848 @@
+//! One device connection: the CONNECT handshake (protocol detection, authentication, takeover,
+//! CONNACK), then the loop that relays MQTT between the device and the router link, applying the
+//! hooks to every PUBLISH and SUBSCRIBE, until the session ends exactly once.
+
+pub mod codec;
+pub mod frame;
+pub mod registry;
+mod teardown;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::FutureExt;
+use rumqttd::local::LinkRx;
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode,
+    LastWill, Login, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, Publish, QoS, SubAck, SubscribeReasonCode,
+};
+use rumqttd::Notification;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthError, Credentials, Identity, TopicDecision};
+use crate::broker::Broker;
+use crate::hooks::{DisconnectReason, Hooks, SessionInfo};
+use crate::topic::{self, TopicKind, Usage};
+use codec::{Codec, ProtocolVersion};
+use frame::FrameError;
+use registry::SessionRegistry;
+use teardown::LiveSession;
+
+/// Everything sessions share: the router, the hooks, the takeover registry and the limits.
+pub struct SessionContext {
+    pub broker: Arc<Broker>,
+    pub hooks: Hooks,
+    pub registry: SessionRegistry,
+    pub connect_timeout: Duration,
+    pub max_packet_size: usize,
+    pub shutdown: CancellationToken,
+}
+
+/// A device may stall a write this long before it is disconnected.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Notifications taken from the router per write to the device.
+const MAX_WRITE_BATCH: usize = 256;
+/// Distinct topics whose authorization a session remembers.
+const TOPIC_CACHE_SIZE: usize = 64;
+
+/// Serves one accepted socket until the session ends. Never panics on device input; logs why
+/// the connection closed.
+pub async fn serve<S>(ctx: Arc<SessionContext>, mut stream: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut rbuf = BytesMut::with_capacity(512);
+    let handshake = tokio::select! {
+        _ = ctx.shutdown.cancelled() => return,
+        r = tokio::time::timeout(ctx.connect_timeout, read_connect(&ctx, &mut stream, &mut rbuf)) => r,
+    };
+    let (codec, packet) = match handshake {
+        Err(_) => {
+            tracing::info!(%peer, "closed: no CONNECT within the connect timeout");
+            return;
+        }
+        Ok(Err(reason)) => {
+            tracing::info!(%peer, %reason, "closed before CONNECT");
+            return;
+        }
+        Ok(Ok(v)) => v,
+    };
+    let Packet::Connect(connect, _props, will, _will_props, login) = packet else {
+        tracing::info!(%peer, "closed: first packet is not CONNECT");
+        return;
+    };
+    let Some(mut session) = accept(&ctx, &mut stream, peer, &codec, connect, will, login).await
+    else {
+        return;
+    };
+    let end = run(&ctx, &mut session, &mut stream, rbuf, codec).await;
+    session.live.end(end.reason, end.publish_will);
+    if let (ProtocolVersion::V5, Some(code)) = (session.version, end.v5_code) {
+        let mut buf = BytesMut::new();
+        let packet = Packet::Disconnect(Disconnect { reason_code: code }, None);
+        if Codec::new(ProtocolVersion::V5, usize::MAX)
+            .write(packet, &mut buf)
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    tracing::info!(client_id = %session.live.info.identity.client_id,
+        mqtt_client_id = %session.live.info.mqtt_client_id, %peer,
+        reason = end.reason.as_str(), detail = %end.detail, "disconnected");
+}
+
+/// Why the session loop stopped.
+struct End {
+    reason: DisconnectReason,
+    v5_code: Option<DisconnectReasonCode>,
+    publish_will: bool,
+    detail: String,
+}
+
+impl End {
+    fn new(
+        reason: DisconnectReason,
+        code: Option<DisconnectReasonCode>,
+        detail: impl Into<String>,
+    ) -> Self {
+        End {
+            reason,
+            v5_code: code,
+            publish_will: reason != DisconnectReason::ClientDisconnect,
+            detail: detail.into(),
+        }
+    }
+
+    fn protocol(code: DisconnectReasonCode, detail: impl Into<String>) -> Self {
+        End::new(DisconnectReason::ProtocolError, Some(code), detail)
+    }
+
+    fn lost(detail: impl Into<String>) -> Self {
+        End::new(DisconnectReason::ConnectionLost, None, detail)
+    }
+}
+
+/// Reads the first frame, which must be a CONNECT, and picks the codec from its protocol level.
+async fn read_connect<S>(
+    ctx: &SessionContext,
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<(Codec, Packet), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let header = loop {
+        match frame::peek_header(buf, ctx.max_packet_size) {
+            Err(e) => return Err(e.to_string()),
+            Ok(Some(h)) if h.packet_type() != frame::CONNECT => {
+                return Err(format!(
+                    "first packet is type {}, not CONNECT",
+                    h.packet_type()
+                ))
+            }
+            Ok(Some(h)) if buf.len() >= h.frame_len() => break h,
+            Ok(Some(h)) => buf.reserve(h.frame_len() - buf.len()),
+            Ok(None) if !buf.is_empty() && buf[0] >> 4 != frame::CONNECT => {
+                return Err(format!("first packet is type {}, not CONNECT", buf[0] >> 4))
+            }
+            Ok(None) => {}
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) => return Err("connection closed".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read error: {e}")),
+        }
+    };
+    let version = match frame::connect_protocol_level(buf, &header) {
+        Some(4) => ProtocolVersion::V311,
+        Some(5) => ProtocolVersion::V5,
+        Some(level) => {
+            // 3.1.1's "unacceptable protocol version" is understood by older clients too.
+            let mut out = BytesMut::new();
+            let refusal = connack(ConnectReturnCode::RefusedProtocolVersion, false, None);
+            if Codec::new(ProtocolVersion::V311, usize::MAX)
+                .write(refusal, &mut out)
+                .is_ok()
+            {
+                let _ = stream.write_all(&out).await;
+            }
+            return Err(format!("unsupported protocol level {level}"));
+        }
+        None => return Err("CONNECT has no MQTT protocol name".into()),
+    };
+    let codec = Codec::new(version, ctx.max_packet_size);
+    match codec.read(buf) {
+        Ok(packet) => Ok((codec, packet)),
+        Err(e) => {
+            if version == ProtocolVersion::V5 {
+                let _ = write_packet(
+                    stream,
+                    &codec,
+                    connack(ConnectReturnCode::MalformedPacket, false, None),
+                )
+                .await;
+            }
+            Err(format!("malformed CONNECT: {e}"))
+        }
+    }
+}
+
+fn connack(
+    code: ConnectReturnCode,
+    session_present: bool,
+    props: Option<ConnAckProperties>,
+) -> Packet {
+    Packet::ConnAck(
+        ConnAck {
+            session_present,
+            code,
+        },
+        props,
+    )
+}
+
+async fn write_packet<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    codec: &Codec,
+    packet: Packet,
+) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    codec
+        .write(packet, &mut buf)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&buf))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write timed out"))?
+}
+
+/// An accepted session: the teardown guard plus what the loop needs.
+struct Accepted {
+    live: LiveSession,
+    link_rx: LinkRx,
+    version: ProtocolVersion,
+    keep_alive: Option<Duration>,
+}
+
+/// Authenticates, takes over any session with the same client identifier, registers the router
+/// link and answers CONNACK. `None` when the CONNECT was refused (the refusal is already sent).
+async fn accept<S>(
+    ctx: &Arc<SessionContext>,
+    stream: &mut S,
+    peer: SocketAddr,
+    codec: &Codec,
+    connect: Connect,
+    will: Option<LastWill>,
+    login: Option<Login>,
+) -> Option<Accepted>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let version = codec.version();
+    let refuse = |v311: ConnectReturnCode, v5: ConnectReturnCode| match version {
+        ProtocolVersion::V311 => v311,
+        ProtocolVersion::V5 => v5,
+    };
+    let refusal = |code: ConnectReturnCode, why: String| {
+        let packet = connack(code, false, None);
+        let user = login
+            .as_ref()
+            .map(|l| l.username.clone())
+            .unwrap_or_default();
+        tracing::info!(%peer, username = %user, mqtt_client_id = %connect.client_id, reason = %why, "connect refused");
+        packet
+    };
+
+    let clean = connect.clean_session;
+    let (mqtt_client_id, assigned) = if connect.client_id.is_empty() {
+        if !clean {
+            let p = refusal(
+                refuse(
+                    ConnectReturnCode::ClientIdentifierNotValid,
+                    ConnectReturnCode::ClientIdentifierNotValid,
+                ),
+                "empty client identifier with a persistent session".into(),
+            );
+            let _ = write_packet(stream, codec, p).await;
+            return None;
+        }
+        (format!("auto-{}", uuid::Uuid::new_v4().simple()), true)
+    } else {
+        (connect.client_id.clone(), false)
+    };
+
+    let credentials = Credentials {
+        username: login.as_ref().map(|l| l.username.as_str()),
+        password: login.as_ref().map(|l| l.password.as_str()),
+    };
+    let identity = match ctx.hooks.authenticate(credentials).await {
+        Ok(identity) => identity,
+        Err(e) => {
+            let code = match e {
+                AuthError::BadCredentials => refuse(
+                    ConnectReturnCode::NotAuthorized,
+                    ConnectReturnCode::BadUserNamePassword,
+                ),
+                AuthError::MissingCredentials => refuse(
+                    ConnectReturnCode::NotAuthorized,
+                    ConnectReturnCode::NotAuthorized,
+                ),
+                AuthError::Unavailable(_) => refuse(
+                    ConnectReturnCode::ServiceUnavailable,
+                    ConnectReturnCode::ServerUnavailable,
+                ),
+            };
+            let p = refusal(code, e.to_string());
+            let _ = write_packet(stream, codec, p).await;
+            return None;
+        }
+    };
+
+    // The will is authorized now, as the publish it will become.
+    let will = match will {
+        None => None,
+        Some(mut will) => {
+            let topic = String::from_utf8_lossy(&will.topic).into_owned();
+            match ctx.hooks.authorize(&identity, &topic, Usage::Publish).await {
+                TopicDecision::Allow(canonical) => {
+                    will.topic = Bytes::from(canonical);
+                    Some(will)
+                }
+                _ => {
+                    let p = refusal(
+                        refuse(
+                            ConnectReturnCode::NotAuthorized,
+                            ConnectReturnCode::NotAuthorized,
+                        ),
+                        format!("will topic {topic:?} not authorized"),
+                    );
+                    let _ = write_packet(stream, codec, p).await;
+                    return None;
+                }
+            }
+        }
+    };
+
+    let registration = ctx.registry.register(&mqtt_client_id, &ctx.shutdown).await;
+    let router_name = ctx.broker.name_for(&mqtt_client_id, clean);
+    let info = SessionInfo {
+        identity,
+        mqtt_client_id,
+        version,
+        peer,
+    };
+    let (link_tx, link_rx, ack) = match ctx.broker.link(&router_name, clean).await {
+        Ok(link) => link,
+        Err(e) => {
+            ctx.broker.release(router_name);
+            ctx.registry
+                .unregister(&info.mqtt_client_id, registration.id);
+            let p = refusal(
+                refuse(
+                    ConnectReturnCode::ServiceUnavailable,
+                    ConnectReturnCode::ServerUnavailable,
+                ),
+                format!("router refused the link: {e}"),
+            );
+            let _ = write_packet(stream, codec, p).await;
+            return None;
+        }
+    };
+    let mut live = LiveSession::new(ctx.clone(), info, link_tx, router_name, registration, will);
+
+    let session_present = match Option::<Packet>::from(ack) {
+        Some(Packet::ConnAck(ack, _)) => !clean && ack.session_present,
+        _ => false,
+    };
+    let props = (version == ProtocolVersion::V5).then(|| ConnAckProperties {
+        assigned_client_identifier: assigned.then(|| live.info.mqtt_client_id.clone()),
+        max_packet_size: Some(ctx.max_packet_size as u32),
+        retain_available: Some(1),
+        shared_subscription_available: Some(0),
+        subscription_identifiers_available: Some(0),
+        wildcard_subscription_available: Some(1),
+        ..Default::default()
+    });
+    if let Err(e) = write_packet(
+        stream,
+        codec,
+        connack(ConnectReturnCode::Success, session_present, props),
+    )
+    .await
+    {
+        tracing::info!(%peer, error = %e, "CONNACK could not be written");
+        live.end(DisconnectReason::ConnectionLost, false);
+        return None;
+    }
+    live.announce();
+    tracing::info!(client_id = %live.info.identity.client_id, mqtt_client_id = %live.info.mqtt_client_id,
+        %peer, version = version.as_str(), keep_alive = connect.keep_alive, clean, "connected");
+    let keep_alive = (connect.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    Some(Accepted {
+        live,
+        link_rx,
+        version,
+        keep_alive,
+    })
+}
+
+/// How a topic or filter was refused; remembered per session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Denied,
+    Invalid,
+}
+
+/// Per-session state of the relay loop.
+struct Relay<'a> {
+    ctx: &'a SessionContext,
+    codec: Codec,
+    identity: Identity,
+    wbuf: BytesMut,
+    to_router: Vec<Packet>,
+    /// SUBSCRIBEs partly refused here: the codes of the refused filters, by packet id, merged
+    /// into the router's SUBACK.
+    pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
+    /// QoS 2 PUBLISHes refused with a PUBREC; their PUBREL is answered here.
+    refused_qos2: HashSet<u16>,
+    topic_cache: HashMap<Bytes, Result<Bytes, Refusal>>,
+}
+
+async fn run<S>(
+    ctx: &SessionContext,
+    session: &mut Accepted,
+    stream: &mut S,
+    mut rbuf: BytesMut,
+    codec: Codec,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut relay = Relay {
+        ctx,
+        codec,
+        identity: session.live.info.identity.clone(),
+        wbuf: BytesMut::new(),
+        to_router: Vec::new(),
+        pending_subacks: HashMap::new(),
+        refused_qos2: HashSet::new(),
+        topic_cache: HashMap::new(),
+    };
+    let takeover = session.live.takeover_token();
+    let mut last_read = Instant::now();
+    let keep_alive = session.keep_alive.unwrap_or(Duration::from_secs(3600));
+    let keep_alive_timer = tokio::time::sleep(keep_alive);
+    tokio::pin!(keep_alive_timer);
+
+    // Bytes after the CONNECT in the first read are the device's next packets.
+    if !rbuf.is_empty() {
+        if let Err(end) = relay.input(&mut rbuf, &mut session.live).await {
+            return end;
+        }
+    }
+    loop {
+        let step = tokio::select! {
+            biased;
+            _ = takeover.cancelled() => Err(if ctx.shutdown.is_cancelled() {
+                End::new(DisconnectReason::ServerShutdown, Some(DisconnectReasonCode::ServerShuttingDown), "adapter shutting down")
+            } else {
+                End::new(DisconnectReason::Takeover, Some(DisconnectReasonCode::SessionTakenOver), "another connection took the client identifier over")
+            }),
+            _ = &mut keep_alive_timer, if session.keep_alive.is_some() => {
+                let due = last_read + keep_alive;
+                if Instant::now() >= due {
+                    Err(End::new(DisconnectReason::KeepAliveTimeout, Some(DisconnectReasonCode::KeepAliveTimeout), "no packet within 1.5 × keep-alive"))
+                } else {
+                    keep_alive_timer.as_mut().reset(due);
+                    Ok(())
+                }
+            }
+            read = stream.read_buf(&mut rbuf) => match read {
+                Ok(0) => Err(End::lost("connection closed by device")),
+                Err(e) => Err(End::lost(format!("read error: {e}"))),
+                Ok(_) => {
+                    last_read = Instant::now();
+                    relay.input(&mut rbuf, &mut session.live).await
+                }
+            },
+            notification = session.link_rx.next() => match notification {
+                Ok(first) => relay.output(first, &mut session.link_rx).await,
+                Err(e) => Err(End::new(DisconnectReason::ServerShutdown, Some(DisconnectReasonCode::ServerShuttingDown), format!("router link closed: {e}"))),
+            },
+        };
+        if let Err(end) = step {
+            return end;
+        }
+        if !relay.wbuf.is_empty() {
+            match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&relay.wbuf)).await {
+                Ok(Ok(())) => relay.wbuf.clear(),
+                Ok(Err(e)) => return End::lost(format!("write error: {e}")),
+                Err(_) => return End::lost("device did not read for 30 s"),
+            }
+            if relay.wbuf.capacity() > 64 * 1024 {
+                relay.wbuf = BytesMut::new();
+            }
+        }
+        if rbuf.is_empty() && rbuf.capacity() > 64 * 1024 {
+            rbuf = BytesMut::with_capacity(512);
+        }
+    }
+}
+
+impl Relay<'_> {
+    fn write(&mut self, packet: Packet) -> Result<(), End> {
+        self.codec
+            .write(packet, &mut self.wbuf)
+            .map(|_| ())
+            .map_err(|e| {
+                End::protocol(
+                    DisconnectReasonCode::ImplementationSpecificError,
+                    format!("encode error: {e}"),
+                )
+            })
+    }
+
+    /// Parses every complete frame in `rbuf`, applies the hooks and hands the result to the
+    /// router in one batch.
+    async fn input(&mut self, rbuf: &mut BytesMut, live: &mut LiveSession) -> Result<(), End> {
+        loop {
+            let header = match frame::peek_header(rbuf, self.ctx.max_packet_size) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(FrameError::TooLarge(n)) => {
+                    return Err(End::protocol(
+                        DisconnectReasonCode::PacketTooLarge,
+                        format!("packet of {n} bytes exceeds the maximum"),
+                    ))
+                }
+                Err(e) => {
+                    return Err(End::protocol(
+                        DisconnectReasonCode::MalformedPacket,
+                        e.to_string(),
+                    ))
+                }
+            };
+            if rbuf.len() < header.frame_len() {
+                rbuf.reserve(header.frame_len() - rbuf.len());
+                break;
+            }
+            let kind = header.packet_type();
+            if kind == frame::CONNECT || !frame::client_may_send(kind) {
+                return Err(End::protocol(
+                    DisconnectReasonCode::ProtocolError,
+                    format!("unexpected packet type {kind}"),
+                ));
+            }
+            let mut publish_id = None;
+            if kind == frame::PUBLISH {
+                match header.publish_qos() {
+                    0 => {}
+                    3 => {
+                        return Err(End::protocol(
+                            DisconnectReasonCode::MalformedPacket,
+                            "PUBLISH with QoS 3",
+                        ))
+                    }
+                    _ => publish_id = frame::publish_packet_id(rbuf, &header),
+                }
+            }
+            let qos = header.publish_qos();
+            let packet = self.codec.read(rbuf).map_err(|e| {
+                End::protocol(
+                    DisconnectReasonCode::MalformedPacket,
+                    format!("malformed packet: {e}"),
+                )
+            })?;
+            self.packet(packet, qos, publish_id).await?;
+        }
+        self.flush_to_router(live).await
+    }
+
+    async fn packet(
+        &mut self,
+        packet: Packet,
+        qos: u8,
+        publish_id: Option<u16>,
+    ) -> Result<(), End> {
+        match packet {
+            Packet::Publish(publish, props) => self.publish(publish, props, qos, publish_id).await,
+            Packet::PubRel(rel, props) => {
+                if self.refused_qos2.remove(&rel.pkid) {
+                    let comp = PubComp {
+                        pkid: rel.pkid,
+                        reason: PubCompReason::Success,
+                    };
+                    self.write(Packet::PubComp(comp, None))
+                } else {
+                    self.to_router.push(Packet::PubRel(rel, props));
+                    Ok(())
+                }
+            }
+            Packet::Subscribe(subscribe, props) => self.subscribe(subscribe, props).await,
+            Packet::Unsubscribe(mut unsubscribe, props) => {
+                for filter in &mut unsubscribe.filters {
+                    if let Ok(TopicKind::Channel(c)) = topic::parse(filter, Usage::Subscribe) {
+                        *filter = c.canonical();
+                    }
+                }
+                self.to_router.push(Packet::Unsubscribe(unsubscribe, props));
+                Ok(())
+            }
+            Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
+            Packet::Disconnect(disconnect, _) => {
+                let mut end = End::new(DisconnectReason::ClientDisconnect, None, "DISCONNECT");
+                end.publish_will =
+                    disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
+                Err(end)
+            }
+            ack @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
+                self.to_router.push(ack);
+                Ok(())
+            }
+            other => Err(End::protocol(
+                DisconnectReasonCode::ProtocolError,
+                format!("unexpected packet {other:?}"),
+            )),
+        }
+    }
+
+    async fn publish(
+        &mut self,
+        mut publish: Publish,
+        props: Option<rumqttd::protocol::PublishProperties>,
+        qos: u8,
+        publish_id: Option<u16>,
+    ) -> Result<(), End> {
+        if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
+            return Err(End::protocol(
+                DisconnectReasonCode::TopicAliasInvalid,
+                "topic aliases are not accepted",
+            ));
+        }
+        let decision = match self.topic_cache.get(&publish.topic) {
+            Some(d) => d.clone(),
+            None => {
+                let d = self.decide_publish(&publish.topic).await;
+                if self.topic_cache.len() >= TOPIC_CACHE_SIZE {
+                    self.topic_cache.clear();
+                }
+                self.topic_cache.insert(publish.topic.clone(), d.clone());
+                d
+            }
+        };
+        match decision {
+            Ok(canonical) => {
+                publish.topic = canonical;
+                self.to_router.push(Packet::Publish(publish, props));
+                Ok(())
+            }
+            Err(refusal) => self.refuse_publish(&publish.topic, refusal, qos, publish_id),
+        }
+    }
+
+    async fn decide_publish(&self, topic: &Bytes) -> Result<Bytes, Refusal> {
+        let Ok(text) = std::str::from_utf8(topic) else {
+            return Err(Refusal::Invalid);
+        };
+        match self
+            .ctx
+            .hooks
+            .authorize(&self.identity, text, Usage::Publish)
+            .await
+        {
+            TopicDecision::Allow(canonical) if canonical == text => Ok(topic.clone()),
+            TopicDecision::Allow(canonical) => Ok(Bytes::from(canonical)),
+            TopicDecision::Deny => Err(Refusal::Denied),
+            TopicDecision::Invalid(_) => Err(Refusal::Invalid),
+        }
+    }
+
+    fn refuse_publish(
+        &mut self,
+        topic: &Bytes,
+        refusal: Refusal,
+        qos: u8,
+        publish_id: Option<u16>,
+    ) -> Result<(), End> {
+        let topic = String::from_utf8_lossy(topic);
+        tracing::info!(client_id = %self.identity.client_id, %topic, ?refusal, qos, "publish refused");
+        if self.codec.version() == ProtocolVersion::V311 {
+            // 3.1.1 has no way to refuse a PUBLISH: close, as SuperMQ does.
+            return Err(End::protocol(
+                DisconnectReasonCode::NotAuthorized,
+                format!("publish to {topic:?} refused"),
+            ));
+        }
+        let Some(pkid) = publish_id else {
+            return Ok(());
+        };
+        match qos {
+            1 => {
+                let reason = match refusal {
+                    Refusal::Denied => PubAckReason::NotAuthorized,
+                    Refusal::Invalid => PubAckReason::TopicNameInvalid,
+                };
+                self.write(Packet::PubAck(PubAck { pkid, reason }, None))
+            }
+            _ => {
+                let reason = match refusal {
+                    Refusal::Denied => PubRecReason::NotAuthorized,
+                    Refusal::Invalid => PubRecReason::TopicNameInvalid,
+                };
+                self.refused_qos2.insert(pkid);
+                self.write(Packet::PubRec(PubRec { pkid, reason }, None))
+            }
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        mut subscribe: rumqttd::protocol::Subscribe,
+        props: Option<rumqttd::protocol::SubscribeProperties>,
+    ) -> Result<(), End> {
+        let v5 = self.codec.version() == ProtocolVersion::V5;
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut allowed = Vec::with_capacity(subscribe.filters.len());
+        for mut filter in std::mem::take(&mut subscribe.filters) {
+            // `$` filters (including `$share`) would make the router drop the connection.
+            let decision = if filter.path.starts_with('$') {
+                TopicDecision::Invalid(topic::TopicError::BadFilter)
+            } else {
+                self.ctx
+                    .hooks
+                    .authorize(&self.identity, &filter.path, Usage::Subscribe)
+                    .await
+            };
+            match decision {
+                TopicDecision::Allow(canonical) => {
+                    filter.path = canonical;
+                    allowed.push(filter);
+                    codes.push(None);
+                }
+                refused => {
+                    tracing::info!(client_id = %self.identity.client_id, filter = %filter.path, "subscribe refused");
+                    codes.push(Some(match (v5, refused) {
+                        (false, _) => SubscribeReasonCode::Failure,
+                        (true, TopicDecision::Invalid(_)) => {
+                            SubscribeReasonCode::TopicFilterInvalid
+                        }
+                        (true, _) => SubscribeReasonCode::NotAuthorized,
+                    }));
+                }
+            }
+        }
+        if allowed.is_empty() {
+            let return_codes = codes.into_iter().flatten().collect();
+            return self.write(Packet::SubAck(
+                SubAck {
+                    pkid: subscribe.pkid,
+                    return_codes,
+                },
+                None,
+            ));
+        }
+        if allowed.len() < codes.len() {
+            self.pending_subacks.insert(subscribe.pkid, codes);
+        }
+        subscribe.filters = allowed;
+        self.to_router.push(Packet::Subscribe(subscribe, props));
+        Ok(())
+    }
+
+    async fn flush_to_router(&mut self, live: &mut LiveSession) -> Result<(), End> {
+        live.send_to_router(&mut self.to_router).await.map_err(|e| {
+            End::new(
+                DisconnectReason::ServerShutdown,
+                Some(DisconnectReasonCode::ServerShuttingDown),
+                format!("router link closed: {e}"),
+            )
+        })
+    }
+
+    /// Encodes a batch of router notifications for the device.
+    async fn output(
+        &mut self,
+        first: Option<Notification>,
+        link_rx: &mut LinkRx,
+    ) -> Result<(), End> {
+        let mut unscheduled = false;
+        let mut next = first;
+        let mut count = 0;
+        loop {
+            match next.take() {
+                Some(Notification::Forward(forward)) => {
+                    self.write(Packet::Publish(forward.publish, forward.properties))?;
+                }
+                Some(Notification::DeviceAck(ack)) => {
+                    let mut packet = Packet::from(ack);
+                    if let Packet::SubAck(suback, _) = &mut packet {
+                        if let Some(codes) = self.pending_subacks.remove(&suback.pkid) {
+                            let mut granted = std::mem::take(&mut suback.return_codes).into_iter();
+                            suback.return_codes = codes
+                                .into_iter()
+                                .map(|c| {
+                                    c.or_else(|| granted.next())
+                                        .unwrap_or(SubscribeReasonCode::Failure)
+                                })
+                                .collect();
+                        }
+                    }
+                    self.write(packet)?;
+                }
+                Some(Notification::Unschedule) => unscheduled = true,
+                Some(Notification::Disconnect(disconnect, _)) => {
+                    return Err(End::protocol(
+                        disconnect.reason_code,
+                        "router closed the session",
+                    ));
+                }
+                Some(_) | None => {}
+            }
+            count += 1;
+            if count >= MAX_WRITE_BATCH {
+                break;
+            }
+            match link_rx.next().now_or_never() {
+                Some(Ok(Some(n))) => next = Some(n),
+                _ => break,
+            }
+        }
+        if unscheduled {
+            // The router parks a link that reported Unschedule until it is woken.
+            link_rx.wake().await.map_err(|e| {
+                End::new(
+                    DisconnectReason::ServerShutdown,
+                    None,
+                    format!("router link closed: {e}"),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Builds a PUBLISH with a QoS and packet id; rumqttd keeps those fields crate-private, so this
+/// goes through its neutral serialization.
+pub(crate) fn publish_with_qos(
+    topic: &[u8],
+    payload: &[u8],
+    qos: QoS,
+    retain: bool,
+    pkid: u16,
+) -> Publish {
+    let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    raw.put_u8(0x30 | u8::from(retain) | ((qos as u8) << 1));
+    raw.put_u16(pkid);
+    raw.put_u16(topic.len() as u16);
+    raw.extend_from_slice(topic);
+    raw.extend_from_slice(payload);
+    Publish::deserialize(raw.freeze())
+}

@@ -1,0 +1,112 @@
+//! The accepted session's resources and the one place that releases them: the will, the router
+//! link, the router name, the `disconnect` hooks and the takeover registration. `end` runs once,
+//! on every path, including a panic (through `Drop`).
+
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use rumqttd::local::{LinkError, LinkTx};
+use rumqttd::protocol::{Disconnect, DisconnectReasonCode, LastWill, Packet};
+use tokio_util::sync::CancellationToken;
+
+use super::registry::Registration;
+use super::{publish_with_qos, SessionContext};
+use crate::broker::RouterName;
+use crate::hooks::{DisconnectReason, SessionInfo};
+
+pub(super) struct LiveSession {
+    ctx: Arc<SessionContext>,
+    pub info: SessionInfo,
+    link_tx: LinkTx,
+    router_name: Option<RouterName>,
+    registration: Option<Registration>,
+    will: Option<LastWill>,
+    announced: bool,
+    ended: bool,
+}
+
+impl LiveSession {
+    pub fn new(
+        ctx: Arc<SessionContext>,
+        info: SessionInfo,
+        link_tx: LinkTx,
+        router_name: RouterName,
+        registration: Registration,
+        will: Option<LastWill>,
+    ) -> Self {
+        LiveSession {
+            ctx,
+            info,
+            link_tx,
+            router_name: Some(router_name),
+            registration: Some(registration),
+            will,
+            announced: false,
+            ended: false,
+        }
+    }
+
+    /// Marks the session accepted (CONNACK sent) and tells the hooks.
+    pub fn announce(&mut self) {
+        self.announced = true;
+        self.ctx.hooks.connected(&self.info);
+    }
+
+    pub fn takeover_token(&self) -> CancellationToken {
+        self.registration
+            .as_ref()
+            .map(|r| r.takeover.clone())
+            .unwrap_or_default()
+    }
+
+    /// Hands packets to the router and signals it once.
+    pub async fn send_to_router(&mut self, packets: &mut Vec<Packet>) -> Result<(), LinkError> {
+        let Some(last) = packets.pop() else {
+            return Ok(());
+        };
+        self.link_tx.buffer().extend(packets.drain(..));
+        self.link_tx.send(last).await.map(|_| ())
+    }
+
+    /// Ends the session: publishes the will if asked, disconnects the router link, frees the
+    /// router name, emits `disconnect` (if `connect` was emitted) and leaves the registry.
+    pub fn end(&mut self, reason: DisconnectReason, publish_will: bool) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        if let Some(will) = self.will.take().filter(|_| publish_will) {
+            let pkid = u16::from(will.qos as u8 > 0);
+            let publish = publish_with_qos(&will.topic, &will.message, will.qos, will.retain, pkid);
+            self.link_tx
+                .buffer()
+                .push_back(Packet::Publish(publish, None));
+        }
+        // A DISCONNECT through the link is the only public way to make the router drop it.
+        let disconnect = Packet::Disconnect(
+            Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        );
+        // `LinkTx::send` never awaits, so this completes in place (also inside `Drop`).
+        let _ = self.link_tx.send(disconnect).now_or_never();
+        if let Some(name) = self.router_name.take() {
+            self.ctx.broker.release(name);
+        }
+        if self.announced {
+            self.ctx.hooks.disconnected(&self.info, reason);
+        }
+        if let Some(registration) = self.registration.take() {
+            self.ctx
+                .registry
+                .unregister(&self.info.mqtt_client_id, registration.id);
+        }
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        // Only reached without an explicit end when the session task panicked or was dropped.
+        self.end(DisconnectReason::ProtocolError, true);
+    }
+}

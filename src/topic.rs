@@ -1,0 +1,209 @@
+//! The SuperMQ topic scheme: which channel a PUBLISH topic or SUBSCRIBE filter names, and the
+//! canonical form under which it is routed (so `/m/d/c/ch/a%2Fb` and `m/d/c/ch/a/b` meet).
+
+use percent_encoding::percent_decode_str;
+
+/// What a topic or filter addresses, once parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicKind {
+    /// `m/<domain>/c/<channel>[/<subtopic>]`: needs channel authorization.
+    Channel(ChannelTopic),
+    /// `hc/<domain>`: a health topic any authenticated client may use.
+    Health { domain: String },
+    /// Anything else: only plain ACL grants or anonymous filters can allow it.
+    Plain,
+}
+
+/// A parsed channel topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelTopic {
+    pub domain: String,
+    pub channel: String,
+    /// Normalised subtopic with `/` separators (empty when none), e.g. `a/b`.
+    pub subtopic: String,
+}
+
+impl ChannelTopic {
+    /// The topic (or filter) under which the message is routed inside the broker.
+    pub fn canonical(&self) -> String {
+        if self.subtopic.is_empty() {
+            format!("m/{}/c/{}", self.domain, self.channel)
+        } else {
+            format!("m/{}/c/{}/{}", self.domain, self.channel, self.subtopic)
+        }
+    }
+
+    /// The subtopic as the message bus writes it (`a.b`).
+    pub fn dotted_subtopic(&self) -> String {
+        self.subtopic.replace('/', ".")
+    }
+}
+
+/// Why a topic was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic is empty")]
+    Empty,
+    #[error("wildcards are not allowed in a published topic")]
+    WildcardInPublish,
+    #[error("wildcards are not allowed in the domain or channel of a filter")]
+    WildcardInChannel,
+    #[error("subtopic is malformed: {0}")]
+    BadSubtopic(&'static str),
+    #[error("domain and channel must not be empty")]
+    EmptyChannel,
+    #[error("filter is not a valid MQTT filter")]
+    BadFilter,
+}
+
+/// Whether the text is a PUBLISH topic name or a SUBSCRIBE filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    Publish,
+    Subscribe,
+}
+
+/// Parses a PUBLISH topic or SUBSCRIBE filter by the SuperMQ scheme.
+pub fn parse(topic: &str, usage: Usage) -> Result<TopicKind, TopicError> {
+    if topic.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if usage == Usage::Publish && (topic.contains('+') || topic.contains('#')) {
+        return Err(TopicError::WildcardInPublish);
+    }
+    if usage == Usage::Subscribe && !rumqttd::protocol::valid_filter(topic) {
+        return Err(TopicError::BadFilter);
+    }
+    let trimmed = topic.strip_prefix('/').unwrap_or(topic);
+    let mut levels = trimmed.splitn(5, '/');
+    match (levels.next(), levels.next(), levels.next(), levels.next()) {
+        (Some("m"), Some(domain), Some("c"), Some(channel)) => {
+            if domain.is_empty() || channel.is_empty() {
+                return Err(TopicError::EmptyChannel);
+            }
+            if is_wild(domain) || is_wild(channel) {
+                return Err(TopicError::WildcardInChannel);
+            }
+            let subtopic = match levels.next() {
+                Some(rest) => normalise_subtopic(rest, usage)?,
+                None => String::new(),
+            };
+            Ok(TopicKind::Channel(ChannelTopic {
+                domain: domain.to_owned(),
+                channel: channel.to_owned(),
+                subtopic,
+            }))
+        }
+        (Some("hc"), Some(domain), None, None) if !domain.is_empty() && !is_wild(domain) => {
+            Ok(TopicKind::Health {
+                domain: domain.to_owned(),
+            })
+        }
+        _ => Ok(TopicKind::Plain),
+    }
+}
+
+fn is_wild(level: &str) -> bool {
+    level.contains('+') || level.contains('#')
+}
+
+/// SuperMQ's subtopic rules: percent-decode, trim `/` and spaces at both ends, then refuse what
+/// the bus cannot carry. Returns the levels joined by `/`.
+fn normalise_subtopic(raw: &str, usage: Usage) -> Result<String, TopicError> {
+    let decoded = percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| TopicError::BadSubtopic("not UTF-8 after percent-decoding"))?;
+    let trimmed = decoded.trim_matches(|c| c == '/' || c == ' ');
+    if trimmed.contains(' ') {
+        return Err(TopicError::BadSubtopic("contains a space"));
+    }
+    if trimmed.contains('*') || trimmed.contains('>') {
+        return Err(TopicError::BadSubtopic("contains '*' or '>'"));
+    }
+    if trimmed.replace('/', ".").contains("..") {
+        return Err(TopicError::BadSubtopic("contains an empty level or '..'"));
+    }
+    for level in trimmed.split('/') {
+        let wild = is_wild(level);
+        if wild && usage == Usage::Publish {
+            return Err(TopicError::WildcardInPublish);
+        }
+        if wild && level.len() != 1 {
+            return Err(TopicError::BadSubtopic("a wildcard must be a whole level"));
+        }
+    }
+    Ok(trimmed.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel(topic: &str, usage: Usage) -> ChannelTopic {
+        match parse(topic, usage) {
+            Ok(TopicKind::Channel(c)) => c,
+            other => panic!("{topic}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn channel_topic_with_and_without_subtopic() {
+        let c = channel("m/d1/c/ch1", Usage::Publish);
+        assert_eq!(
+            (c.domain.as_str(), c.channel.as_str(), c.subtopic.as_str()),
+            ("d1", "ch1", "")
+        );
+        assert_eq!(c.canonical(), "m/d1/c/ch1");
+        let c = channel("/m/d1/c/ch1/a/b/", Usage::Publish);
+        assert_eq!(c.subtopic, "a/b");
+        assert_eq!(c.dotted_subtopic(), "a.b");
+        assert_eq!(c.canonical(), "m/d1/c/ch1/a/b");
+    }
+
+    #[test]
+    fn subtopic_is_percent_decoded() {
+        assert_eq!(channel("m/d/c/ch/a%2Fb", Usage::Publish).subtopic, "a/b");
+        assert!(parse("m/d/c/ch/a%20b", Usage::Publish).is_err());
+    }
+
+    #[test]
+    fn publish_refuses_wildcards_and_bus_characters() {
+        for bad in [
+            "m/d/c/ch/+",
+            "m/d/c/ch/a/#",
+            "m/d/c/ch/a*",
+            "m/d/c/ch/a>b",
+            "m/d/c/ch/a b",
+        ] {
+            assert!(parse(bad, Usage::Publish).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn subscribe_allows_whole_level_wildcards_in_subtopic_only() {
+        assert_eq!(channel("m/d/c/ch/#", Usage::Subscribe).subtopic, "#");
+        assert_eq!(channel("m/d/c/ch/+/t", Usage::Subscribe).subtopic, "+/t");
+        assert_eq!(
+            parse("m/+/c/ch", Usage::Subscribe),
+            Err(TopicError::WildcardInChannel)
+        );
+        assert_eq!(
+            parse("m/d/c/#", Usage::Subscribe),
+            Err(TopicError::WildcardInChannel)
+        );
+        assert!(parse("m/d/c/ch/a+", Usage::Subscribe).is_err());
+    }
+
+    #[test]
+    fn health_and_plain_topics() {
+        assert_eq!(
+            parse("hc/d1", Usage::Publish),
+            Ok(TopicKind::Health {
+                domain: "d1".into()
+            })
+        );
+        assert_eq!(parse("sensors/t", Usage::Publish), Ok(TopicKind::Plain));
+        assert_eq!(parse("m/d/x/ch", Usage::Publish), Ok(TopicKind::Plain));
+        assert_eq!(parse("", Usage::Publish), Err(TopicError::Empty));
+    }
+}

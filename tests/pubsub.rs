@@ -1,0 +1,308 @@
+//! Message delivery through the adapter: both MQTT versions and across them, QoS 0/1/2, retained
+//! messages, wills, persistent sessions, keep-alive 0, and the mosquitto command-line clients.
+
+mod common;
+
+use common::*;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::QoS;
+
+#[tokio::test]
+async fn v311_round_trip_at_qos_0_1_2() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/rt/v311";
+    let mut sub = V4Client::connect(adapter.port, "sub-v311", "c1", "s1").await;
+    adapter.expect_connect("c1").await;
+    sub.subscribe(topic, QoS::ExactlyOnce).await;
+    let mut publisher = V4Client::connect(adapter.port, "pub-v311", "c2", "s2").await;
+    adapter.expect_connect("c2").await;
+
+    for (qos, payload) in [
+        (QoS::AtMostOnce, "q0"),
+        (QoS::AtLeastOnce, "q1"),
+        (QoS::ExactlyOnce, "q2"),
+    ] {
+        publisher
+            .publish(topic, qos, false, payload.as_bytes())
+            .await;
+        let got = sub.next_publish().await;
+        assert_eq!(got.topic, topic);
+        assert_eq!(
+            &got.payload[..],
+            payload.as_bytes(),
+            "payload sent at {qos:?}"
+        );
+    }
+
+    publisher.disconnect().await;
+    adapter.expect_disconnect("c2").await;
+    sub.disconnect().await;
+    adapter.expect_disconnect("c1").await;
+    adapter.shutdown().await;
+}
+
+#[tokio::test]
+async fn v5_round_trip_at_qos_0_1_2() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/rt/v5";
+    let mut sub = V5Client::connect(adapter.port, "sub-v5", "c1", "s1").await;
+    adapter.expect_connect("c1").await;
+    sub.subscribe(topic, QoS5::ExactlyOnce).await;
+    let mut publisher = V5Client::connect(adapter.port, "pub-v5", "c2", "s2").await;
+    adapter.expect_connect("c2").await;
+
+    for (qos, payload) in [
+        (QoS5::AtMostOnce, "q0"),
+        (QoS5::AtLeastOnce, "q1"),
+        (QoS5::ExactlyOnce, "q2"),
+    ] {
+        publisher
+            .publish(topic, qos, false, payload.as_bytes(), &[])
+            .await;
+        let got = sub.next_publish().await;
+        assert_eq!(&got.topic[..], topic.as_bytes());
+        assert_eq!(
+            &got.payload[..],
+            payload.as_bytes(),
+            "payload sent at {qos:?}"
+        );
+    }
+
+    publisher.disconnect().await;
+    adapter.expect_disconnect("c2").await;
+    sub.disconnect().await;
+    adapter.expect_disconnect("c1").await;
+}
+
+#[tokio::test]
+async fn subscription_wildcards_in_the_subtopic_match() {
+    let adapter = Adapter::start(CLIENTS).await;
+    let mut sub = V4Client::connect(adapter.port, "sub-wild", "c1", "s1").await;
+    sub.subscribe("m/d1/c/ch1/wild/+/temp", QoS::AtLeastOnce)
+        .await;
+    sub.subscribe("m/d1/c/ch1/deep/#", QoS::AtLeastOnce).await;
+    let mut publisher = V4Client::connect(adapter.port, "pub-wild", "c2", "s2").await;
+
+    publisher
+        .publish(
+            "m/d1/c/ch1/wild/room1/temp",
+            QoS::AtLeastOnce,
+            false,
+            b"plus",
+        )
+        .await;
+    assert_eq!(&sub.next_publish().await.payload[..], b"plus");
+    publisher
+        .publish("m/d1/c/ch1/deep/a/b/c", QoS::AtLeastOnce, false, b"hash")
+        .await;
+    assert_eq!(&sub.next_publish().await.payload[..], b"hash");
+}
+
+#[tokio::test]
+async fn retained_message_reaches_a_later_subscriber() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/retained";
+    let mut publisher = V4Client::connect(adapter.port, "pub-ret", "c1", "s1").await;
+    adapter.expect_connect("c1").await;
+    publisher
+        .publish(topic, QoS::AtLeastOnce, true, b"last-known")
+        .await;
+    publisher.disconnect().await;
+    adapter.expect_disconnect("c1").await;
+
+    let mut sub = V5Client::connect(adapter.port, "sub-ret", "c2", "s2").await;
+    adapter.expect_connect("c2").await;
+    sub.subscribe(topic, QoS5::AtLeastOnce).await;
+    let got = sub.next_publish().await;
+    assert_eq!(&got.payload[..], b"last-known");
+    assert!(
+        got.retain,
+        "a retained message delivered on subscribe must carry RETAIN"
+    );
+}
+
+#[tokio::test]
+async fn last_will_is_published_when_the_socket_drops() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/will";
+    let mut sub = V4Client::connect(adapter.port, "will-watcher", "c2", "s2").await;
+    adapter.expect_connect("c2").await;
+    sub.subscribe(topic, QoS::AtLeastOnce).await;
+
+    let mut connect = Connect::new(V311, "will-dev", "c1", "s1");
+    connect.will = Some(raw::Will {
+        topic,
+        payload: b"gone",
+        qos: 1,
+        retain: false,
+    });
+    let device = RawClient::connect_ok(adapter.port, &connect).await;
+    let connected = adapter.expect_connect("c1").await;
+    drop(device);
+
+    let got = sub.next_publish().await;
+    assert_eq!(got.topic, topic);
+    assert_eq!(&got.payload[..], b"gone");
+    let disconnected = adapter.expect_disconnect("c1").await;
+    assert_session(&connected, &disconnected);
+}
+
+#[tokio::test]
+async fn will_is_not_published_after_a_clean_disconnect() {
+    let adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/will2";
+    let mut sub = V4Client::connect(adapter.port, "will-watcher2", "c2", "s2").await;
+    sub.subscribe(topic, QoS::AtLeastOnce).await;
+
+    let mut connect = Connect::new(V5, "will-dev2", "c1", "s1");
+    connect.will = Some(raw::Will {
+        topic,
+        payload: b"should-not-arrive",
+        qos: 1,
+        retain: false,
+    });
+    let mut device = RawClient::connect_ok(adapter.port, &connect).await;
+    device.send(&raw::disconnect(V5)).await;
+    device.expect_closed().await;
+
+    // A marker published afterwards must be the first thing the watcher sees.
+    let mut marker = V4Client::connect(adapter.port, "marker", "c3", "s3").await;
+    marker
+        .publish(topic, QoS::AtLeastOnce, false, b"marker")
+        .await;
+    assert_eq!(&sub.next_publish().await.payload[..], b"marker");
+}
+
+#[tokio::test]
+async fn v311_publish_reaches_v5_subscriber() {
+    let adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/x/v4-to-v5";
+    let mut sub = V5Client::connect(adapter.port, "sub-x5", "c1", "s1").await;
+    sub.subscribe(topic, QoS5::AtLeastOnce).await;
+    let mut publisher = V4Client::connect(adapter.port, "pub-x4", "c2", "s2").await;
+    publisher
+        .publish(topic, QoS::AtLeastOnce, false, b"from-v311")
+        .await;
+    let got = sub.next_publish().await;
+    assert_eq!(&got.topic[..], topic.as_bytes());
+    assert_eq!(&got.payload[..], b"from-v311");
+}
+
+#[tokio::test]
+async fn v5_publish_with_user_properties_reaches_v311_subscriber_without_them() {
+    let adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/x/v5-to-v4";
+    // A raw 3.1.1 subscriber sees the exact bytes: a property block leaking into a 3.1.1 PUBLISH would
+    // show up in the payload.
+    let mut sub =
+        RawClient::connect_ok(adapter.port, &Connect::new(V311, "sub-x4", "c1", "s1")).await;
+    assert_eq!(sub.subscribe(V311, 1, &[(topic, 0)]).await, vec![0]);
+    let mut publisher = V5Client::connect(adapter.port, "pub-x5", "c2", "s2").await;
+    publisher
+        .publish(
+            topic,
+            QoS5::AtLeastOnce,
+            false,
+            b"from-v5",
+            &[("unit", "celsius"), ("trace", "abc")],
+        )
+        .await;
+    let (got_topic, got_payload) = sub.expect_kind(raw::PUBLISH).await.publish_v311();
+    assert_eq!(got_topic, topic);
+    assert_eq!(got_payload, b"from-v5");
+    sub.ping().await;
+}
+
+#[tokio::test]
+async fn mosquitto_cli_round_trip_v311() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/cli/v311";
+    let sub = MosquittoSub::start(adapter.port, "mqttv311", "cli-sub", "c1", "s1", topic).await;
+    adapter.expect_connect("c1").await;
+    mosquitto_pub(
+        adapter.port,
+        "mqttv311",
+        "cli-pub",
+        "c2",
+        "s2",
+        topic,
+        "hello-cli",
+        1,
+    )
+    .await;
+    sub.expect_message("hello-cli").await;
+    adapter.shutdown().await;
+}
+
+#[tokio::test]
+async fn mosquitto_cli_round_trip_v5() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/cli/v5";
+    let sub = MosquittoSub::start(adapter.port, "mqttv5", "cli-sub5", "c1", "s1", topic).await;
+    adapter.expect_connect("c1").await;
+    mosquitto_pub(
+        adapter.port,
+        "mqttv5",
+        "cli-pub5",
+        "c2",
+        "s2",
+        topic,
+        "hello-cli5",
+        1,
+    )
+    .await;
+    sub.expect_message("hello-cli5").await;
+    adapter.shutdown().await;
+}
+
+#[tokio::test]
+async fn keep_alive_zero_is_accepted() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/ka0";
+    let mut opts = v4_options(adapter.port, "ka0-v311", "c1", "s1");
+    opts.set_keep_alive(std::time::Duration::ZERO);
+    let mut sub = V4Client::connect_with(opts).await;
+    adapter.expect_connect("c1").await;
+    sub.subscribe(topic, QoS::AtLeastOnce).await;
+
+    let mut connect = Connect::new(V5, "ka0-v5", "c2", "s2");
+    connect.keep_alive = 0;
+    let mut raw5 = RawClient::connect_ok(adapter.port, &connect).await;
+    adapter.expect_connect("c2").await;
+    raw5.send(&raw::publish(V5, topic, 1, 7, b"ka0", &[])).await;
+    let ack = raw5.expect_kind(raw::PUBACK).await;
+    assert!(
+        ack.puback_reason() < 0x80,
+        "PUBACK reason {:#x}",
+        ack.puback_reason()
+    );
+    assert_eq!(&sub.next_publish().await.payload[..], b"ka0");
+}
+
+#[tokio::test]
+async fn persistent_session_receives_qos1_message_published_while_offline() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/persist";
+    let mut opts = v4_options(adapter.port, "persist-dev", "c1", "s1");
+    opts.set_clean_session(false);
+    let mut sub = V4Client::connect_with(opts.clone()).await;
+    adapter.expect_connect("c1").await;
+    sub.subscribe(topic, QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    adapter.expect_disconnect("c1").await;
+
+    let mut publisher = V4Client::connect(adapter.port, "persist-pub", "c2", "s2").await;
+    adapter.expect_connect("c2").await;
+    publisher
+        .publish(topic, QoS::AtLeastOnce, false, b"while-offline")
+        .await;
+
+    let mut sub = V4Client::connect_with(opts).await;
+    adapter.expect_connect("c1").await;
+    let got = sub.next_publish().await;
+    assert_eq!(&got.payload[..], b"while-offline");
+    assert!(
+        sub.connack.session_present,
+        "CONNACK session_present must be set when resuming a persistent session"
+    );
+}
