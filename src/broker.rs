@@ -9,7 +9,12 @@ use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::{Notification, Router, RouterConfig};
 
 type LinkFactory =
-    dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync;
+    dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkRefused> + Send + Sync;
+
+/// The router did not accept a link (it is gone, or refused the id).
+#[derive(Debug, thiserror::Error)]
+#[error("router refused the link: {0}")]
+pub struct LinkRefused(String);
 
 /// The router plus the bookkeeping that keeps its per-client state bounded.
 pub struct Broker {
@@ -85,6 +90,7 @@ impl Broker {
             LinkBuilder::new(name, router_tx.clone())
                 .clean_session(clean)
                 .build()
+                .map_err(|e: LinkError| LinkRefused(e.to_string()))
         };
         Arc::new(Broker {
             connect: Box::new(connect),
@@ -130,12 +136,12 @@ impl Broker {
         self: &Arc<Self>,
         name: &RouterName,
         clean: bool,
-    ) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+    ) -> Result<(LinkTx, LinkRx, Notification), LinkRefused> {
         let broker = self.clone();
         let id = name.as_router_id();
         tokio::task::spawn_blocking(move || (broker.connect)(&id, clean))
             .await
-            .unwrap_or(Err(LinkError::NotConnectionAck))
+            .unwrap_or_else(|e| Err(LinkRefused(e.to_string())))
     }
 }
 

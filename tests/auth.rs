@@ -332,9 +332,12 @@ async fn wildcard_in_publish_subtopic_is_refused_and_not_delivered() {
 
     let mut v311 =
         RawClient::connect_ok(adapter.port, &Connect::new(V311, "wild-pub-4", "c1", "s1")).await;
+    let connected = adapter.expect_connect("c1").await;
     v311.send(&raw::publish(V311, "m/d1/c/ch1/b/#", 0, 0, b"hash", &[]))
         .await;
     v311.expect_closed().await;
+    let disconnected = adapter.expect_disconnect("c1").await;
+    assert_session(&connected, &disconnected);
 
     assert_next_delivery_is_marker(&mut adapter, &mut watcher, "marker-after-wild").await;
 }

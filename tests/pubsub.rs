@@ -147,30 +147,56 @@ async fn last_will_is_published_when_the_socket_drops() {
     assert_session(&connected, &disconnected);
 }
 
+/// Every valid encoding of a normal DISCONNECT ends the session cleanly: the will is discarded.
 #[tokio::test]
 async fn will_is_not_published_after_a_clean_disconnect() {
-    let adapter = Adapter::start(CLIENTS).await;
+    let mut adapter = Adapter::start(CLIENTS).await;
     let topic = "m/d1/c/ch1/will2";
     let mut sub = V4Client::connect(adapter.port, "will-watcher2", "c2", "s2").await;
+    adapter.expect_connect("c2").await;
     sub.subscribe(topic, QoS::AtLeastOnce).await;
-
-    let mut connect = Connect::new(V5, "will-dev2", "c1", "s1");
-    connect.will = Some(raw::Will {
-        topic,
-        payload: b"should-not-arrive",
-        qos: 1,
-        retain: false,
-    });
-    let mut device = RawClient::connect_ok(adapter.port, &connect).await;
-    device.send(&raw::disconnect(V5)).await;
-    device.expect_closed().await;
-
-    // A marker published afterwards must be the first thing the watcher sees.
     let mut marker = V4Client::connect(adapter.port, "marker", "c3", "s3").await;
-    marker
-        .publish(topic, QoS::AtLeastOnce, false, b"marker")
-        .await;
-    assert_eq!(&sub.next_publish().await.payload[..], b"marker");
+    adapter.expect_connect("c3").await;
+
+    let forms: [(&str, u8, &[u8]); 4] = [
+        ("3.1.1 DISCONNECT", V311, &[0xE0, 0x00]),
+        ("MQTT 5 DISCONNECT, remaining length 0", V5, &[0xE0, 0x00]),
+        (
+            "MQTT 5 DISCONNECT, reason 0x00 only (remaining length 1)",
+            V5,
+            &[0xE0, 0x01, 0x00],
+        ),
+        (
+            "MQTT 5 DISCONNECT, reason 0x00 + empty properties",
+            V5,
+            &[0xE0, 0x02, 0x00, 0x00],
+        ),
+    ];
+    for (form, version, disconnect) in forms {
+        let mut connect = Connect::new(version, "will-dev2", "c1", "s1");
+        connect.will = Some(raw::Will {
+            topic,
+            payload: form.as_bytes(),
+            qos: 1,
+            retain: false,
+        });
+        let mut device = RawClient::connect_ok(adapter.port, &connect).await;
+        adapter.expect_connect("c1").await;
+        device.send(disconnect).await;
+        device.expect_closed().await;
+        adapter.expect_disconnect("c1").await;
+
+        // A marker published afterwards must be the first thing the watcher sees.
+        marker
+            .publish(topic, QoS::AtLeastOnce, false, b"marker")
+            .await;
+        let got = sub.next_publish().await;
+        assert_eq!(
+            String::from_utf8_lossy(&got.payload),
+            "marker",
+            "will published after a normal disconnect sent as: {form}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -349,7 +349,7 @@ where
                     ConnectReturnCode::ServiceUnavailable,
                     ConnectReturnCode::ServerUnavailable,
                 ),
-                format!("router refused the link: {e}"),
+                e.to_string(),
             );
             let _ = write_packet(stream, codec, p).await;
             return None;

@@ -398,7 +398,9 @@ impl MosquittoSub {
         topic: &str,
     ) -> MosquittoSub {
         use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new("mosquitto_sub")
+        // stdbuf: mosquitto_sub block-buffers stdout into a pipe, which would hide the SUBACK line.
+        let mut child = tokio::process::Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub"])
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", version])
             .args(["-i", mqtt_id, "-u", user, "-P", pass, "-t", topic])
             .args(["-q", "1", "-C", "1", "-W", "10", "-d"])
