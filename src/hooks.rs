@@ -3,6 +3,8 @@
 //! (connection events now; metrics and the bus bridge plug in the same way).
 
 use std::net::SocketAddr;
+
+use bytes::Bytes;
 use std::sync::Arc;
 
 use crate::auth::{
@@ -10,7 +12,7 @@ use crate::auth::{
 };
 use crate::events::{ConnectionEvent, EventClock, EventType, Outbox};
 use crate::session::codec::ProtocolVersion;
-use crate::topic::Usage;
+use crate::topic::{ChannelTopic, Usage};
 
 /// What every hook knows about a session.
 #[derive(Debug, Clone)]
@@ -46,10 +48,20 @@ impl DisconnectReason {
     }
 }
 
-/// Observes session lifecycles. Called on the session's task: must not block.
+/// Where an authorized PUBLISH goes: the topic it is routed under, and the channel it names when
+/// it is a SuperMQ channel topic (`None` for `hc/` and plain topics, which are not bridged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishRoute {
+    pub topic: Bytes,
+    pub channel: Option<ChannelTopic>,
+}
+
+/// Observes sessions. Called on the session's task: must not block.
 pub trait SessionObserver: Send + Sync {
-    fn on_connected(&self, session: &SessionInfo);
-    fn on_disconnected(&self, session: &SessionInfo, reason: DisconnectReason);
+    fn on_connected(&self, _session: &SessionInfo) {}
+    fn on_disconnected(&self, _session: &SessionInfo, _reason: DisconnectReason) {}
+    /// An authorized device PUBLISH, before it enters the router.
+    fn on_publish(&self, _session: &SessionInfo, _route: &PublishRoute, _payload: &Bytes) {}
 }
 
 /// The hooks every session runs through.
@@ -85,6 +97,12 @@ impl Hooks {
     pub fn connected(&self, session: &SessionInfo) {
         for o in &self.observers {
             o.on_connected(session);
+        }
+    }
+
+    pub fn published(&self, session: &SessionInfo, route: &PublishRoute, payload: &Bytes) {
+        for o in &self.observers {
+            o.on_publish(session, route, payload);
         }
     }
 

@@ -65,6 +65,7 @@ pub fn client_may_send(packet_type: u8) -> bool {
 
 pub const CONNECT: u8 = 1;
 pub const PUBLISH: u8 = 3;
+pub const DISCONNECT: u8 = 14;
 
 /// The protocol level byte of a complete CONNECT frame (4 = 3.1.1, 5 = 5, 3 = 3.1), or `None`
 /// when the frame does not carry a valid protocol name.

@@ -25,9 +25,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthError, Credentials, Identity, TopicDecision};
+use crate::auth::{AuthError, Credentials, TopicDecision};
 use crate::broker::Broker;
-use crate::hooks::{DisconnectReason, Hooks, SessionInfo};
+use crate::hooks::{DisconnectReason, Hooks, PublishRoute, SessionInfo};
 use crate::topic::{self, TopicKind, Usage};
 use codec::{Codec, ProtocolVersion};
 use frame::FrameError;
@@ -48,6 +48,8 @@ pub struct SessionContext {
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Notifications taken from the router per write to the device.
 const MAX_WRITE_BATCH: usize = 256;
+/// MQTT 5 DISCONNECT reason "disconnect with will message".
+const WITH_WILL: u8 = 0x04;
 /// Distinct topics whose authorization a session remembers.
 const TOPIC_CACHE_SIZE: usize = 64;
 
@@ -405,7 +407,7 @@ enum Refusal {
 struct Relay<'a> {
     ctx: &'a SessionContext,
     codec: Codec,
-    identity: Identity,
+    info: SessionInfo,
     wbuf: BytesMut,
     to_router: Vec<Packet>,
     /// SUBSCRIBEs partly refused here: the codes of the refused filters, by packet id, merged
@@ -413,7 +415,7 @@ struct Relay<'a> {
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     /// QoS 2 PUBLISHes refused with a PUBREC; their PUBREL is answered here.
     refused_qos2: HashSet<u16>,
-    topic_cache: HashMap<Bytes, Result<Bytes, Refusal>>,
+    topic_cache: HashMap<Bytes, Result<Arc<PublishRoute>, Refusal>>,
 }
 
 async fn run<S>(
@@ -429,7 +431,7 @@ where
     let mut relay = Relay {
         ctx,
         codec,
-        identity: session.live.info.identity.clone(),
+        info: session.live.info.clone(),
         wbuf: BytesMut::new(),
         to_router: Vec::new(),
         pending_subacks: HashMap::new(),
@@ -541,6 +543,17 @@ impl Relay<'_> {
                     format!("unexpected packet type {kind}"),
                 ));
             }
+            if kind == frame::DISCONNECT {
+                // Read here: rumqttd's MQTT 5 codec rejects the legal one-byte (reason only) form.
+                let reason = rbuf
+                    .get(header.header_len)
+                    .copied()
+                    .filter(|_| header.remaining_len > 0);
+                let _ = rbuf.split_to(header.frame_len());
+                let mut end = End::new(DisconnectReason::ClientDisconnect, None, "DISCONNECT");
+                end.publish_will = reason == Some(WITH_WILL);
+                return Err(end);
+            }
             let mut publish_id = None;
             if kind == frame::PUBLISH {
                 match header.publish_qos() {
@@ -597,12 +610,6 @@ impl Relay<'_> {
                 Ok(())
             }
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
-            Packet::Disconnect(disconnect, _) => {
-                let mut end = End::new(DisconnectReason::ClientDisconnect, None, "DISCONNECT");
-                end.publish_will =
-                    disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
-                Err(end)
-            }
             ack @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
                 self.to_router.push(ack);
                 Ok(())
@@ -639,8 +646,11 @@ impl Relay<'_> {
             }
         };
         match decision {
-            Ok(canonical) => {
-                publish.topic = canonical;
+            Ok(route) => {
+                self.ctx
+                    .hooks
+                    .published(&self.info, &route, &publish.payload);
+                publish.topic = route.topic.clone();
                 self.to_router.push(Packet::Publish(publish, props));
                 Ok(())
             }
@@ -648,18 +658,28 @@ impl Relay<'_> {
         }
     }
 
-    async fn decide_publish(&self, topic: &Bytes) -> Result<Bytes, Refusal> {
+    async fn decide_publish(&self, topic: &Bytes) -> Result<Arc<PublishRoute>, Refusal> {
         let Ok(text) = std::str::from_utf8(topic) else {
             return Err(Refusal::Invalid);
         };
         match self
             .ctx
             .hooks
-            .authorize(&self.identity, text, Usage::Publish)
+            .authorize(&self.info.identity, text, Usage::Publish)
             .await
         {
-            TopicDecision::Allow(canonical) if canonical == text => Ok(topic.clone()),
-            TopicDecision::Allow(canonical) => Ok(Bytes::from(canonical)),
+            TopicDecision::Allow(canonical) => {
+                let channel = match topic::parse(&canonical, Usage::Publish) {
+                    Ok(TopicKind::Channel(c)) => Some(c),
+                    _ => None,
+                };
+                let topic = if canonical == text {
+                    topic.clone()
+                } else {
+                    Bytes::from(canonical)
+                };
+                Ok(Arc::new(PublishRoute { topic, channel }))
+            }
             TopicDecision::Deny => Err(Refusal::Denied),
             TopicDecision::Invalid(_) => Err(Refusal::Invalid),
         }
@@ -673,7 +693,7 @@ impl Relay<'_> {
         publish_id: Option<u16>,
     ) -> Result<(), End> {
         let topic = String::from_utf8_lossy(topic);
-        tracing::info!(client_id = %self.identity.client_id, %topic, ?refusal, qos, "publish refused");
+        tracing::info!(client_id = %self.info.identity.client_id, %topic, ?refusal, qos, "publish refused");
         if self.codec.version() == ProtocolVersion::V311 {
             // 3.1.1 has no way to refuse a PUBLISH: close, as SuperMQ does.
             return Err(End::protocol(
@@ -718,7 +738,7 @@ impl Relay<'_> {
             } else {
                 self.ctx
                     .hooks
-                    .authorize(&self.identity, &filter.path, Usage::Subscribe)
+                    .authorize(&self.info.identity, &filter.path, Usage::Subscribe)
                     .await
             };
             match decision {
@@ -728,7 +748,7 @@ impl Relay<'_> {
                     codes.push(None);
                 }
                 refused => {
-                    tracing::info!(client_id = %self.identity.client_id, filter = %filter.path, "subscribe refused");
+                    tracing::info!(client_id = %self.info.identity.client_id, filter = %filter.path, "subscribe refused");
                     codes.push(Some(match (v5, refused) {
                         (false, _) => SubscribeReasonCode::Failure,
                         (true, TopicDecision::Invalid(_)) => {

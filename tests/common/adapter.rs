@@ -80,6 +80,55 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
+/// The adapter command with a clean SMQ_* environment: the MQTT port, the clients file (if any), the test
+/// instance name, free ports for the other listeners, then `extra_env` (which may override any of them).
+pub fn adapter_command(
+    port: u16,
+    clients_file: Option<&std::path::Path>,
+    extra_env: &[(&str, &str)],
+) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqtt-adapter"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("SMQ_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("SMQ_MQTT_ADAPTER_MQTT_PORT", port.to_string())
+        .env("SMQ_MQTT_ADAPTER_INSTANCE", INSTANCE)
+        .env("SMQ_MQTT_ADAPTER_LOG_LEVEL", "info")
+        // Other listeners have fixed default ports; keep parallel test adapters off them.
+        .env("SMQ_MQTT_ADAPTER_WS_PORT", free_port().to_string())
+        .env("SMQ_MQTT_ADAPTER_HTTP_PORT", free_port().to_string())
+        .env("SMQ_MQTT_ADAPTER_MQTTS_PORT", free_port().to_string());
+    if let Some(path) = clients_file {
+        cmd.env("SMQ_MQTT_ADAPTER_CLIENTS_FILE", path);
+    }
+    for (key, value) in extra_env {
+        cmd.env(key, value);
+    }
+    cmd
+}
+
+/// Runs a command that is expected to stop by itself (a start-up error, `--help`), bounded by
+/// [`READY_WAIT`]; returns its status, stdout and stderr.
+pub async fn run_to_exit(mut cmd: Command) -> (ExitStatus, String, String) {
+    cmd.stdin(Stdio::null());
+    let output = tokio::time::timeout(
+        READY_WAIT,
+        tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("mqtt-adapter kept running; it should have stopped by itself")
+    .expect("run mqtt-adapter");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// A running adapter process; dropping it kills the process.
 pub struct Adapter {
     child: Child,
@@ -99,30 +148,26 @@ impl Adapter {
 
     /// Like [`Adapter::start`], with extra environment variables (e.g. the connect timeout).
     pub async fn start_with(clients_toml: &str, extra_env: &[(&str, &str)]) -> Adapter {
+        Adapter::launch(Some(clients_toml), extra_env).await
+    }
+
+    /// Starts the adapter with no clients file: the built-in demo registry.
+    pub async fn start_demo() -> Adapter {
+        Adapter::launch(None, &[]).await
+    }
+
+    async fn launch(clients_toml: Option<&str>, extra_env: &[(&str, &str)]) -> Adapter {
         let dir = tempfile::tempdir().expect("create temp dir");
-        let clients_path = dir.path().join("clients.toml");
-        std::fs::write(&clients_path, clients_toml).expect("write clients file");
+        let clients_path = clients_toml.map(|toml| {
+            let path = dir.path().join("clients.toml");
+            std::fs::write(&path, toml).expect("write clients file");
+            path
+        });
         let stderr_path = dir.path().join("adapter.stderr");
         let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
         let port = free_port();
 
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqtt-adapter"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("SMQ_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env("SMQ_MQTT_ADAPTER_MQTT_PORT", port.to_string())
-            .env("SMQ_MQTT_ADAPTER_CLIENTS_FILE", &clients_path)
-            .env("SMQ_MQTT_ADAPTER_INSTANCE", INSTANCE)
-            .env("SMQ_MQTT_ADAPTER_LOG_LEVEL", "info")
-            // Other listeners have fixed default ports; keep parallel test adapters off them.
-            .env("SMQ_MQTT_ADAPTER_WS_PORT", free_port().to_string())
-            .env("SMQ_MQTT_ADAPTER_HTTP_PORT", free_port().to_string())
-            .env("SMQ_MQTT_ADAPTER_MQTTS_PORT", free_port().to_string());
-        for (key, value) in extra_env {
-            cmd.env(key, value);
-        }
+        let mut cmd = adapter_command(port, clients_path.as_deref(), extra_env);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
@@ -220,10 +265,15 @@ impl Adapter {
 
     /// Sends SIGTERM to the adapter.
     pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGINT`) to the adapter.
+    pub fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
         // SAFETY: kill(2) with a pid we spawned and still own; no memory is touched.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({signal}) failed");
     }
 
     /// Reads events until stdout closes (the process exited), bounded by [`WAIT`].
@@ -260,13 +310,18 @@ impl Adapter {
 
     /// SIGTERM, then: every remaining event is read, the process exits 0, and the whole run's events pair up.
     /// Returns the events emitted after SIGTERM.
-    pub async fn shutdown(mut self) -> Vec<Event> {
-        self.terminate();
+    pub async fn shutdown(self) -> Vec<Event> {
+        self.shutdown_by(libc::SIGTERM).await
+    }
+
+    /// [`Adapter::shutdown`] with another signal (SIGINT must behave like SIGTERM).
+    pub async fn shutdown_by(mut self, signal: libc::c_int) -> Vec<Event> {
+        self.signal(signal);
         let rest = self.events_until_eof().await;
         let status = self.wait_exit().await;
         assert!(
             status.success(),
-            "mqtt-adapter exit status after SIGTERM: {status} (want 0)"
+            "mqtt-adapter exit status after signal {signal}: {status} (want 0)"
         );
         assert_paired(&self.seen);
         rest

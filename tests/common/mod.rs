@@ -5,7 +5,9 @@ pub mod adapter;
 pub mod clients;
 pub mod raw;
 
-pub use adapter::{assert_paired, assert_session, free_port, Adapter, Event, WAIT};
+pub use adapter::{
+    adapter_command, assert_paired, assert_session, free_port, run_to_exit, Adapter, Event, WAIT,
+};
 pub use clients::{mosquitto_pub, v4_options, v5_options, MosquittoSub, V4Client, V5Client};
 pub use raw::{Connect, RawClient, V311, V5};
 

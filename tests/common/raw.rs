@@ -15,7 +15,9 @@ pub const V5: u8 = 5;
 pub const CONNACK: u8 = 2;
 pub const PUBLISH: u8 = 3;
 pub const PUBACK: u8 = 4;
+pub const PUBREC: u8 = 5;
 pub const SUBACK: u8 = 9;
+pub const UNSUBACK: u8 = 11;
 pub const PINGRESP: u8 = 13;
 
 /// Encodes an MQTT variable byte integer (remaining length, property length).
@@ -168,6 +170,25 @@ pub fn subscribe(version: u8, pkid: u16, filters: &[(&str, u8)]) -> Vec<u8> {
     packet(0x82, &body)
 }
 
+/// UNSUBSCRIBE of one or more filters.
+pub fn unsubscribe(version: u8, pkid: u16, filters: &[&str]) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    if version == V5 {
+        body.push(0);
+    }
+    for filter in filters {
+        body.extend(string(filter));
+    }
+    packet(0xA2, &body)
+}
+
+/// PUBACK for an incoming QoS 1 PUBLISH (same bytes in both versions).
+pub fn puback(pkid: u16) -> Vec<u8> {
+    let mut out = vec![0x40, 0x02];
+    out.extend_from_slice(&pkid.to_be_bytes());
+    out
+}
+
 pub fn pingreq() -> Vec<u8> {
     vec![0xC0, 0x00]
 }
@@ -199,6 +220,24 @@ impl Packet {
     pub fn puback_reason(&self) -> u8 {
         assert_eq!(self.kind, PUBACK, "expected PUBACK, got {self:?}");
         self.body.get(2).copied().unwrap_or(0)
+    }
+
+    /// The PUBREC reason code (0 when omitted).
+    pub fn pubrec_reason(&self) -> u8 {
+        assert_eq!(self.kind, PUBREC, "expected PUBREC, got {self:?}");
+        self.body.get(2).copied().unwrap_or(0)
+    }
+
+    /// The QoS of an incoming PUBLISH.
+    pub fn publish_qos(&self) -> u8 {
+        assert_eq!(self.kind, PUBLISH, "expected PUBLISH, got {self:?}");
+        (self.flags >> 1) & 0x03
+    }
+
+    /// The packet id of an incoming QoS 1/2 PUBLISH (3.1.1 layout).
+    pub fn publish_pkid(&self) -> u16 {
+        let len = u16::from_be_bytes([self.body[0], self.body[1]]) as usize;
+        u16::from_be_bytes([self.body[2 + len], self.body[3 + len]])
     }
 
     /// SUBACK return/reason codes, past the packet id and (MQTT 5) the properties.
