@@ -68,6 +68,64 @@ pub struct Config {
     /// Seconds a shutdown waits for sessions to close and events to flush.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,
+
+    /// MQTT over TLS port (opened only when the server certificate and key are set).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MQTTS_PORT", default_value_t = 8883)]
+    pub mqtts_port: u16,
+
+    /// MQTT over WebSocket port (path /mqtt, subprotocol mqtt).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_WS_PORT", default_value_t = 8080)]
+    pub ws_port: u16,
+
+    /// MQTT over secure WebSocket port (opened only when the server certificate and key are set).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_WSS_PORT", default_value_t = 8084)]
+    pub wss_port: u16,
+
+    /// HTTP port of /health and /metrics.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_HTTP_PORT", default_value_t = 9090)]
+    pub http_port: u16,
+
+    /// Server certificate chain (PEM) for the TLS listeners.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_SERVER_CERT")]
+    pub server_cert: Option<PathBuf>,
+
+    /// Server private key (PEM) for the TLS listeners.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_SERVER_KEY")]
+    pub server_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign client certificates; set: TLS clients must present one (mTLS).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_CLIENT_CA_CERTS")]
+    pub client_ca_certs: Option<PathBuf>,
+
+    /// Refuse a TLS CONNECT whose username differs from its client certificate's common name.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_CERT_CN_AS_USERNAME", default_value_t = false, action = clap::ArgAction::Set)]
+    pub cert_cn_as_username: bool,
+
+    /// Seconds a TLS or WebSocket handshake may take.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_HANDSHAKE_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout: u64,
+
+    /// Concurrent MQTT sessions; beyond it CONNECT gets 0x03 (3.1.1) / 0x97 (5).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_CONNECTIONS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// New connections per second from one IP address (token bucket, burst of the same size); 0: unlimited.
+    #[arg(
+        long,
+        env = "SMQ_MQTT_ADAPTER_CONNECT_RATE_PER_IP",
+        default_value_t = 1000
+    )]
+    pub connect_rate_per_ip: u32,
+
+    /// PUBLISH packets per second from one session (token bucket, burst of the same size); beyond it
+    /// the session is closed (MQTT 5: DISCONNECT 0x96). 0: unlimited.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_PUBLISH_RATE", default_value_t = 1000)]
+    pub publish_rate: u32,
+
+    /// Seconds /health reports 503 before sessions are closed on SIGTERM, so load balancers stop
+    /// sending new devices first; a second signal ends the wait.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_DRAIN_GRACE", default_value_t = 0)]
+    pub drain_grace: u64,
 }
 
 impl Config {
@@ -77,6 +135,14 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout)
+    }
+
+    pub fn drain_grace(&self) -> Duration {
+        Duration::from_secs(self.drain_grace)
     }
 
     /// A configuration with every default, for embedding the server in tests and tools.
@@ -96,6 +162,11 @@ mod tests {
         assert_eq!(config.instance, "");
         assert_eq!(config.auth, AuthBackend::Static);
         assert_eq!(config.connect_timeout(), Duration::from_secs(10));
+        assert_eq!(
+            (config.mqtts_port, config.ws_port, config.http_port),
+            (8883, 8080, 9090)
+        );
+        assert!(config.server_cert.is_none() && !config.cert_cn_as_username);
     }
 
     #[test]

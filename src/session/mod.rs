@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod frame;
+pub mod limits;
 pub mod registry;
 mod teardown;
 
@@ -28,9 +29,11 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{AuthError, Credentials, TopicDecision};
 use crate::broker::Broker;
 use crate::hooks::{DisconnectReason, Hooks, PublishRoute, SessionInfo};
+use crate::metrics::Metrics;
 use crate::topic::{self, TopicKind, Usage};
 use codec::{Codec, ProtocolVersion};
 use frame::FrameError;
+use limits::{ConnectionInfo, Limits, PublishRate};
 use registry::SessionRegistry;
 use teardown::LiveSession;
 
@@ -42,6 +45,8 @@ pub struct SessionContext {
     pub connect_timeout: Duration,
     pub max_packet_size: usize,
     pub shutdown: CancellationToken,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
 }
 
 /// A device may stall a write this long before it is disconnected.
@@ -55,8 +60,20 @@ const TOPIC_CACHE_SIZE: usize = 64;
 
 /// Serves one accepted socket until the session ends. Never panics on device input; logs why
 /// the connection closed.
-pub async fn serve<S>(ctx: Arc<SessionContext>, mut stream: S, peer: SocketAddr)
+pub async fn serve<S>(ctx: Arc<SessionContext>, stream: S, peer: SocketAddr)
 where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    serve_with(ctx, stream, peer, ConnectionInfo::default()).await
+}
+
+/// [`serve`] with what the transport learned before the CONNECT (e.g. a client certificate).
+pub async fn serve_with<S>(
+    ctx: Arc<SessionContext>,
+    mut stream: S,
+    peer: SocketAddr,
+    conn: ConnectionInfo,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut rbuf = BytesMut::with_capacity(512);
@@ -79,11 +96,39 @@ where
         tracing::info!(%peer, "closed: first packet is not CONNECT");
         return;
     };
+    // Held until the session ends: counts against the connection limit.
+    let Some(_slot) = ctx.limits.connection_slot() else {
+        ctx.metrics.refused("connection_limit");
+        ctx.metrics
+            .limit_hits
+            .with_label_values(&["connections"])
+            .inc();
+        tracing::info!(%peer, mqtt_client_id = %connect.client_id, "connect refused: connection limit reached");
+        let code = match codec.version() {
+            ProtocolVersion::V311 => ConnectReturnCode::ServiceUnavailable,
+            ProtocolVersion::V5 => ConnectReturnCode::QuotaExceeded,
+        };
+        let _ = write_packet(&mut stream, &codec, connack(code, false, None)).await;
+        return;
+    };
+    if let Err(why) = ctx.limits.check_certificate(&conn, login.as_ref()) {
+        ctx.metrics.refused("certificate_mismatch");
+        tracing::info!(%peer, mqtt_client_id = %connect.client_id, reason = %why, "connect refused");
+        let refusal = connack(ConnectReturnCode::NotAuthorized, false, None);
+        let _ = write_packet(&mut stream, &codec, refusal).await;
+        return;
+    }
     let Some(mut session) = accept(&ctx, &mut stream, peer, &codec, connect, will, login).await
     else {
         return;
     };
     let end = run(&ctx, &mut session, &mut stream, rbuf, codec).await;
+    if end.reason == DisconnectReason::ProtocolError {
+        ctx.metrics
+            .packet_errors
+            .with_label_values(&[limits::packet_error_kind(end.v5_code)])
+            .inc();
+    }
     session.live.end(end.reason, end.publish_will);
     if let (ProtocolVersion::V5, Some(code)) = (session.version, end.v5_code) {
         let mut buf = BytesMut::new();
@@ -416,6 +461,7 @@ struct Relay<'a> {
     /// QoS 2 PUBLISHes refused with a PUBREC; their PUBREL is answered here.
     refused_qos2: HashSet<u16>,
     topic_cache: HashMap<Bytes, Result<Arc<PublishRoute>, Refusal>>,
+    publish_rate: Option<PublishRate>,
 }
 
 async fn run<S>(
@@ -437,6 +483,7 @@ where
         pending_subacks: HashMap::new(),
         refused_qos2: HashSet::new(),
         topic_cache: HashMap::new(),
+        publish_rate: ctx.limits.publish_rate(),
     };
     let takeover = session.live.takeover_token();
     let mut last_read = Instant::now();
@@ -628,6 +675,18 @@ impl Relay<'_> {
         qos: u8,
         publish_id: Option<u16>,
     ) -> Result<(), End> {
+        self.ctx.metrics.messages_in.inc();
+        if self.publish_rate.as_ref().is_some_and(|r| !r.allow()) {
+            self.ctx
+                .metrics
+                .limit_hits
+                .with_label_values(&["publish_rate"])
+                .inc();
+            return Err(End::protocol(
+                DisconnectReasonCode::MessageRateTooHigh,
+                "publish rate limit exceeded",
+            ));
+        }
         if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
             return Err(End::protocol(
                 DisconnectReasonCode::TopicAliasInvalid,
@@ -799,6 +858,7 @@ impl Relay<'_> {
         loop {
             match next.take() {
                 Some(Notification::Forward(forward)) => {
+                    self.ctx.metrics.messages_out.inc();
                     self.write(Packet::Publish(forward.publish, forward.properties))?;
                 }
                 Some(Notification::DeviceAck(ack)) => {
