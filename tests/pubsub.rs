@@ -439,3 +439,19 @@ async fn unsubscribe_stops_delivery() {
         "a message on an unsubscribed filter was delivered"
     );
 }
+
+/// Bytes the adapter read before the socket closed are a publish it received: it must be delivered.
+#[tokio::test]
+async fn qos0_publish_then_socket_close_is_delivered() {
+    let adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/then-gone";
+    let mut sub = V4Client::connect(adapter.port, "gone-sub", "c1", "s1").await;
+    sub.subscribe(topic, QoS::AtLeastOnce).await;
+    let mut device =
+        RawClient::connect_ok(adapter.port, &Connect::new(V311, "gone-dev", "c2", "s2")).await;
+    device
+        .send(&raw::publish(V311, topic, 0, 0, b"then-gone", &[]))
+        .await;
+    drop(device);
+    assert_eq!(&sub.next_publish().await.payload[..], b"then-gone");
+}

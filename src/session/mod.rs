@@ -522,6 +522,13 @@ impl Relay<'_> {
     /// Parses every complete frame in `rbuf`, applies the hooks and hands the result to the
     /// router in one batch.
     async fn input(&mut self, rbuf: &mut BytesMut, live: &mut LiveSession) -> Result<(), End> {
+        // Packets before a DISCONNECT or a bad frame in the same read still reach the router.
+        let parsed = self.parse(rbuf).await;
+        let flushed = self.flush_to_router(live).await;
+        parsed.and(flushed)
+    }
+
+    async fn parse(&mut self, rbuf: &mut BytesMut) -> Result<(), End> {
         loop {
             let header = match frame::peek_header(rbuf, self.ctx.max_packet_size) {
                 Ok(Some(h)) => h,
@@ -583,7 +590,7 @@ impl Relay<'_> {
             })?;
             self.packet(packet, qos, publish_id).await?;
         }
-        self.flush_to_router(live).await
+        Ok(())
     }
 
     async fn packet(
