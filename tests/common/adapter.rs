@@ -99,7 +99,8 @@ pub fn adapter_command(
         // Other listeners have fixed default ports; keep parallel test adapters off them.
         .env("SMQ_MQTT_ADAPTER_WS_PORT", free_port().to_string())
         .env("SMQ_MQTT_ADAPTER_HTTP_PORT", free_port().to_string())
-        .env("SMQ_MQTT_ADAPTER_MQTTS_PORT", free_port().to_string());
+        .env("SMQ_MQTT_ADAPTER_MQTTS_PORT", free_port().to_string())
+        .env("SMQ_MQTT_ADAPTER_WSS_PORT", free_port().to_string());
     if let Some(path) = clients_file {
         cmd.env("SMQ_MQTT_ADAPTER_CLIENTS_FILE", path);
     }
@@ -129,10 +130,38 @@ pub async fn run_to_exit(mut cmd: Command) -> (ExitStatus, String, String) {
     )
 }
 
+/// The ports an adapter command was given, read back from its environment.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub mqtts: u16,
+    pub ws: u16,
+    pub wss: u16,
+    pub http: u16,
+}
+
+impl Ports {
+    pub fn of(cmd: &Command) -> Ports {
+        let port = |var: &str| {
+            cmd.get_envs()
+                .find(|(k, _)| *k == var)
+                .and_then(|(_, v)| v?.to_str()?.parse().ok())
+                .unwrap_or_else(|| panic!("{var} is not set on the adapter command"))
+        };
+        Ports {
+            mqtts: port("SMQ_MQTT_ADAPTER_MQTTS_PORT"),
+            ws: port("SMQ_MQTT_ADAPTER_WS_PORT"),
+            wss: port("SMQ_MQTT_ADAPTER_WSS_PORT"),
+            http: port("SMQ_MQTT_ADAPTER_HTTP_PORT"),
+        }
+    }
+}
+
 /// A running adapter process; dropping it kills the process.
 pub struct Adapter {
     child: Child,
     pub port: u16,
+    /// The other listeners' ports (TLS ones are open only when certificates are configured).
+    pub ports: Ports,
     events: mpsc::UnboundedReceiver<Result<Event, String>>,
     /// Every event read so far, for the whole-run checks in [`assert_paired`].
     pub seen: Vec<Event>,
@@ -168,6 +197,7 @@ impl Adapter {
         let port = free_port();
 
         let mut cmd = adapter_command(port, clients_path.as_deref(), extra_env);
+        let ports = Ports::of(&cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
@@ -187,6 +217,7 @@ impl Adapter {
         let mut adapter = Adapter {
             child,
             port,
+            ports,
             events: rx,
             seen: Vec::new(),
             stderr_path,
@@ -206,9 +237,14 @@ impl Adapter {
                     self.stderr_tail()
                 );
             }
+            // Every listener is bound once /health answers 200.
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
+                && matches!(
+                    super::ops::try_http_get(self.ports.http, "/health").await,
+                    Ok((200, _))
+                )
             {
                 return;
             }
