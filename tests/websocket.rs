@@ -53,12 +53,16 @@ async fn websocket_round_trip_for_mqtt_311_and_5() {
         )
         .await;
     let got = sub.next_publish().await;
-    assert_eq!((got.topic.as_str(), &got.payload[..]), ("m/d1/c/ch1/ws", &b"over-ws"[..]));
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        ("m/d1/c/ch1/ws", &b"over-ws"[..])
+    );
 
     // And across transports: a TCP publisher reaches the WebSocket subscriber.
     let mut tcp = V4Client::connect(adapter.port, "tcp-pub", "c1", "s1").await;
     adapter.expect_connect("c1").await;
-    tcp.publish("m/d1/c/ch1/ws", QoS::AtLeastOnce, false, b"from-tcp").await;
+    tcp.publish("m/d1/c/ch1/ws", QoS::AtLeastOnce, false, b"from-tcp")
+        .await;
     assert_eq!(&sub.next_publish().await.payload[..], b"from-tcp");
     tcp.disconnect().await;
     adapter.expect_disconnect("c1").await;
@@ -105,8 +109,16 @@ async fn paho_mqtt_over_websocket() {
     adapter.expect_disconnect("c2").await;
     let (_, metrics) = http_get(adapter.ports.http, "/metrics").await;
     // Each paho client published once and got its message back.
-    assert_eq!(metric(&metrics, "mqtt_adapter_messages_total{direction=\"in\"}"), Some(2.0), "{metrics}");
-    assert_eq!(metric(&metrics, "mqtt_adapter_messages_total{direction=\"out\"}"), Some(2.0), "{metrics}");
+    assert_eq!(
+        metric(&metrics, "mqtt_adapter_messages_total{direction=\"in\"}"),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "mqtt_adapter_messages_total{direction=\"out\"}"),
+        Some(2.0),
+        "{metrics}"
+    );
     adapter.shutdown().await;
 }
 
@@ -128,7 +140,9 @@ async fn secure_websocket_round_trip() {
     let mut client = V4Client::connect_with(opts).await;
     adapter.expect_connect("c1").await;
     client.subscribe("m/d1/c/ch1/wss", QoS::AtLeastOnce).await;
-    client.publish("m/d1/c/ch1/wss", QoS::AtLeastOnce, false, b"secure").await;
+    client
+        .publish("m/d1/c/ch1/wss", QoS::AtLeastOnce, false, b"secure")
+        .await;
     assert_eq!(&client.next_publish().await.payload[..], b"secure");
     client.disconnect().await;
     adapter.expect_disconnect("c1").await;
@@ -137,7 +151,9 @@ async fn secure_websocket_round_trip() {
 
 /// Sends a WebSocket upgrade request and returns the response's status line.
 async fn upgrade_status(port: u16, path: &str, protocol: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\

@@ -221,6 +221,21 @@ pub struct V5Client {
 type V5Packet = v5::mqttbytes::v5::Packet;
 
 impl V5Client {
+    /// Waits (bounded) until the connection ends and returns the error the event loop reported;
+    /// a server DISCONNECT shows up here (rumqttc reports it as `ServerDisconnect`).
+    pub async fn expect_closed(&mut self) -> String {
+        loop {
+            match tokio::time::timeout(WAIT, self.events.recv()).await {
+                Err(_) => panic!(
+                    "MQTT 5 client: the adapter did not close the connection within {WAIT:?}"
+                ),
+                Ok(None) => return "event loop gone".into(),
+                Ok(Some(Err(e))) => return e,
+                Ok(Some(Ok(event))) => self.backlog.push_back(event),
+            }
+        }
+    }
+
     pub async fn try_connect(opts: v5::MqttOptions) -> Result<V5Client, v5::ConnectionError> {
         let (client, mut eventloop) = v5::AsyncClient::new(opts, 64);
         let connack = tokio::time::timeout(WAIT, async {
