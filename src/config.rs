@@ -110,6 +110,11 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_CONNECTIONS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
 
+    /// QoS 1/2 PUBLISHes a device may have unacknowledged (MQTT 5 receive maximum); beyond it the
+    /// session is closed (MQTT 5: DISCONNECT 0x93).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_INFLIGHT", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_inflight: u16,
+
     /// New connections per second from one IP address (token bucket, burst of the same size); 0: unlimited.
     #[arg(
         long,

@@ -123,6 +123,7 @@ impl Server {
         }
         let limits = Limits::new(
             usize::try_from(config.max_connections).unwrap_or(usize::MAX),
+            config.max_inflight,
             NonZeroU32::new(config.publish_rate),
             config.cert_cn_as_username,
         );

@@ -221,3 +221,43 @@ async fn connect_rate_per_ip_closes_the_excess() {
     }
     adapter.shutdown().await;
 }
+
+#[tokio::test]
+async fn inflight_beyond_the_receive_maximum_closes_the_session() {
+    let mut adapter = Adapter::start_with(CLIENTS, &[("SMQ_MQTT_ADAPTER_MAX_INFLIGHT", "2")]).await;
+    let port = adapter.port;
+    // QoS 2 PUBLISHes stay in flight until the device's PUBREL is completed; none is sent here.
+    let mut v5 = RawClient::connect_ok(port, &Connect::new(V5, "infl-5", "c1", "s1")).await;
+    adapter.expect_connect("c1").await;
+    for pkid in 1..=3u16 {
+        v5.send(&raw::publish(V5, "m/d1/c/ch1/infl", 2, pkid, b"q2", &[]))
+            .await;
+    }
+    let packet = v5.expect_kind(DISCONNECT).await;
+    assert_eq!(
+        packet.body.first(),
+        Some(&0x93),
+        "DISCONNECT reason: {packet:?}"
+    );
+    adapter.expect_disconnect("c1").await;
+
+    // Completed flows free their slots: many QoS 1 round trips with a limit of 2 stay connected.
+    let mut ok = V4Client::connect(port, "infl-4", "c2", "s2").await;
+    adapter.expect_connect("c2").await;
+    for i in 0..10u8 {
+        ok.publish("m/d1/c/ch1/infl", QoS::AtLeastOnce, false, &[i])
+            .await;
+    }
+    ok.disconnect().await;
+    adapter.expect_disconnect("c2").await;
+    let metrics = scrape(&adapter).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "mqtt_adapter_limit_hits_total{limit=\"inflight\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    adapter.shutdown().await;
+}

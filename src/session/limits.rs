@@ -1,6 +1,7 @@
 //! Per-connection limits applied by the session: the concurrent connection cap (reserved at
-//! CONNECT, released when the session ends), the per-session publish rate (a token bucket), and
-//! the client-certificate rule for TLS connections.
+//! CONNECT, released when the session ends), the QoS 1/2 PUBLISHes a device may have unacknowledged
+//! (MQTT 5 receive maximum), the per-session publish rate (a token bucket), and the
+//! client-certificate rule for TLS connections.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,6 +25,7 @@ pub struct ConnectionInfo {
 #[derive(Debug)]
 pub struct Limits {
     max_connections: usize,
+    max_inflight: u16,
     open: Arc<AtomicUsize>,
     publish_rate: Option<NonZeroU32>,
     cert_cn_as_username: bool,
@@ -34,11 +36,13 @@ impl Limits {
     /// `None` is unlimited.
     pub fn new(
         max_connections: usize,
+        max_inflight: u16,
         publish_rate: Option<NonZeroU32>,
         cert_cn_as_username: bool,
     ) -> Self {
         Limits {
             max_connections,
+            max_inflight,
             open: Arc::default(),
             publish_rate,
             cert_cn_as_username,
@@ -47,7 +51,13 @@ impl Limits {
 
     /// No limits: for embedding in tests and tools.
     pub fn unlimited() -> Self {
-        Limits::new(usize::MAX, None, false)
+        Limits::new(usize::MAX, u16::MAX, None, false)
+    }
+
+    /// QoS 1/2 PUBLISHes a device may send before their acknowledgements; advertised to MQTT 5
+    /// devices as the receive maximum.
+    pub fn max_inflight(&self) -> u16 {
+        self.max_inflight
     }
 
     /// Reserves one of the concurrent connections, or `None` when all are taken.
@@ -131,7 +141,7 @@ mod tests {
 
     #[test]
     fn connection_slots_are_capped_and_released() {
-        let limits = Limits::new(2, None, false);
+        let limits = Limits::new(2, 10, None, false);
         let a = limits.connection_slot().expect("first slot");
         let _b = limits.connection_slot().expect("second slot");
         assert!(limits.connection_slot().is_none());
@@ -141,7 +151,7 @@ mod tests {
 
     #[test]
     fn publish_bucket_runs_dry() {
-        let limits = Limits::new(1, NonZeroU32::new(3), false);
+        let limits = Limits::new(1, 10, NonZeroU32::new(3), false);
         let rate = limits.publish_rate().expect("limited");
         assert!((0..3).all(|_| rate.allow()));
         assert!(!rate.allow());
@@ -149,7 +159,7 @@ mod tests {
 
     #[test]
     fn certificate_rule_compares_cn_and_username() {
-        let limits = Limits::new(1, None, true);
+        let limits = Limits::new(1, 10, None, true);
         let login = |u: &str| Login {
             username: u.into(),
             password: "p".into(),

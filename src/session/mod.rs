@@ -412,6 +412,7 @@ where
     let props = (version == ProtocolVersion::V5).then(|| ConnAckProperties {
         assigned_client_identifier: assigned.then(|| live.info.mqtt_client_id.clone()),
         max_packet_size: Some(ctx.max_packet_size as u32),
+        receive_max: Some(ctx.limits.max_inflight()),
         retain_available: Some(1),
         shared_subscription_available: Some(0),
         subscription_identifiers_available: Some(0),
@@ -463,6 +464,8 @@ struct Relay<'a> {
     refused_qos2: HashSet<u16>,
     topic_cache: HashMap<Bytes, Result<Arc<PublishRoute>, Refusal>>,
     publish_rate: Option<PublishRate>,
+    /// QoS 1/2 PUBLISHes handed to the router and not yet acknowledged to the device.
+    inflight_in: u16,
     /// Router QoS 2 deliveries written to the device at QoS 1, by packet id.
     capped_2to1: HashSet<u16>,
     /// Router QoS 2 deliveries acknowledged here; their PUBREL is answered here too.
@@ -489,6 +492,7 @@ where
         refused_qos2: HashSet::new(),
         topic_cache: HashMap::new(),
         publish_rate: ctx.limits.publish_rate(),
+        inflight_in: 0,
         capped_2to1: HashSet::new(),
         absorb_pubrel: HashSet::new(),
     };
@@ -729,6 +733,20 @@ impl Relay<'_> {
                     .hooks
                     .published(&self.info, &route, &publish.payload);
                 publish.topic = route.topic.clone();
+                if qos > 0 {
+                    self.inflight_in = self.inflight_in.saturating_add(1);
+                    if self.inflight_in > self.ctx.limits.max_inflight() {
+                        self.ctx
+                            .metrics
+                            .limit_hits
+                            .with_label_values(&["inflight"])
+                            .inc();
+                        return Err(End::protocol(
+                            DisconnectReasonCode::ReceiveMaximumExceeded,
+                            "too many unacknowledged QoS 1/2 PUBLISHes",
+                        ));
+                    }
+                }
                 let mut props = props;
                 qos::mark_origin(&mut props, qos);
                 self.to_router.push(Packet::Publish(publish, props));
@@ -946,7 +964,12 @@ impl Relay<'_> {
                     }
                     self.write(Packet::SubAck(suback, props))?;
                 }
-                packet => self.write(packet)?,
+                packet => {
+                    if matches!(packet, Packet::PubAck(..) | Packet::PubComp(..)) {
+                        self.inflight_in = self.inflight_in.saturating_sub(1);
+                    }
+                    self.write(packet)?
+                }
             },
             Notification::Unschedule => return Ok(true),
             Notification::Disconnect(disconnect, _) => {
