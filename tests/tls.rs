@@ -352,3 +352,39 @@ async fn dev_certs_script_makes_a_pki_mosquitto_accepts() {
     adapter.expect_disconnect("c1").await;
     adapter.shutdown().await;
 }
+
+#[tokio::test]
+async fn bad_tls_settings_stop_start_up_naming_the_variable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = TestPki::new(dir.path(), "srv");
+    let key = pki.server_key.to_str().expect("UTF-8 path");
+    let cert = pki.server_cert.to_str().expect("UTF-8 path");
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (
+            &[
+                ("SMQ_MQTT_ADAPTER_SERVER_CERT", "/nonexistent/server.crt"),
+                ("SMQ_MQTT_ADAPTER_SERVER_KEY", key),
+            ],
+            "SMQ_MQTT_ADAPTER_SERVER_CERT",
+        ),
+        (
+            &[("SMQ_MQTT_ADAPTER_SERVER_CERT", cert)],
+            "SMQ_MQTT_ADAPTER_SERVER_KEY",
+        ),
+        (
+            &[
+                ("SMQ_MQTT_ADAPTER_SERVER_CERT", cert),
+                ("SMQ_MQTT_ADAPTER_SERVER_KEY", key),
+                // A key is not a CA certificate.
+                ("SMQ_MQTT_ADAPTER_CLIENT_CA_CERTS", key),
+            ],
+            "SMQ_MQTT_ADAPTER_CLIENT_CA_CERTS",
+        ),
+    ];
+    for (env, var) in cases {
+        let cmd = adapter_command(free_port(), None, env);
+        let (status, _, stderr) = run_to_exit(cmd).await;
+        assert!(!status.success(), "started with {env:?}");
+        assert!(stderr.contains(var), "stderr does not name {var}: {stderr}");
+    }
+}
