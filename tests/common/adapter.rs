@@ -186,6 +186,22 @@ impl Adapter {
     }
 
     async fn launch(clients_toml: Option<&str>, extra_env: &[(&str, &str)]) -> Adapter {
+        // A port picked by `free_port` can be taken again before the adapter binds it (a parallel
+        // test, a client's ephemeral port): start again with fresh ports in that case only.
+        let mut attempts = 0;
+        loop {
+            match Adapter::launch_once(clients_toml, extra_env).await {
+                Ok(adapter) => return adapter,
+                Err(stderr) if stderr.contains("cannot listen on") && attempts < 3 => attempts += 1,
+                Err(stderr) => panic!("mqtt-adapter exited during start-up; stderr:\n{stderr}"),
+            }
+        }
+    }
+
+    async fn launch_once(
+        clients_toml: Option<&str>,
+        extra_env: &[(&str, &str)],
+    ) -> Result<Adapter, String> {
         let dir = tempfile::tempdir().expect("create temp dir");
         let clients_path = clients_toml.map(|toml| {
             let path = dir.path().join("clients.toml");
@@ -223,19 +239,17 @@ impl Adapter {
             stderr_path,
             _dir: dir,
         };
-        adapter.wait_ready().await;
-        adapter
+        adapter.wait_ready().await?;
+        Ok(adapter)
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits until every listener is up; `Err(stderr)` if the process exited first.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + READY_WAIT;
         let mut backoff = Duration::from_millis(10);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "mqtt-adapter exited during start-up with {status}; stderr:\n{}",
-                    self.stderr_tail()
-                );
+                return Err(format!("(exit {status})\n{}", self.stderr_tail()));
             }
             // Every listener is bound once /health answers 200.
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
@@ -246,7 +260,7 @@ impl Adapter {
                     Ok((200, _))
                 )
             {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
