@@ -5,9 +5,12 @@ Opens N MQTT 3.1.1 connections with username/password, `inflight` CONNECTs outst
 waits for every CONNACK, then reads the broker's RSS (from /proc/PID/status) and closes them.
 
     python3 benches/idle_connections.py --port 18830 --pid PID -n 5000 -u demo-sensor -P demo-sensor-secret
+
+With --tls-ca CA.pem the connections use TLS (the MQTTS port), trusting that CA.
 """
 import argparse
 import asyncio
+import ssl
 import time
 
 
@@ -44,7 +47,9 @@ async def main() -> None:
     ap.add_argument("--inflight", type=int, default=50)
     ap.add_argument("-u", "--user", required=True)
     ap.add_argument("-P", "--password", required=True)
+    ap.add_argument("--tls-ca", help="connect over TLS, trusting this CA (PEM)")
     args = ap.parse_args()
+    tls = ssl.create_default_context(cafile=args.tls_ca) if args.tls_ca else None
 
     before = rss_kib(args.pid)
     sem = asyncio.Semaphore(args.inflight)
@@ -54,7 +59,7 @@ async def main() -> None:
         nonlocal refused
         async with sem:
             t0 = time.perf_counter()
-            reader, writer = await asyncio.open_connection(args.host, args.port)
+            reader, writer = await asyncio.open_connection(args.host, args.port, ssl=tls)
             writer.write(connect_packet(f"idle-{i}", args.user, args.password))
             ack = await reader.readexactly(4)
             latencies.append(time.perf_counter() - t0)
