@@ -76,6 +76,21 @@ where
         }
         Ok(Ok(v)) => v,
     };
+    // Boxed so a socket that has not sent CONNECT holds only the small handshake state.
+    Box::pin(connected(ctx, stream, peer, rbuf, codec, packet)).await;
+}
+
+/// Everything after a well-formed CONNECT: accept or refuse it, then relay until the end.
+async fn connected<S>(
+    ctx: Arc<SessionContext>,
+    mut stream: S,
+    peer: SocketAddr,
+    rbuf: BytesMut,
+    codec: Codec,
+    packet: Packet,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let Packet::Connect(connect, _props, will, _will_props, login) = packet else {
         tracing::info!(%peer, "closed: first packet is not CONNECT");
         return;
@@ -974,4 +989,31 @@ pub(crate) fn publish_with_qos(
     raw.extend_from_slice(topic);
     raw.extend_from_slice(payload);
     Publish::deserialize(raw.freeze())
+}
+
+#[cfg(test)]
+mod footprint {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_socket_before_connect_holds_a_small_future() {
+        let registry = Arc::new(crate::auth::StaticRegistry::demo());
+        let (outbox, _t) =
+            crate::events::Outbox::start(Box::new(crate::events::StdoutSink::new()), 10);
+        let ctx = Arc::new(SessionContext {
+            broker: Broker::start(&crate::broker::BrokerConfig::default()),
+            hooks: Hooks::new(registry.clone(), registry).with_observer(Arc::new(
+                crate::hooks::ConnectionEvents::new(outbox, String::new()),
+            )),
+            registry: SessionRegistry::default(),
+            connect_timeout: Duration::from_secs(1),
+            max_packet_size: 1024,
+            shutdown: CancellationToken::new(),
+        });
+        let (a, _b) = tokio::io::duplex(64);
+        let fut = serve(ctx, a, "127.0.0.1:1".parse().unwrap());
+        // Every accepted socket holds this much until its CONNECT arrives.
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 2048, "serve future grew to {size} bytes");
+    }
 }
