@@ -16,6 +16,9 @@ type LinkFactory =
 #[error("router refused the link: {0}")]
 pub struct LinkRefused(String);
 
+/// Inbound packets a new link's queue holds before it has to grow.
+const LINK_QUEUE_START: usize = 8;
+
 /// The router plus the bookkeeping that keeps its per-client state bounded.
 pub struct Broker {
     connect: Box<LinkFactory>,
@@ -139,9 +142,15 @@ impl Broker {
     ) -> Result<(LinkTx, LinkRx, Notification), LinkRefused> {
         let broker = self.clone();
         let id = name.as_router_id();
-        tokio::task::spawn_blocking(move || (broker.connect)(&id, clean))
-            .await
-            .unwrap_or_else(|e| Err(LinkRefused(e.to_string())))
+        tokio::task::spawn_blocking(move || {
+            let (link_tx, link_rx, ack) = (broker.connect)(&id, clean)?;
+            // rumqttd sizes every link's inbound queue for 200 packets (~78 KB); most devices
+            // never queue more than a few, and the queue grows again when one does.
+            link_tx.buffer().shrink_to(LINK_QUEUE_START);
+            Ok((link_tx, link_rx, ack))
+        })
+        .await
+        .unwrap_or_else(|e| Err(LinkRefused(e.to_string())))
     }
 }
 
