@@ -738,7 +738,9 @@ impl Relay<'_> {
                 if self.topic_cache.len() >= TOPIC_CACHE_SIZE {
                     self.topic_cache.clear();
                 }
-                self.topic_cache.insert(publish.topic.clone(), d.clone());
+                // A copy: the frame's bytes would pin the whole read buffer they came in.
+                self.topic_cache
+                    .insert(Bytes::copy_from_slice(&publish.topic), d.clone());
                 d
             }
         };
@@ -772,12 +774,11 @@ impl Relay<'_> {
                     Ok(TopicKind::Channel(c)) => Some(c),
                     _ => None,
                 };
-                let topic = if canonical == text {
-                    topic.clone()
-                } else {
-                    Bytes::from(canonical)
-                };
-                Ok(Arc::new(PublishRoute { topic, channel }))
+                // Owned bytes: the frame's would pin the whole read buffer they came in.
+                Ok(Arc::new(PublishRoute {
+                    topic: Bytes::from(canonical),
+                    channel,
+                }))
             }
             TopicDecision::Deny => Err(Refusal::Denied),
             TopicDecision::Invalid(_) => Err(Refusal::Invalid),
