@@ -48,6 +48,8 @@ async def main() -> None:
     ap.add_argument("-u", "--user", required=True)
     ap.add_argument("-P", "--password", required=True)
     ap.add_argument("--tls-ca", help="connect over TLS, trusting this CA (PEM)")
+    ap.add_argument("--tcp-only", action="store_true", help="open sockets without sending CONNECT")
+    ap.add_argument("--prefix", default="idle", help="client id prefix; vary it to churn new ids")
     args = ap.parse_args()
     tls = ssl.create_default_context(cafile=args.tls_ca) if args.tls_ca else None
 
@@ -60,7 +62,10 @@ async def main() -> None:
         async with sem:
             t0 = time.perf_counter()
             reader, writer = await asyncio.open_connection(args.host, args.port, ssl=tls)
-            writer.write(connect_packet(f"idle-{i}", args.user, args.password))
+            if args.tcp_only:
+                conns.append(writer)
+                return
+            writer.write(connect_packet(f"{args.prefix}-{i}", args.user, args.password))
             ack = await reader.readexactly(4)
             latencies.append(time.perf_counter() - t0)
             if ack[0] != 0x20 or ack[3] != 0:
@@ -74,7 +79,7 @@ async def main() -> None:
     after = rss_kib(args.pid)
     latencies.sort()
     print(f"connections={args.n} refused={refused} seconds={elapsed:.2f} "
-          f"connects_per_s={args.n / elapsed:.0f} connack_p50_ms={latencies[len(latencies) // 2] * 1000:.1f} "
+          f"connects_per_s={args.n / elapsed:.0f} connack_p50_ms={latencies[len(latencies) // 2] * 1000 if latencies else 0:.1f} "
           f"rss_before_kib={before} rss_after_kib={after} "
           f"kib_per_connection={(after - before) / args.n:.2f}")
     for w in conns:
