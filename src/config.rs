@@ -125,7 +125,7 @@ pub struct Config {
 
     /// PUBLISH packets per second from one session (token bucket, burst of the same size); beyond it
     /// the session is closed (MQTT 5: DISCONNECT 0x96). 0: unlimited.
-    #[arg(long, env = "SMQ_MQTT_ADAPTER_PUBLISH_RATE", default_value_t = 1000)]
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_PUBLISH_RATE", default_value_t = 10_000)]
     pub publish_rate: u32,
 
     /// Seconds /health reports 503 before sessions are closed on SIGTERM, so load balancers stop
