@@ -3,6 +3,8 @@
 
 pub mod adapter;
 pub mod clients;
+pub mod nats;
+pub mod platform;
 pub mod raw;
 
 pub use adapter::{
