@@ -121,3 +121,61 @@ async fn publish(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Identity;
+    use crate::session::codec::ProtocolVersion;
+    use crate::topic::ChannelTopic;
+
+    fn session() -> SessionInfo {
+        SessionInfo {
+            identity: Identity {
+                client_id: "c1".into(),
+                anonymous: false,
+            },
+            mqtt_client_id: "dev-1".into(),
+            version: ProtocolVersion::V311,
+            peer: "127.0.0.1:1".parse().expect("addr"),
+        }
+    }
+
+    fn route(channel: Option<ChannelTopic>) -> PublishRoute {
+        PublishRoute {
+            topic: Bytes::from_static(b"m/d1/c/ch1"),
+            channel,
+        }
+    }
+
+    #[test]
+    fn full_queue_counts_drops_and_never_blocks() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let metrics = Arc::new(BridgeMetrics::default());
+        let publisher = BusPublisher::new(tx, metrics.clone());
+        let channel = ChannelTopic {
+            domain: "d1".into(),
+            channel: "ch1".into(),
+            subtopic: "a/b".into(),
+        };
+        for _ in 0..3 {
+            publisher.on_publish(&session(), &route(Some(channel.clone())), &Bytes::from("p"));
+        }
+        assert_eq!(metrics.out_dropped.load(Ordering::Relaxed), 2);
+        let queued = rx.try_recv().expect("one message queued");
+        assert_eq!(queued.subject, "m.d1.c.ch1.a.b");
+        let message = Message::decode(queued.body).expect("messaging.Message");
+        assert_eq!(
+            (message.subtopic.as_str(), message.client_id.as_str()),
+            ("a.b", "dev-1")
+        );
+    }
+
+    #[test]
+    fn non_channel_routes_are_not_bridged() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let publisher = BusPublisher::new(tx, Arc::default());
+        publisher.on_publish(&session(), &route(None), &Bytes::from("p"));
+        assert!(rx.try_recv().is_err());
+    }
+}
