@@ -18,7 +18,9 @@ use prost::Message as _;
 
 use common::nats::NatsServer;
 use common::raw;
-use common::{Adapter, Connect, RawClient, CLIENTS, V311, V5, WAIT};
+use common::{
+    adapter_command, free_port, run_to_exit, Adapter, Connect, RawClient, CLIENTS, V311, V5, WAIT,
+};
 
 async fn adapter_on(nats: &NatsServer) -> Adapter {
     Adapter::start_with(CLIENTS, &[("SMQ_MESSAGE_BROKER_URL", &nats.url())]).await
@@ -326,5 +328,56 @@ async fn nats_restart_restores_the_bridge_and_local_traffic_never_stops() {
             ("m/d1/c/ch1/in", &b"inbound-after"[..])
         );
         break;
+    }
+}
+
+#[tokio::test]
+async fn adapter_starts_while_nats_is_down_and_bridges_once_it_is_up() {
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut adapter = Adapter::start_with(CLIENTS, &[("SMQ_MESSAGE_BROKER_URL", &url)]).await;
+    common::assert_round_trip(&mut adapter, "nats-down").await;
+
+    let nats = NatsServer::start_on(port).await;
+    let bus = nats.client().await;
+    wait_bridge_ready(&adapter, &bus).await;
+    adapter.expect_connect("c3").await;
+    adapter.expect_disconnect("c3").await;
+    adapter.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_bus_url_and_missing_grpc_url_stop_start_up_naming_the_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clients = dir.path().join("clients.toml");
+    std::fs::write(&clients, CLIENTS).expect("write clients");
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (
+            &[("SMQ_MESSAGE_BROKER_URL", "nats://bad host:4222")],
+            "SMQ_MESSAGE_BROKER_URL",
+        ),
+        (
+            &[("SMQ_MQTT_ADAPTER_AUTH", "supermq")],
+            "SMQ_CLIENTS_GRPC_URL",
+        ),
+        (
+            &[
+                ("SMQ_MQTT_ADAPTER_AUTH", "supermq"),
+                ("SMQ_CLIENTS_GRPC_URL", "http://127.0.0.1:1"),
+                ("SMQ_CHANNELS_GRPC_URL", "http://127.0.0.1:1"),
+                ("SMQ_CHANNELS_GRPC_CLIENT_CA_CERTS", "/nonexistent/ca.pem"),
+            ],
+            "SMQ_CHANNELS_GRPC_CLIENT_CA_CERTS",
+        ),
+    ];
+    for (env, var) in cases {
+        let (status, _stdout, stderr) =
+            run_to_exit(adapter_command(free_port(), Some(&clients), env)).await;
+        assert!(!status.success(), "{env:?} must stop start-up");
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+        assert!(
+            lines.len() == 1 && lines[0].contains(var),
+            "want one error line naming {var}, got {stderr:?}"
+        );
     }
 }

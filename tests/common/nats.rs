@@ -16,10 +16,15 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub async fn start() -> NatsServer {
+        NatsServer::start_on(free_port()).await
+    }
+
+    /// Starts on a given port (e.g. one an adapter was told about before NATS was up).
+    pub async fn start_on(port: u16) -> NatsServer {
         let store = tempfile::tempdir().expect("nats store dir");
         let log = store.path().join("nats.log");
         let mut server = NatsServer {
-            port: free_port(),
+            port,
             child: None,
             store,
             log,
