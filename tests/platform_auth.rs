@@ -256,7 +256,18 @@ async fn platform_down_then_back_recovers_by_itself() {
     drop(c);
     adapter.expect_disconnect("c1").await;
 
+    // A live MQTT 5 session whose channel access is not cached yet.
+    let mut live = RawClient::connect_ok(adapter.port, &Connect::new(V5, "live", "c1", "s1")).await;
+    adapter.expect_connect("c1").await;
+
     platform.stop().await;
+    live.send(&raw::publish(V5, "m/d1/c/ch1/live", 1, 1, b"down", &[]))
+        .await;
+    assert_eq!(
+        live.expect_kind(PUBACK).await.puback_reason(),
+        0x87,
+        "refused while down"
+    );
     for (version, want) in [(V311, 0x03), (V5, 0x88)] {
         let (_c, code) =
             RawClient::connect(adapter.port, &Connect::new(version, "down", "c2", "s2")).await;
@@ -289,6 +300,25 @@ async fn platform_down_then_back_recovers_by_itself() {
         platform.state.authn_calls() > calls_while_down,
         "the restarted service was asked"
     );
+    // The live session is served again without reconnecting: the outage refusal was not kept.
+    // (The channels service has its own gRPC channel, which may reconnect a moment later.)
+    let mut pkid = 1;
+    loop {
+        pkid += 1;
+        live.send(&raw::publish(V5, "m/d1/c/ch1/live", 1, pkid, b"up", &[]))
+            .await;
+        match live.expect_kind(PUBACK).await.puback_reason() {
+            0 => break,
+            code => assert_eq!(code, 0x87, "only 'not authorized' while recovering"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "live session not served within 10 s of the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    live.send(&raw::disconnect(V5)).await;
+    adapter.expect_disconnect("c1").await;
     assert_eq!(
         client.subscribe(V311, 1, &[("m/d1/c/ch1", 0)]).await,
         vec![0]

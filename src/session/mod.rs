@@ -641,7 +641,11 @@ impl Relay<'_> {
                 if self.topic_cache.len() >= TOPIC_CACHE_SIZE {
                     self.topic_cache.clear();
                 }
-                self.topic_cache.insert(publish.topic.clone(), d.clone());
+                // A denial may come from an auth service that is briefly unavailable: it is
+                // asked again next time (the auth backends cache their real answers).
+                if !matches!(d, Err(Refusal::Denied)) {
+                    self.topic_cache.insert(publish.topic.clone(), d.clone());
+                }
                 d
             }
         };
