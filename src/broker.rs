@@ -193,6 +193,19 @@ impl Broker {
         .await
         .unwrap_or_else(|e| Err(LinkRefused(e.to_string())))
     }
+
+    /// Registers a link under a fixed router id (for the bus bridge, not for device sessions);
+    /// like [`Broker::link`], the blocking registration runs on the blocking pool.
+    pub async fn named_link(
+        self: &Arc<Self>,
+        id: &str,
+    ) -> Result<(LinkTx, LinkRx, Notification), LinkRefused> {
+        let broker = self.clone();
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || (broker.connect)(&id, true))
+            .await
+            .unwrap_or_else(|e| Err(LinkRefused(e.to_string())))
+    }
 }
 
 #[cfg(test)]

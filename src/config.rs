@@ -132,6 +132,75 @@ pub struct Config {
     /// sending new devices first; a second signal ends the wait.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_DRAIN_GRACE", default_value_t = 0)]
     pub drain_grace: u64,
+
+    /// URL of the platform's clients service (Authenticate), e.g. http://clients:7005 (https:// for TLS); required with
+    /// `--auth supermq`.
+    #[arg(long, env = "SMQ_CLIENTS_GRPC_URL")]
+    pub clients_grpc_url: Option<String>,
+
+    /// Deadline of one call to the clients service (Authenticate) (`1s`, `500ms`).
+    #[arg(long, env = "SMQ_CLIENTS_GRPC_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub clients_grpc_timeout: Duration,
+
+    /// Client certificate (PEM) for mTLS to the clients service (Authenticate).
+    #[arg(long, env = "SMQ_CLIENTS_GRPC_CLIENT_CERT")]
+    pub clients_grpc_client_cert: Option<PathBuf>,
+
+    /// Client key (PEM) for mTLS to the clients service (Authenticate).
+    #[arg(long, env = "SMQ_CLIENTS_GRPC_CLIENT_KEY")]
+    pub clients_grpc_client_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign the clients service (Authenticate)'s certificate; unset: the system roots.
+    #[arg(long, env = "SMQ_CLIENTS_GRPC_CLIENT_CA_CERTS")]
+    pub clients_grpc_client_ca_certs: Option<PathBuf>,
+
+    /// URL of the platform's channels service (Authorize), e.g. http://channels:7005 (https:// for TLS); required with
+    /// `--auth supermq`.
+    #[arg(long, env = "SMQ_CHANNELS_GRPC_URL")]
+    pub channels_grpc_url: Option<String>,
+
+    /// Deadline of one call to the channels service (Authorize) (`1s`, `500ms`).
+    #[arg(long, env = "SMQ_CHANNELS_GRPC_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub channels_grpc_timeout: Duration,
+
+    /// Client certificate (PEM) for mTLS to the channels service (Authorize).
+    #[arg(long, env = "SMQ_CHANNELS_GRPC_CLIENT_CERT")]
+    pub channels_grpc_client_cert: Option<PathBuf>,
+
+    /// Client key (PEM) for mTLS to the channels service (Authorize).
+    #[arg(long, env = "SMQ_CHANNELS_GRPC_CLIENT_KEY")]
+    pub channels_grpc_client_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign the channels service (Authorize)'s certificate; unset: the system roots.
+    #[arg(long, env = "SMQ_CHANNELS_GRPC_CLIENT_CA_CERTS")]
+    pub channels_grpc_client_ca_certs: Option<PathBuf>,
+
+    /// How long a positive answer of the platform's auth services is cached (`10s`).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_AUTH_CACHE_ALLOW_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub auth_cache_allow_ttl: Duration,
+
+    /// How long a negative answer of the platform's auth services is cached (`2s`).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_AUTH_CACHE_DENY_TTL", default_value = "2s", value_parser = parse_duration)]
+    pub auth_cache_deny_ttl: Duration,
+
+    /// Most answers each auth cache (authenticate, authorize) keeps.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_AUTH_CACHE_SIZE", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub auth_cache_size: u64,
+
+    /// Message bus (NATS) URL for the message bridge, e.g. nats://localhost:4222; unset: no bridge.
+    #[arg(long, env = "SMQ_MESSAGE_BROKER_URL")]
+    pub message_broker_url: Option<String>,
+
+    /// Messages the bridge queues in each direction while NATS or the router is slow; beyond it
+    /// they are counted as dropped.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_BRIDGE_BUFFER", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub bridge_buffer: u64,
+}
+
+/// Parses a duration written as SuperMQ writes them (`1s`, `500ms`, `2m`).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e}; write a duration such as 1s or 500ms"))
 }
 
 impl Config {
@@ -211,6 +280,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn grpc_timeouts_take_go_style_durations() {
+        let config =
+            Config::try_parse_from(["mqtt-adapter", "--clients-grpc-timeout", "250ms"]).unwrap();
+        assert_eq!(config.clients_grpc_timeout, Duration::from_millis(250));
+        let err = Config::try_parse_from(["mqtt-adapter", "--channels-grpc-timeout", "5"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--channels-grpc-timeout") && err.contains("1s"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn defaults_match_the_spec() {
         let config = Config::try_parse_from(["mqtt-adapter"]).expect("defaults parse");
         assert_eq!(config.mqtt_port, 1883);
@@ -222,6 +305,12 @@ mod tests {
             (8883, 8080, 9090)
         );
         assert!(config.server_cert.is_none() && !config.cert_cn_as_username);
+
+        assert_eq!(config.clients_grpc_timeout, Duration::from_secs(1));
+        assert_eq!(config.channels_grpc_timeout, Duration::from_secs(1));
+        assert_eq!(config.auth_cache_allow_ttl, Duration::from_secs(10));
+        assert_eq!(config.auth_cache_deny_ttl, Duration::from_secs(2));
+        assert_eq!(config.message_broker_url, None);
     }
 
     #[test]

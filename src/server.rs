@@ -11,8 +11,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::cache::CacheSettings;
+use crate::auth::grpc::{GrpcConfigError, GrpcService, PlatformAuth, PlatformAuthMetrics};
 use crate::auth::static_registry::RegistryError;
-use crate::auth::StaticRegistry;
+use crate::auth::{Authenticator, Authorizer, StaticRegistry};
+use crate::bridge::{Bridge, BridgeError, BridgeMetrics, BridgeSettings};
 use crate::broker::{Broker, BrokerConfig};
 use crate::config::{AuthBackend, Config};
 use crate::events::{EventSink, Outbox, StdoutSink};
@@ -42,6 +45,10 @@ pub enum StartError {
     Auth(String),
     #[error(transparent)]
     Tls(#[from] TlsConfigError),
+    #[error(transparent)]
+    Grpc(#[from] GrpcConfigError),
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
 }
 
 /// A running adapter.
@@ -58,6 +65,9 @@ pub struct Server {
     health: Arc<Health>,
     http_stop: CancellationToken,
     http_task: JoinHandle<()>,
+    bridge: Option<Bridge>,
+    platform_auth_metrics: Option<PlatformAuthMetrics>,
+    instance_id: String,
 }
 
 /// Where each listener ended up (ports may be 0 in the configuration).
@@ -73,16 +83,39 @@ pub struct ListenerAddrs {
 impl Server {
     /// Binds the listeners and starts serving.
     pub async fn start(config: &Config) -> Result<Server, StartError> {
-        let (registry, demo_registry) = match (&config.auth, &config.clients_file) {
-            (AuthBackend::Static, Some(path)) => (StaticRegistry::from_file(path)?, false),
-            (AuthBackend::Static, None) => (StaticRegistry::demo(), true),
-            (AuthBackend::Supermq, _) => {
-                return Err(StartError::Auth(
-                    "the supermq backend is not available in this build; use static".into(),
-                ))
+        let mut demo_registry = false;
+        let mut platform_auth_metrics = None;
+        let (authenticator, authorizer): (Arc<dyn Authenticator>, Arc<dyn Authorizer>) =
+            match (&config.auth, &config.clients_file) {
+                (AuthBackend::Static, Some(path)) => {
+                    let registry = Arc::new(StaticRegistry::from_file(path)?);
+                    (registry.clone(), registry)
+                }
+                (AuthBackend::Static, None) => {
+                    demo_registry = true;
+                    let registry = Arc::new(StaticRegistry::demo());
+                    (registry.clone(), registry)
+                }
+                (AuthBackend::Supermq, _) => {
+                    let platform = Arc::new(platform_auth(config)?);
+                    platform_auth_metrics = Some(platform.metrics());
+                    (platform.clone(), platform)
+                }
+            };
+
+        let instance_id = uuid::Uuid::new_v4().to_string();
+        let broker = Broker::start(&BrokerConfig::default());
+        let bridge = match config.message_broker_url.as_deref() {
+            None | Some("") => None,
+            Some(url) => {
+                let settings = BridgeSettings {
+                    url: url.to_owned(),
+                    buffer: config.bridge_buffer as usize,
+                    instance_id: instance_id.clone(),
+                };
+                Some(Bridge::start(&settings, &broker).await?)
             }
         };
-        let registry = Arc::new(registry);
 
         let tls = match (&config.server_cert, &config.server_key) {
             (Some(cert), Some(key)) => {
@@ -97,13 +130,16 @@ impl Server {
         let store = sink.name();
         let (outbox, outbox_task) = Outbox::start(sink, config.event_buffer as usize);
         metrics.watch_outbox(store, outbox.stats());
-        let authenticator = Arc::new(TimedAuthenticator::new(registry.clone(), metrics.clone()));
-        let hooks = Hooks::new(authenticator, registry)
+        let authenticator = Arc::new(TimedAuthenticator::new(authenticator, metrics.clone()));
+        let mut hooks = Hooks::new(authenticator, authorizer)
             .with_observer(Arc::new(ConnectionEvents::new(
                 outbox.clone(),
                 config.instance.clone(),
             )))
             .with_observer(metrics.clone());
+        if let Some(bridge) = &bridge {
+            hooks = hooks.with_observer(bridge.publisher());
+        }
 
         let (listener, mqtt_addr) =
             bind(config, "SMQ_MQTT_ADAPTER_MQTT_PORT", config.mqtt_port).await?;
@@ -129,7 +165,7 @@ impl Server {
         );
 
         let ctx = Arc::new(SessionContext {
-            broker: Broker::start(&BrokerConfig::default()),
+            broker,
             hooks,
             registry: SessionRegistry::default(),
             connect_timeout: config.connect_timeout(),
@@ -192,6 +228,9 @@ impl Server {
             health,
             http_stop,
             http_task,
+            bridge,
+            platform_auth_metrics,
+            instance_id,
         })
     }
 
@@ -204,6 +243,21 @@ impl Server {
     /// balancers stop sending new ones before [`Server::shutdown`] closes the sessions.
     pub fn begin_drain(&self) {
         self.health.set(Phase::Draining);
+    }
+
+    /// This process's UUID (the bus bridge's loop-prevention header).
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// The bus bridge's counters, when the bridge is on.
+    pub fn bridge_metrics(&self) -> Option<Arc<BridgeMetrics>> {
+        self.bridge.as_ref().map(Bridge::metrics)
+    }
+
+    /// Hit/miss counters of the platform auth caches, with `--auth supermq`.
+    pub fn platform_auth_metrics(&self) -> Option<PlatformAuthMetrics> {
+        self.platform_auth_metrics.clone()
     }
 
     pub fn mqtt_addr(&self) -> SocketAddr {
@@ -231,6 +285,19 @@ impl Server {
         if !sessions_done {
             tracing::warn!("sessions still open at the shutdown deadline");
         }
+        let bridged = match self.bridge {
+            None => true,
+            Some(bridge) => {
+                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let done = bridge
+                    .shutdown(remaining.max(Duration::from_millis(100)))
+                    .await;
+                if !done {
+                    tracing::warn!("bridged messages still queued at the shutdown deadline");
+                }
+                done
+            }
+        };
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         let flushed = self
             .outbox
@@ -246,7 +313,7 @@ impl Server {
         }
         self.http_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.http_task).await;
-        sessions_done && flushed
+        sessions_done && bridged && flushed
     }
 }
 
@@ -261,6 +328,32 @@ async fn bind(
     let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
     Ok((listener, local))
+}
+
+/// The `supermq` backend from the gRPC settings.
+fn platform_auth(config: &Config) -> Result<PlatformAuth, StartError> {
+    let clients = GrpcService {
+        var_prefix: "SMQ_CLIENTS_GRPC",
+        url: config.clients_grpc_url.clone(),
+        timeout: config.clients_grpc_timeout,
+        client_cert: config.clients_grpc_client_cert.clone(),
+        client_key: config.clients_grpc_client_key.clone(),
+        ca_certs: config.clients_grpc_client_ca_certs.clone(),
+    };
+    let channels = GrpcService {
+        var_prefix: "SMQ_CHANNELS_GRPC",
+        url: config.channels_grpc_url.clone(),
+        timeout: config.channels_grpc_timeout,
+        client_cert: config.channels_grpc_client_cert.clone(),
+        client_key: config.channels_grpc_client_key.clone(),
+        ca_certs: config.channels_grpc_client_ca_certs.clone(),
+    };
+    let cache = CacheSettings {
+        allow_ttl: config.auth_cache_allow_ttl,
+        deny_ttl: config.auth_cache_deny_ttl,
+        max_entries: config.auth_cache_size,
+    };
+    Ok(PlatformAuth::new(&clients, &channels, cache)?)
 }
 
 fn event_sink(url: Option<&str>) -> Result<Box<dyn EventSink>, StartError> {

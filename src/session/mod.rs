@@ -802,9 +802,13 @@ impl Relay<'_> {
                 if self.topic_cache.len() >= TOPIC_CACHE_SIZE {
                     self.topic_cache.clear();
                 }
-                // A copy: the frame's bytes would pin the whole read buffer they came in.
-                self.topic_cache
-                    .insert(Bytes::copy_from_slice(&publish.topic), d.clone());
+                // A denial may come from an auth service that is briefly unavailable: it is
+                // asked again next time (the auth backends cache their real answers). The key
+                // is a copy: the frame's bytes would pin the whole read buffer they came in.
+                if !matches!(d, Err(Refusal::Denied)) {
+                    self.topic_cache
+                        .insert(Bytes::copy_from_slice(&publish.topic), d.clone());
+                }
                 d
             }
         };

@@ -180,6 +180,12 @@ impl Adapter {
         Adapter::launch(Some(clients_toml), extra_env).await
     }
 
+    /// Starts the adapter with no clients file and extra environment variables (e.g. the
+    /// `supermq` auth backend, which needs none).
+    pub async fn start_without_clients_file(extra_env: &[(&str, &str)]) -> Adapter {
+        Adapter::launch(None, extra_env).await
+    }
+
     /// Starts the adapter with no clients file: the built-in demo registry.
     pub async fn start_demo() -> Adapter {
         Adapter::launch(None, &[]).await

@@ -3,7 +3,9 @@
 
 pub mod adapter;
 pub mod clients;
+pub mod nats;
 pub mod ops;
+pub mod platform;
 pub mod raw;
 
 pub use adapter::{

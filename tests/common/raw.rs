@@ -264,7 +264,7 @@ impl Packet {
     }
 }
 
-fn read_varint(bytes: &[u8]) -> Option<(usize, usize)> {
+pub fn read_varint(bytes: &[u8]) -> Option<(usize, usize)> {
     let mut value = 0usize;
     for (i, byte) in bytes.iter().take(4).enumerate() {
         value |= ((byte & 0x7F) as usize) << (7 * i);
@@ -300,6 +300,11 @@ impl RawClient {
             stream,
             buf: Vec::new(),
         }
+    }
+
+    /// The socket itself, for a caller that reads or writes in bulk (benchmarks).
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
     }
 
     /// Opens a socket, sends `connect` and returns the CONNACK code with the client.
