@@ -68,6 +68,21 @@ pub struct Config {
     /// Seconds a shutdown waits for sessions to close and events to flush.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,
+
+    /// Directory for the event spool and the session journal (used when SMQ_ES_URL is set);
+    /// one adapter process per directory.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Largest size in bytes of the on-disk event spool; when full, the oldest events are
+    /// dropped (counted and logged).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_SPOOL_SIZE", default_value_t = 256 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub event_spool_size: u64,
+
+    /// Adds `reason` to `disconnect` events and `remote_addr`, `protocol_version`,
+    /// `mqtt_client_id` to `connect` events (off: exactly the seed's four fields).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_DETAILS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub event_details: bool,
 }
 
 impl Config {
@@ -96,6 +111,8 @@ mod tests {
         assert_eq!(config.instance, "");
         assert_eq!(config.auth, AuthBackend::Static);
         assert_eq!(config.connect_timeout(), Duration::from_secs(10));
+        assert_eq!(config.data_dir, PathBuf::from("./data"));
+        assert!(!config.event_details);
     }
 
     #[test]

@@ -14,8 +14,12 @@ use crate::auth::static_registry::RegistryError;
 use crate::auth::StaticRegistry;
 use crate::broker::{Broker, BrokerConfig};
 use crate::config::{AuthBackend, Config};
-use crate::events::{EventSink, Outbox, StdoutSink};
-use crate::hooks::{ConnectionEvents, Hooks};
+use crate::events::store::is_external;
+use crate::events::{
+    event_sink, ConnectionEvent, DataDir, DataDirError, EventClock, EventDetails, EventType,
+    Outbox, SessionJournal, Spool, StoreUrlError,
+};
+use crate::hooks::{ConnectionEvents, DisconnectReason, Hooks};
 use crate::listener;
 use crate::session::registry::SessionRegistry;
 use crate::session::SessionContext;
@@ -32,7 +36,9 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("SMQ_ES_URL: {0}")]
-    EventStore(String),
+    EventStore(#[from] StoreUrlError),
+    #[error("SMQ_MQTT_ADAPTER_DATA_DIR: {0}")]
+    DataDir(#[from] DataDirError),
     #[error("SMQ_MQTT_ADAPTER_AUTH: {0}")]
     Auth(String),
 }
@@ -47,6 +53,8 @@ pub struct Server {
     outbox_task: JoinHandle<()>,
     shutdown_timeout: Duration,
     demo_registry: bool,
+    /// Holds the data directory's lock while the adapter runs (external event stores only).
+    _data_dir: Option<DataDir>,
 }
 
 impl Server {
@@ -64,10 +72,26 @@ impl Server {
         let registry = Arc::new(registry);
 
         let sink = event_sink(config.es_url.as_deref())?;
-        let (outbox, outbox_task) = Outbox::start(sink, config.event_buffer as usize);
-        let hooks = Hooks::new(registry.clone(), registry).with_observer(Arc::new(
-            ConnectionEvents::new(outbox.clone(), config.instance.clone()),
+        let buffer = config.event_buffer as usize;
+        // An external store gets the disk spool and the session journal; stdout has no one to
+        // redeliver to after a restart, so it keeps events in memory only.
+        let (outbox, outbox_task, journal, data_dir) = if is_external(config.es_url.as_deref()) {
+            let data_dir = DataDir::open(&config.data_dir)?;
+            let mut spool = Spool::open(&data_dir, config.event_spool_size)?;
+            let journal = recover_sessions(&data_dir, &mut spool, config)?;
+            let (outbox, task) = Outbox::start_with_spool(sink, buffer, spool);
+            (outbox, task, Some(journal), Some(data_dir))
+        } else {
+            let (outbox, task) = Outbox::start(sink, buffer);
+            (outbox, task, None, None)
+        };
+        let mut hooks = Hooks::new(registry.clone(), registry).with_observer(Arc::new(
+            ConnectionEvents::new(outbox.clone(), config.instance.clone())
+                .with_details(config.event_details),
         ));
+        if let Some(journal) = journal {
+            hooks = hooks.with_observer(Arc::new(journal));
+        }
 
         let addr = SocketAddr::new(config.host, config.mqtt_port);
         let listener = TcpListener::bind(addr)
@@ -107,6 +131,7 @@ impl Server {
             outbox_task,
             shutdown_timeout: config.shutdown_timeout(),
             demo_registry,
+            _data_dir: data_dir,
         })
     }
 
@@ -144,18 +169,54 @@ impl Server {
         }
         drop(self.outbox);
         drop(self.ctx);
-        if flushed {
-            let _ = self.outbox_task.await;
+        // With every sender gone the outbox saves what is undelivered to the spool and ends;
+        // that is file I/O only, so a short bound suffices.
+        if tokio::time::timeout(Duration::from_secs(5), self.outbox_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the event outbox did not finish saving undelivered events");
         }
         sessions_done && flushed
     }
 }
 
-fn event_sink(url: Option<&str>) -> Result<Box<dyn EventSink>, StartError> {
-    match url {
-        None | Some("") => Ok(Box::new(StdoutSink::new())),
-        Some(url) => Err(StartError::EventStore(format!(
-            "{url:?}: no event store of this kind is available in this build (leave SMQ_ES_URL unset for stdout)"
-        ))),
+/// Reads the session journal; every session the previous run left open (it was killed) gets
+/// its `disconnect`, written to the spool before the journal forgets it, so the event survives
+/// even another crash. Runs before the listener accepts anything.
+fn recover_sessions(
+    data_dir: &DataDir,
+    spool: &mut Spool,
+    config: &Config,
+) -> Result<SessionJournal, DataDirError> {
+    let (journal, orphans) = SessionJournal::open(data_dir)?;
+    if orphans.is_empty() {
+        return Ok(journal);
     }
+    let clock = EventClock::default();
+    let details = EventDetails {
+        reason: config
+            .event_details
+            .then(|| DisconnectReason::CrashRecovery.as_str().to_owned()),
+        ..EventDetails::default()
+    };
+    let events: Vec<ConnectionEvent> = orphans
+        .iter()
+        .map(|orphan| ConnectionEvent {
+            client_id: orphan.client_id.clone(),
+            event_type: EventType::Disconnect,
+            instance: config.instance.clone(),
+            occurred_at: clock.now(),
+            details: details.clone(),
+        })
+        .collect();
+    spool
+        .append(&events)
+        .map_err(|e| DataDirError::io(data_dir.path(), e))?;
+    tracing::warn!(
+        sessions = events.len(),
+        "the previous run ended without closing its sessions (crash or kill): their disconnect events are queued"
+    );
+    journal.forget_orphans()?;
+    Ok(journal)
 }
