@@ -25,7 +25,7 @@ pub struct Spool {
     /// Byte offset of the oldest undelivered event.
     head: u64,
     /// File length (the next append goes here).
-    len: u64,
+    file_len: u64,
     /// Live events (between `head` and `len`).
     count: u64,
     max_bytes: u64,
@@ -78,7 +78,7 @@ impl Spool {
             offset_path,
             file,
             head,
-            len: complete as u64,
+            file_len: complete as u64,
             count,
             max_bytes: max_bytes.max(1),
         })
@@ -105,10 +105,10 @@ impl Spool {
             text.push(b'\n');
         }
         self.file.write_all(&text)?;
-        self.len += text.len() as u64;
+        self.file_len += text.len() as u64;
         self.count += events.len() as u64;
         let mut dropped = 0;
-        if self.len - self.head > self.max_bytes {
+        if self.file_len - self.head > self.max_bytes {
             dropped = self.drop_oldest()?;
         }
         Ok(dropped)
@@ -128,7 +128,7 @@ impl Spool {
         text.extend_from_slice(&self.live_bytes()?);
         self.count += events.len() as u64;
         self.rewrite(&text)?;
-        if self.len > self.max_bytes {
+        if self.file_len > self.max_bytes {
             return self.drop_oldest();
         }
         Ok(0)
@@ -142,7 +142,7 @@ impl Spool {
         let mut lines = 0;
         let mut end = self.head;
         let mut line = String::new();
-        while events.len() < max && end < self.len {
+        while events.len() < max && end < self.file_len {
             line.clear();
             let n = reader.read_line(&mut line)?;
             if n == 0 {
@@ -179,17 +179,17 @@ impl Spool {
             reader.take(batch.end - self.head).read_to_end(&mut range)?;
             range.iter().filter(|&&b| b == b'\n').count() as u64
         };
-        self.head = self.head.max(batch.end).min(self.len);
+        self.head = self.head.max(batch.end).min(self.file_len);
         self.count = self.count.saturating_sub(consumed);
         self.sync_head()?;
         Ok(consumed)
     }
 
     fn sync_head(&mut self) -> std::io::Result<()> {
-        if self.head == self.len {
+        if self.head == self.file_len {
             self.file.set_len(0)?;
             self.head = 0;
-            self.len = 0;
+            self.file_len = 0;
             self.count = 0;
         } else if self.head > self.max_bytes / 2 + (1 << 20) {
             let live = self.live_bytes()?;
@@ -199,10 +199,12 @@ impl Spool {
     }
 
     fn live_bytes(&mut self) -> std::io::Result<Vec<u8>> {
-        let mut live = Vec::with_capacity((self.len - self.head) as usize);
+        let mut live = Vec::with_capacity((self.file_len - self.head) as usize);
         let mut reader = &self.file;
         reader.seek(SeekFrom::Start(self.head))?;
-        reader.take(self.len - self.head).read_to_end(&mut live)?;
+        reader
+            .take(self.file_len - self.head)
+            .read_to_end(&mut live)?;
         Ok(live)
     }
 
@@ -216,7 +218,7 @@ impl Spool {
             .append(true)
             .open(&self.path)?;
         self.head = 0;
-        self.len = text.len() as u64;
+        self.file_len = text.len() as u64;
         self.write_offset()
     }
 
@@ -226,7 +228,7 @@ impl Spool {
         reader.seek(SeekFrom::Start(self.head))?;
         let mut dropped = 0;
         let mut line = Vec::new();
-        while self.len - self.head > self.max_bytes {
+        while self.file_len - self.head > self.max_bytes {
             line.clear();
             let n = reader.read_until(b'\n', &mut line)?;
             if n == 0 {

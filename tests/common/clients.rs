@@ -448,6 +448,7 @@ impl MosquittoSub {
 }
 
 /// Runs `mosquitto_pub` once and asserts it succeeded.
+#[allow(clippy::too_many_arguments)]
 pub async fn mosquitto_pub(
     port: u16,
     version: &str,
