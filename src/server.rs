@@ -2,6 +2,7 @@
 //! and shuts it down in order: stop accepting, end every session, flush events.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,13 +86,15 @@ impl Server {
             let (outbox, task) = Outbox::start(sink, buffer);
             (outbox, task, None, None)
         };
-        let mut hooks = Hooks::new(registry.clone(), registry).with_observer(Arc::new(
-            ConnectionEvents::new(outbox.clone(), config.instance.clone())
-                .with_details(config.event_details),
-        ));
+        let mut hooks = Hooks::new(registry.clone(), registry);
+        // The journal observes first: once a `connect` is in the store, its session is on disk.
         if let Some(journal) = journal {
             hooks = hooks.with_observer(Arc::new(journal));
         }
+        hooks = hooks.with_observer(Arc::new(
+            ConnectionEvents::new(outbox.clone(), config.instance.clone())
+                .with_details(config.event_details),
+        ));
 
         let addr = SocketAddr::new(config.host, config.mqtt_port);
         let listener = TcpListener::bind(addr)
@@ -167,17 +170,26 @@ impl Server {
         if !flushed {
             tracing::warn!("events still pending at the shutdown deadline");
         }
+        let stats = self.outbox.stats();
         drop(self.outbox);
         drop(self.ctx);
         // With every sender gone the outbox saves what is undelivered to the spool and ends;
         // that is file I/O only, so a short bound suffices.
-        if tokio::time::timeout(Duration::from_secs(5), self.outbox_task)
+        let ended = tokio::time::timeout(Duration::from_secs(5), self.outbox_task)
             .await
-            .is_err()
-        {
-            tracing::warn!("the event outbox did not finish saving undelivered events");
+            .is_ok();
+        // Events saved to the spool are delivered by the next start: nothing is lost.
+        let saved =
+            ended && stats.pending.load(Ordering::Relaxed) == stats.spooled.load(Ordering::Relaxed);
+        if !flushed && saved {
+            tracing::info!(
+                events = stats.spooled.load(Ordering::Relaxed),
+                "event store unreachable: undelivered events stay in the spool for the next start"
+            );
+        } else if !saved {
+            tracing::warn!("the event outbox did not finish: undelivered events are lost");
         }
-        sessions_done && flushed
+        sessions_done && (flushed || saved)
     }
 }
 

@@ -115,8 +115,23 @@ impl EventSink for JetStreamSink {
             // Send the whole batch, then collect the acks: one round trip per batch.
             let mut acks = Vec::with_capacity(batch.len());
             for event in batch {
+                // A retried batch may repeat messages the server already stored (the client
+                // resends its buffer after a reconnect): the message id lets JetStream drop them
+                // within its duplicate window.
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(
+                    "Nats-Msg-Id",
+                    format!(
+                        "{}/{}/{}/{}",
+                        event.instance,
+                        event.client_id,
+                        event.event_type.as_str(),
+                        event.occurred_at
+                    )
+                    .as_str(),
+                );
                 let ack = js
-                    .publish(self.subject.clone(), event.to_json().into())
+                    .publish_with_headers(self.subject.clone(), headers, event.to_json().into())
                     .await
                     .map_err(Self::error)?;
                 acks.push(ack);

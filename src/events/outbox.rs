@@ -325,16 +325,23 @@ impl Queue {
                     );
                     if dropped > 0 {
                         tracing::warn!(events = dropped, "event spool full, oldest events dropped");
+                        self.count_dropped(dropped);
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, events = n,
-                    "cannot save undelivered events to the spool; they are lost"),
+                Err(e) => {
+                    tracing::warn!(error = %e, events = n,
+                        "cannot save undelivered events to the spool; they are lost");
+                    self.count_dropped(n as u64);
+                }
             },
             None => tracing::warn!(
                 events = n,
                 "event store unreachable at shutdown: events lost"
             ),
         }
+        self.stats
+            .spooled
+            .store(self.spool_len(), Ordering::Relaxed);
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod clients;
 pub mod raw;
+pub mod stores;
 
 pub use adapter::{
     adapter_command, assert_paired, assert_session, free_port, run_to_exit, Adapter, Event, WAIT,
