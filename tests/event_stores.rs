@@ -29,14 +29,14 @@ fn devices_file(n: usize) -> String {
 async fn connect_device(port: u16, i: usize) -> RawClient {
     let id = format!("dev-{i}");
     let secret = format!("s-{i}");
-    let version = if i % 2 == 0 { V311 } else { V5 };
+    let version = if i.is_multiple_of(2) { V311 } else { V5 };
     RawClient::connect_ok(port, &Connect::new(version, &id, &id, &secret)).await
 }
 
 /// Connects and cleanly disconnects devices `range`, one after the other.
 async fn short_sessions(port: u16, range: std::ops::Range<usize>) {
     for i in range {
-        let version = if i % 2 == 0 { V311 } else { V5 };
+        let version = if i.is_multiple_of(2) { V311 } else { V5 };
         let mut device = connect_device(port, i).await;
         device.send(&raw::disconnect(version)).await;
         device.expect_closed().await;
@@ -280,7 +280,7 @@ async fn kill_9_leaves_no_phantom_sessions() {
         let i: usize = e.event.client_id["dev-".len()..]
             .parse()
             .expect("device number");
-        let version = if i % 2 == 0 { "3.1.1" } else { "5" };
+        let version = if i.is_multiple_of(2) { "3.1.1" } else { "5" };
         assert_eq!(e.extra["protocol_version"], version, "{e:?}");
         assert_eq!(e.extra["mqtt_client_id"], e.event.client_id);
     }
