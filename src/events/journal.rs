@@ -85,13 +85,18 @@ impl SessionJournal {
                 client_id: client_id.clone(),
             })
             .collect();
+        let mut state = JournalState {
+            path,
+            file,
+            open,
+            records: 0,
+        };
+        // Rewriting drops a torn last line, which the next record would otherwise extend.
+        state
+            .compact()
+            .map_err(|e| DataDirError::io(&state.path, e))?;
         let journal = SessionJournal {
-            state: Mutex::new(JournalState {
-                path,
-                file,
-                open,
-                records: 0,
-            }),
+            state: Mutex::new(state),
         };
         Ok((journal, orphans))
     }
@@ -173,5 +178,62 @@ impl SessionObserver for SessionJournal {
         self.append(Record::Close {
             key: Self::key(session),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Identity;
+    use crate::session::codec::ProtocolVersion;
+
+    fn session(client: &str, port: u16) -> SessionInfo {
+        SessionInfo {
+            identity: Identity {
+                client_id: client.into(),
+                anonymous: false,
+            },
+            mqtt_client_id: format!("{client}-dev"),
+            version: ProtocolVersion::V311,
+            peer: ([127, 0, 0, 1], port).into(),
+        }
+    }
+
+    #[test]
+    fn sessions_open_at_a_crash_are_reported_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = DataDir::open(dir.path()).expect("data dir");
+        let (journal, orphans) = SessionJournal::open(&data).expect("open");
+        assert!(orphans.is_empty());
+        let (a, b, c) = (session("a", 1), session("b", 2), session("c", 3));
+        journal.on_connected(&a);
+        journal.on_connected(&b);
+        journal.on_connected(&c);
+        journal.on_disconnected(&b, DisconnectReason::ClientDisconnect);
+        // A torn record, as a crash mid-write leaves it.
+        {
+            let mut state = journal.lock();
+            state
+                .file
+                .write_all(br#"{"open":{"key":"x"#)
+                .expect("torn write");
+        }
+        drop(journal);
+
+        let (journal, orphans) = SessionJournal::open(&data).expect("reopen");
+        let ids: Vec<&str> = orphans.iter().map(|o| o.client_id.as_str()).collect();
+        assert_eq!(ids, ["a", "c"]);
+        // Records written after the torn line are still read.
+        let d = session("d", 4);
+        journal.on_connected(&d);
+        drop(journal);
+        let (journal, orphans) = SessionJournal::open(&data).expect("reopen");
+        let mut ids: Vec<&str> = orphans.iter().map(|o| o.client_id.as_str()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["a", "c", "d"]);
+        journal.forget_orphans().expect("forget");
+        drop(journal);
+        let (_journal, orphans) = SessionJournal::open(&data).expect("reopen again");
+        assert!(orphans.is_empty(), "{orphans:?}");
     }
 }
