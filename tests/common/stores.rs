@@ -237,6 +237,37 @@ impl StoreServer {
         Ok(events)
     }
 
+    /// How many events are stored (cheap: `XLEN`, or the stream's message count).
+    pub async fn count(&self) -> Result<u64, String> {
+        match self.kind {
+            StoreKind::Redis => {
+                let client = redis::Client::open(self.url()).map_err(|e| e.to_string())?;
+                let mut conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                redis::cmd("XLEN")
+                    .arg("supermq.mqtt")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            StoreKind::Nats => {
+                let client = async_nats::connect(self.url())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let js = async_nats::jetstream::new(client);
+                let mut stream = js.get_stream("events").await.map_err(|e| e.to_string())?;
+                Ok(stream
+                    .info()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .state
+                    .messages)
+            }
+        }
+    }
+
     /// Everything stored so far, in stream order.
     pub async fn entries(&self) -> Result<Vec<StoredEvent>, String> {
         match self.kind {
@@ -345,6 +376,21 @@ impl AmqpQueue {
         AmqpQueue {
             _conn: conn,
             consumer,
+        }
+    }
+
+    /// Waits for `n` events of `instance` without parsing more than their instance.
+    pub async fn count_until(&mut self, instance: &str, n: usize) {
+        let mut got = 0;
+        while got < n {
+            let delivery = tokio::time::timeout(STORE_WAIT, self.consumer.next())
+                .await
+                .unwrap_or_else(|_| panic!("only {got} of {n} events from RabbitMQ"))
+                .expect("consumer stream ended")
+                .expect("delivery");
+            if StoredEvent::from_json(&delivery.data).event.instance == instance {
+                got += 1;
+            }
         }
     }
 
