@@ -131,7 +131,10 @@ struct Queue {
     done: u64,
     waiters: Vec<(u64, oneshot::Sender<()>)>,
     stats: Arc<OutboxStats>,
+    /// Whether the memory queue overflowed (into the spool, or dropped without one) and the
+    /// spool dropped its oldest, since the queue was last empty: each is logged once.
     spilling: bool,
+    spool_full: bool,
 }
 
 impl Queue {
@@ -155,6 +158,7 @@ impl Queue {
             waiters: Vec::new(),
             stats,
             spilling: false,
+            spool_full: false,
         }
     }
 
@@ -189,7 +193,12 @@ impl Queue {
     fn spill(&mut self, events: Vec<ConnectionEvent>) {
         let n = events.len() as u64;
         let Some(spool) = self.spool.as_mut() else {
-            tracing::warn!(events = n, "event buffer full, events dropped");
+            if !self.spilling {
+                self.spilling = true;
+                tracing::warn!(
+                    "event buffer full: events are dropped (and counted) until the store catches up"
+                );
+            }
             self.count_dropped(n);
             return;
         };
@@ -202,7 +211,13 @@ impl Queue {
         match spool.append(&events) {
             Ok(0) => {}
             Ok(dropped) => {
-                tracing::warn!(events = dropped, "event spool full, oldest events dropped");
+                if !self.spool_full {
+                    self.spool_full = true;
+                    tracing::warn!(
+                        events = dropped,
+                        "event spool full: the oldest events are dropped (and counted) until the store catches up"
+                    );
+                }
                 self.count_dropped(dropped);
             }
             Err(e) => {
@@ -253,6 +268,10 @@ impl Queue {
                 self.in_flight = 0;
                 self.done += n;
                 self.stats.pending.fetch_sub(n, Ordering::Relaxed);
+                if self.memory.is_empty() && self.spool_len() == 0 {
+                    self.spilling = false;
+                    self.spool_full = false;
+                }
             }
             Source::Spool(spooled) => {
                 let spool = self.spool.as_mut().expect("a spool batch has a spool");
@@ -269,6 +288,7 @@ impl Queue {
                     .store(self.spool_len(), Ordering::Relaxed);
                 if self.spool_len() == 0 && self.spilling {
                     self.spilling = false;
+                    self.spool_full = false;
                     tracing::info!("event spool drained");
                 }
             }
