@@ -331,3 +331,38 @@ async fn unusable_event_store_urls_stop_startup_with_one_line() {
         assert!(lines[0].contains("SMQ_ES_URL"), "{url}: {stderr:?}");
     }
 }
+
+/// An existing `events` stream that does not cover `events.supermq.mqtt` is reported clearly
+/// (events cannot be stored there) instead of being silently changed.
+#[tokio::test]
+async fn nats_stream_not_covering_the_subject_is_reported() {
+    let store = StoreServer::start(StoreKind::Nats).await;
+    let client = async_nats::connect(store.url())
+        .await
+        .expect("connect NATS");
+    async_nats::jetstream::new(client)
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "events".into(),
+            subjects: vec!["other.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+    let url = store.url();
+    let adapter = Adapter::start_with(CLIENTS, &[("SMQ_ES_URL", url.as_str())]).await;
+    let device = V4Client::connect(adapter.port, "uncovered", "c1", "s1").await;
+    device.disconnect().await;
+
+    let deadline = std::time::Instant::now() + common::stores::STORE_WAIT;
+    while !adapter
+        .stderr()
+        .contains("does not cover the events subject")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no log line about the stream's subjects: {}",
+            adapter.stderr_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
