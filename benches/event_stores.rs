@@ -10,7 +10,8 @@
 //!   latency must match the store-up figure, then the replay rate once the store is back.
 //!
 //! Knobs (environment): BENCH_SESSIONS (default 5000), BENCH_CONCURRENCY (50),
-//! BENCH_STORES (redis,nats,amqp).
+//! BENCH_STORES (redis,nats,amqp), BENCH_EVENT_BUFFER (the adapter's memory queue in the
+//! store-down run; small values make the events pass through the disk spool).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -146,10 +147,12 @@ async fn bench_store(kind: StoreKind, sessions: usize, concurrency: usize) {
     store.stop();
     let url = store.url();
     let data_dir = data.path().join("down").to_string_lossy().into_owned();
+    let buffer = knob("BENCH_EVENT_BUFFER", 100_000).to_string();
     let env = [
         ("SMQ_ES_URL", url.as_str()),
         ("SMQ_MQTT_ADAPTER_DATA_DIR", data_dir.as_str()),
         ("SMQ_MQTT_ADAPTER_LOG_LEVEL", "error"),
+        ("SMQ_MQTT_ADAPTER_EVENT_BUFFER", buffer.as_str()),
     ];
     let adapter = Adapter::start_with(CLIENTS, &env).await;
     let down = storm(adapter.port, sessions, concurrency).await;
