@@ -1,7 +1,7 @@
 //! The outbox between sessions and the event store, shared by every sink. Sessions hand events
 //! over without waiting (a bounded intake channel); one task keeps them in order in a bounded
-//! memory queue that spills to the on-disk [`Spool`] while the store is down, and delivers them
-//! oldest first, retrying each batch with backoff until the store acknowledges it.
+//! memory queue that spills to the on-disk [`Spool`] when it is full or the store is down, and
+//! delivers them oldest first, retrying each batch with backoff until the store acknowledges it.
 //!
 //! Order: every event in memory is older than every event in the spool (once the spool holds
 //! anything, new events go behind it until it is drained), so delivering memory first, then the
@@ -135,6 +135,8 @@ struct Queue {
     /// spool dropped its oldest, since the queue was last empty: each is logged once.
     spilling: bool,
     spool_full: bool,
+    /// The last delivery attempt failed.
+    store_down: bool,
 }
 
 impl Queue {
@@ -159,6 +161,7 @@ impl Queue {
             stats,
             spilling: false,
             spool_full: false,
+            store_down: false,
         }
     }
 
@@ -176,7 +179,10 @@ impl Queue {
                 Item::Event(event) => {
                     self.queued += 1;
                     let room = self.memory.len() + self.in_flight < self.capacity;
-                    if overflow.is_empty() && room && self.spool_len() == 0 {
+                    // During an outage new events go to disk (when there is a spool), so a
+                    // crash then loses at most what was in memory when the store failed.
+                    let to_memory = room && !(self.store_down && self.spool.is_some());
+                    if overflow.is_empty() && to_memory && self.spool_len() == 0 {
                         self.memory.push_back(event);
                     } else {
                         overflow.push(event);
@@ -204,9 +210,7 @@ impl Queue {
         };
         if !self.spilling {
             self.spilling = true;
-            tracing::warn!(
-                "event store is behind and the memory queue is full: spooling events to disk"
-            );
+            tracing::warn!("event store unreachable or behind: spooling events to disk");
         }
         match spool.append(&events) {
             Ok(0) => {}
@@ -402,10 +406,12 @@ async fn drain(mut sink: Box<dyn EventSink>, mut rx: mpsc::Receiver<Item>, mut q
                 return;
             }
             Some(Ok(())) => {
+                queue.store_down = false;
                 backoff = RETRY_MIN;
                 queue.delivered(batch);
             }
             Some(Err(e)) => {
+                queue.store_down = true;
                 tracing::warn!(store = sink.name(), error = %e, retry_in = ?backoff,
                     events = batch.events.len(), "event store did not take events, retrying");
                 let pause = tokio::time::sleep(backoff);
@@ -559,5 +565,36 @@ mod tests {
         assert!(outbox.flush(Duration::from_secs(60)).await);
         let order: Vec<i64> = got.lock().unwrap().iter().map(|e| e.occurred_at).collect();
         assert_eq!(order, (0..12).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn during_an_outage_new_events_go_to_disk() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = DataDir::open(dir.path()).expect("data dir");
+        let spool = Spool::open(&data, 1 << 20).expect("spool");
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = FlakySink {
+            failures: 3,
+            got: got.clone(),
+        };
+        let (outbox, _task) = Outbox::start_with_spool(Box::new(sink), 1000, spool);
+        outbox.emit(event(0));
+        // The first attempt fails at once; the drain task then waits out its backoff, and the
+        // paused clock does not move while this task keeps yielding.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        for i in 1..=10 {
+            outbox.emit(event(i));
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            outbox.stats().spooled.load(Ordering::Relaxed),
+            10,
+            "events emitted while the store is down are on disk despite room in memory"
+        );
+        assert!(outbox.flush(Duration::from_secs(60)).await);
+        let order: Vec<i64> = got.lock().unwrap().iter().map(|e| e.occurred_at).collect();
+        assert_eq!(order, (0..=10).collect::<Vec<_>>());
     }
 }
