@@ -135,6 +135,7 @@ async fn bench_store(kind: StoreKind, sessions: usize, concurrency: usize) {
         ("SMQ_ES_URL", url.as_str()),
         ("SMQ_MQTT_ADAPTER_DATA_DIR", data_dir.as_str()),
         ("SMQ_MQTT_ADAPTER_LOG_LEVEL", "warn"),
+        ("SMQ_MQTT_ADAPTER_CONNECT_RATE_PER_IP", "0"),
     ];
     let adapter = Adapter::start_with(CLIENTS, &env).await;
     let up = storm(adapter.port, sessions, concurrency).await;
@@ -152,6 +153,7 @@ async fn bench_store(kind: StoreKind, sessions: usize, concurrency: usize) {
         ("SMQ_ES_URL", url.as_str()),
         ("SMQ_MQTT_ADAPTER_DATA_DIR", data_dir.as_str()),
         ("SMQ_MQTT_ADAPTER_LOG_LEVEL", "error"),
+        ("SMQ_MQTT_ADAPTER_CONNECT_RATE_PER_IP", "0"),
         ("SMQ_MQTT_ADAPTER_EVENT_BUFFER", buffer.as_str()),
     ];
     let adapter = Adapter::start_with(CLIENTS, &env).await;
@@ -181,6 +183,7 @@ async fn bench_amqp(sessions: usize, concurrency: usize) {
         ("SMQ_MQTT_ADAPTER_DATA_DIR", data_dir.as_str()),
         ("SMQ_MQTT_ADAPTER_INSTANCE", instance.as_str()),
         ("SMQ_MQTT_ADAPTER_LOG_LEVEL", "warn"),
+        ("SMQ_MQTT_ADAPTER_CONNECT_RATE_PER_IP", "0"),
     ];
     let mut adapter = Adapter::start_with(CLIENTS, &env).await;
     let up = storm(adapter.port, sessions, concurrency).await;

@@ -5,7 +5,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{CommandFactory, Parser, ValueEnum};
 
 /// Which backend authenticates CONNECTs and authorizes channel access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -83,6 +84,69 @@ pub struct Config {
     /// `mqtt_client_id` to `connect` events (off: exactly the seed's four fields).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_DETAILS", default_value_t = false, action = clap::ArgAction::Set)]
     pub event_details: bool,
+
+    /// MQTT over TLS port (opened only when the server certificate and key are set).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MQTTS_PORT", default_value_t = 8883)]
+    pub mqtts_port: u16,
+
+    /// MQTT over WebSocket port (path /mqtt, subprotocol mqtt).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_WS_PORT", default_value_t = 8080)]
+    pub ws_port: u16,
+
+    /// MQTT over secure WebSocket port (opened only when the server certificate and key are set).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_WSS_PORT", default_value_t = 8084)]
+    pub wss_port: u16,
+
+    /// HTTP port of /health and /metrics.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_HTTP_PORT", default_value_t = 9090)]
+    pub http_port: u16,
+
+    /// Server certificate chain (PEM) for the TLS listeners.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_SERVER_CERT")]
+    pub server_cert: Option<PathBuf>,
+
+    /// Server private key (PEM) for the TLS listeners.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_SERVER_KEY")]
+    pub server_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign client certificates; set: TLS clients must present one (mTLS).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_CLIENT_CA_CERTS")]
+    pub client_ca_certs: Option<PathBuf>,
+
+    /// Refuse a TLS CONNECT whose username differs from its client certificate's common name.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_CERT_CN_AS_USERNAME", default_value_t = false, action = clap::ArgAction::Set)]
+    pub cert_cn_as_username: bool,
+
+    /// Seconds a TLS or WebSocket handshake may take.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_HANDSHAKE_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout: u64,
+
+    /// Concurrent MQTT sessions; beyond it CONNECT gets 0x03 (3.1.1) / 0x97 (5).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_CONNECTIONS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// QoS 1/2 PUBLISHes a device may have unacknowledged (MQTT 5 receive maximum); beyond it the
+    /// session is closed (MQTT 5: DISCONNECT 0x93).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_INFLIGHT", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_inflight: u16,
+
+    /// New connections per second from one IP address (token bucket, burst of the same size); 0: unlimited.
+    #[arg(
+        long,
+        env = "SMQ_MQTT_ADAPTER_CONNECT_RATE_PER_IP",
+        default_value_t = 1000
+    )]
+    pub connect_rate_per_ip: u32,
+
+    /// PUBLISH packets per second from one session (token bucket, burst of the same size); beyond it
+    /// the session is closed (MQTT 5: DISCONNECT 0x96). 0: unlimited.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_PUBLISH_RATE", default_value_t = 1000)]
+    pub publish_rate: u32,
+
+    /// Seconds /health reports 503 before sessions are closed on SIGTERM, so load balancers stop
+    /// sending new devices first; a second signal ends the wait.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_DRAIN_GRACE", default_value_t = 0)]
+    pub drain_grace: u64,
 }
 
 impl Config {
@@ -94,10 +158,67 @@ impl Config {
         Duration::from_secs(self.shutdown_timeout)
     }
 
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout)
+    }
+
+    pub fn drain_grace(&self) -> Duration {
+        Duration::from_secs(self.drain_grace)
+    }
+
+    /// Parses flags and environment; a bad value becomes one line naming both the variable and
+    /// the flag (clap alone names only the flag, even when the value came from the environment).
+    pub fn from_env_and_args() -> Result<Self, clap::Error> {
+        Config::try_parse().map_err(name_the_variable)
+    }
+
     /// A configuration with every default, for embedding the server in tests and tools.
     pub fn defaults() -> Self {
         Config::parse_from(["mqtt-adapter"])
     }
+}
+
+fn name_the_variable(err: clap::Error) -> clap::Error {
+    if !matches!(
+        err.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return err;
+    }
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return err;
+    };
+    let long = arg
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("--");
+    let command = Config::command();
+    let Some(env) = command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+    else {
+        return err;
+    };
+    let value = match err.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(v)) => v.clone(),
+        _ => String::new(),
+    };
+    let text = err.to_string();
+    let reason = text
+        .lines()
+        .next()
+        .and_then(|l| l.rsplit_once(": "))
+        .map(|(_, r)| r.to_owned())
+        .unwrap_or_default();
+    clap::Error::raw(
+        err.kind(),
+        format!(
+            "{} (--{long}): invalid value {value:?}: {reason}\n",
+            env.to_string_lossy()
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -113,11 +234,21 @@ mod tests {
         assert_eq!(config.connect_timeout(), Duration::from_secs(10));
         assert_eq!(config.data_dir, PathBuf::from("./data"));
         assert!(!config.event_details);
+        assert_eq!(
+            (config.mqtts_port, config.ws_port, config.http_port),
+            (8883, 8080, 9090)
+        );
+        assert!(config.server_cert.is_none() && !config.cert_cn_as_username);
     }
 
     #[test]
-    fn bad_port_names_the_flag() {
+    fn bad_port_names_the_variable_and_the_flag() {
         let err = Config::try_parse_from(["mqtt-adapter", "--mqtt-port", "99999"]).unwrap_err();
-        assert!(err.to_string().contains("--mqtt-port"), "{err}");
+        let line = name_the_variable(err).to_string();
+        assert!(
+            line.contains("SMQ_MQTT_ADAPTER_MQTT_PORT (--mqtt-port)"),
+            "{line}"
+        );
+        assert!(line.contains("99999"), "{line}");
     }
 }

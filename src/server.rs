@@ -2,6 +2,7 @@
 //! and shuts it down in order: stop accepting, end every session, flush events.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +22,11 @@ use crate::events::{
     Outbox, SessionJournal, Spool, StoreUrlError,
 };
 use crate::hooks::{ConnectionEvents, DisconnectReason, Hooks};
-use crate::listener;
+use crate::http::{self, Health, Phase};
+use crate::listener::tls::{self, TlsConfigError};
+use crate::listener::{self, Accepting, ConnectRate, Transport};
+use crate::metrics::{Metrics, TimedAuthenticator};
+use crate::session::limits::Limits;
 use crate::session::registry::SessionRegistry;
 use crate::session::SessionContext;
 
@@ -42,6 +47,8 @@ pub enum StartError {
     DataDir(#[from] DataDirError),
     #[error("SMQ_MQTT_ADAPTER_AUTH: {0}")]
     Auth(String),
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
 }
 
 /// A running adapter.
@@ -56,6 +63,20 @@ pub struct Server {
     demo_registry: bool,
     /// Holds the data directory's lock while the adapter runs (external event stores only).
     _data_dir: Option<DataDir>,
+    addrs: ListenerAddrs,
+    health: Arc<Health>,
+    http_stop: CancellationToken,
+    http_task: JoinHandle<()>,
+}
+
+/// Where each listener ended up (ports may be 0 in the configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerAddrs {
+    pub mqtt: SocketAddr,
+    pub mqtts: Option<SocketAddr>,
+    pub ws: SocketAddr,
+    pub wss: Option<SocketAddr>,
+    pub http: SocketAddr,
 }
 
 impl Server {
@@ -72,7 +93,17 @@ impl Server {
         };
         let registry = Arc::new(registry);
 
+        let tls = match (&config.server_cert, &config.server_key) {
+            (Some(cert), Some(key)) => {
+                Some(tls::acceptor(cert, key, config.client_ca_certs.as_deref())?)
+            }
+            (None, None) => None,
+            _ => return Err(TlsConfigError::Incomplete.into()),
+        };
+
+        let metrics = Metrics::new();
         let sink = event_sink(config.es_url.as_deref())?;
+        let store = sink.name();
         let buffer = config.event_buffer as usize;
         // An external store gets the disk spool and the session journal; stdout has no one to
         // redeliver to after a restart, so it keeps events in memory only.
@@ -86,29 +117,42 @@ impl Server {
             let (outbox, task) = Outbox::start(sink, buffer);
             (outbox, task, None, None)
         };
-        let mut hooks = Hooks::new(registry.clone(), registry);
+        metrics.watch_outbox(store, outbox.stats());
+        let authenticator = Arc::new(TimedAuthenticator::new(registry.clone(), metrics.clone()));
+        let mut hooks = Hooks::new(authenticator, registry);
         // The journal observes first: once a `connect` is in the store, its session is on disk.
         if let Some(journal) = journal {
             hooks = hooks.with_observer(Arc::new(journal));
         }
-        hooks = hooks.with_observer(Arc::new(
-            ConnectionEvents::new(outbox.clone(), config.instance.clone())
-                .with_details(config.event_details),
-        ));
+        hooks = hooks
+            .with_observer(Arc::new(
+                ConnectionEvents::new(outbox.clone(), config.instance.clone())
+                    .with_details(config.event_details),
+            ))
+            .with_observer(metrics.clone());
 
-        let addr = SocketAddr::new(config.host, config.mqtt_port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                var: "SMQ_MQTT_ADAPTER_MQTT_PORT",
-                addr,
-                source,
-            })?;
-        let mqtt_addr = listener.local_addr().map_err(|source| StartError::Bind {
-            var: "SMQ_MQTT_ADAPTER_MQTT_PORT",
-            addr,
-            source,
-        })?;
+        let (listener, mqtt_addr) =
+            bind(config, "SMQ_MQTT_ADAPTER_MQTT_PORT", config.mqtt_port).await?;
+        let (ws_listener, ws_addr) =
+            bind(config, "SMQ_MQTT_ADAPTER_WS_PORT", config.ws_port).await?;
+        let (http_listener, http_addr) =
+            bind(config, "SMQ_MQTT_ADAPTER_HTTP_PORT", config.http_port).await?;
+        let mut secure = Vec::new();
+        let (mut mqtts_addr, mut wss_addr) = (None, None);
+        if let Some(acceptor) = &tls {
+            let (l, a) = bind(config, "SMQ_MQTT_ADAPTER_MQTTS_PORT", config.mqtts_port).await?;
+            mqtts_addr = Some(a);
+            secure.push((l, Transport::Tls(acceptor.clone())));
+            let (l, a) = bind(config, "SMQ_MQTT_ADAPTER_WSS_PORT", config.wss_port).await?;
+            wss_addr = Some(a);
+            secure.push((l, Transport::Wss(acceptor.clone())));
+        }
+        let limits = Limits::new(
+            usize::try_from(config.max_connections).unwrap_or(usize::MAX),
+            config.max_inflight,
+            NonZeroU32::new(config.publish_rate),
+            config.cert_cn_as_username,
+        );
 
         let ctx = Arc::new(SessionContext {
             broker: Broker::start(&BrokerConfig::default()),
@@ -117,14 +161,50 @@ impl Server {
             connect_timeout: config.connect_timeout(),
             max_packet_size: config.max_packet_size as usize,
             shutdown: CancellationToken::new(),
+            metrics: metrics.clone(),
+            limits,
         });
         let sessions = TaskTracker::new();
-        let accept_tasks = vec![tokio::spawn(listener::serve_tcp(
-            listener,
-            ctx.clone(),
-            sessions.clone(),
-        ))];
-        tracing::info!(addr = %mqtt_addr, "MQTT listener ready (MQTT 3.1.1 and 5)");
+        let accepting = Arc::new(Accepting {
+            ctx: ctx.clone(),
+            sessions: sessions.clone(),
+            metrics: metrics.clone(),
+            handshake_timeout: config.handshake_timeout(),
+            // A WebSocket message carries at most one MQTT packet's worth, plus framing slack.
+            max_ws_message: config.max_packet_size as usize + 1024,
+            connect_rate: NonZeroU32::new(config.connect_rate_per_ip).map(ConnectRate::new),
+        });
+        let mut accept_tasks = Vec::new();
+        for (l, transport) in [(listener, Transport::Tcp), (ws_listener, Transport::Ws)]
+            .into_iter()
+            .chain(secure)
+        {
+            accept_tasks.push(tokio::spawn(listener::serve(
+                l,
+                transport,
+                accepting.clone(),
+            )));
+        }
+        let addrs = ListenerAddrs {
+            mqtt: mqtt_addr,
+            mqtts: mqtts_addr,
+            ws: ws_addr,
+            wss: wss_addr,
+            http: http_addr,
+        };
+        tracing::info!(mqtt = %mqtt_addr, ws = %ws_addr, mqtts = ?mqtts_addr, wss = ?wss_addr,
+            mtls = config.client_ca_certs.is_some(), "MQTT listeners ready (MQTT 3.1.1 and 5)");
+
+        let health = Health::new(uuid::Uuid::new_v4().to_string());
+        let http_stop = CancellationToken::new();
+        let http_task = tokio::spawn(http::serve(
+            http_listener,
+            health.clone(),
+            metrics,
+            http_stop.clone(),
+        ));
+        tracing::info!(addr = %http_addr, "HTTP /health and /metrics ready");
+        health.set(Phase::Serving);
         Ok(Server {
             ctx,
             mqtt_addr,
@@ -135,7 +215,22 @@ impl Server {
             shutdown_timeout: config.shutdown_timeout(),
             demo_registry,
             _data_dir: data_dir,
+            addrs,
+            health,
+            http_stop,
+            http_task,
         })
+    }
+
+    /// Every listener's bound address.
+    pub fn addrs(&self) -> ListenerAddrs {
+        self.addrs
+    }
+
+    /// Starts draining: `/health` answers 503 while devices are still served, so load
+    /// balancers stop sending new ones before [`Server::shutdown`] closes the sessions.
+    pub fn begin_drain(&self) {
+        self.health.set(Phase::Draining);
     }
 
     pub fn mqtt_addr(&self) -> SocketAddr {
@@ -151,6 +246,7 @@ impl Server {
     /// Returns whether everything finished within the shutdown timeout.
     pub async fn shutdown(self) -> bool {
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        self.health.set(Phase::Draining);
         self.ctx.shutdown.cancel();
         for task in self.accept_tasks {
             let _ = task.await;
@@ -189,8 +285,23 @@ impl Server {
         } else if !saved {
             tracing::warn!("the event outbox did not finish: undelivered events are lost");
         }
+        self.http_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.http_task).await;
         sessions_done && (flushed || saved)
     }
+}
+
+/// Binds one listener; the error names the variable that chose the port.
+async fn bind(
+    config: &Config,
+    var: &'static str,
+    port: u16,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let addr = SocketAddr::new(config.host, port);
+    let bind_error = |source| StartError::Bind { var, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
 }
 
 /// Reads the session journal; every session the previous run left open (it was killed) gets

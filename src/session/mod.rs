@@ -4,6 +4,8 @@
 
 pub mod codec;
 pub mod frame;
+pub mod limits;
+mod qos;
 pub mod registry;
 mod teardown;
 
@@ -16,9 +18,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::FutureExt;
 use rumqttd::local::LinkRx;
 use rumqttd::protocol::{
-    ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode,
-    LastWill, Login, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, Publish, QoS, SubAck, SubscribeReasonCode,
+    ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, Disconnect,
+    DisconnectReasonCode, LastWill, Login, Packet, PingResp, PubAck, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecReason, Publish, QoS, SubAck, SubscribeReasonCode,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -28,9 +30,11 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{AuthError, Credentials, TopicDecision};
 use crate::broker::Broker;
 use crate::hooks::{DisconnectReason, Hooks, PublishRoute, SessionInfo};
+use crate::metrics::Metrics;
 use crate::topic::{self, TopicKind, Usage};
 use codec::{Codec, ProtocolVersion};
 use frame::FrameError;
+use limits::{ConnectionInfo, Limits, PublishRate};
 use registry::SessionRegistry;
 use teardown::LiveSession;
 
@@ -42,6 +46,8 @@ pub struct SessionContext {
     pub connect_timeout: Duration,
     pub max_packet_size: usize,
     pub shutdown: CancellationToken,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
 }
 
 /// A device may stall a write this long before it is disconnected.
@@ -55,8 +61,20 @@ const TOPIC_CACHE_SIZE: usize = 64;
 
 /// Serves one accepted socket until the session ends. Never panics on device input; logs why
 /// the connection closed.
-pub async fn serve<S>(ctx: Arc<SessionContext>, mut stream: S, peer: SocketAddr)
+pub async fn serve<S>(ctx: Arc<SessionContext>, stream: S, peer: SocketAddr)
 where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    serve_with(ctx, stream, peer, ConnectionInfo::default()).await
+}
+
+/// [`serve`] with what the transport learned before the CONNECT (e.g. a client certificate).
+pub async fn serve_with<S>(
+    ctx: Arc<SessionContext>,
+    mut stream: S,
+    peer: SocketAddr,
+    conn: ConnectionInfo,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut rbuf = BytesMut::with_capacity(512);
@@ -75,15 +93,64 @@ where
         }
         Ok(Ok(v)) => v,
     };
-    let Packet::Connect(connect, _props, will, _will_props, login) = packet else {
+    // Boxed so a socket that has not sent CONNECT holds only the small handshake state.
+    Box::pin(connected(ctx, stream, peer, conn, rbuf, codec, packet)).await;
+}
+
+/// Everything after a well-formed CONNECT: accept or refuse it, then relay until the end.
+async fn connected<S>(
+    ctx: Arc<SessionContext>,
+    mut stream: S,
+    peer: SocketAddr,
+    conn: ConnectionInfo,
+    rbuf: BytesMut,
+    codec: Codec,
+    packet: Packet,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Packet::Connect(connect, props, will, _will_props, login) = packet else {
         tracing::info!(%peer, "closed: first packet is not CONNECT");
         return;
     };
-    let Some(mut session) = accept(&ctx, &mut stream, peer, &codec, connect, will, login).await
-    else {
+    // Held until the session ends: counts against the connection limit.
+    let Some(_slot) = ctx.limits.connection_slot() else {
+        ctx.metrics.refused("connection_limit");
+        ctx.metrics
+            .limit_hits
+            .with_label_values(&["connections"])
+            .inc();
+        tracing::info!(%peer, mqtt_client_id = %connect.client_id, "connect refused: connection limit reached");
+        let code = match codec.version() {
+            ProtocolVersion::V311 => ConnectReturnCode::ServiceUnavailable,
+            ProtocolVersion::V5 => ConnectReturnCode::QuotaExceeded,
+        };
+        let _ = write_packet(&mut stream, &codec, connack(code, false, None)).await;
+        return;
+    };
+    if let Err(why) = ctx.limits.check_certificate(&conn, login.as_ref()) {
+        ctx.metrics.refused("certificate_mismatch");
+        tracing::info!(%peer, mqtt_client_id = %connect.client_id, reason = %why, "connect refused");
+        let refusal = connack(ConnectReturnCode::NotAuthorized, false, None);
+        let _ = write_packet(&mut stream, &codec, refusal).await;
+        return;
+    }
+    let request = ConnectRequest {
+        persistence: Persistence::of(codec.version(), connect.clean_session, props.as_ref()),
+        connect,
+        will,
+        login,
+    };
+    let Some(mut session) = accept(&ctx, &mut stream, peer, &codec, request).await else {
         return;
     };
     let end = run(&ctx, &mut session, &mut stream, rbuf, codec).await;
+    if end.reason == DisconnectReason::ProtocolError {
+        ctx.metrics
+            .packet_errors
+            .with_label_values(&[limits::packet_error_kind(end.v5_code)])
+            .inc();
+    }
     session.live.end(end.reason, end.publish_will);
     if let (ProtocolVersion::V5, Some(code)) = (session.version, end.v5_code) {
         let mut buf = BytesMut::new();
@@ -240,13 +307,17 @@ async fn accept<S>(
     stream: &mut S,
     peer: SocketAddr,
     codec: &Codec,
-    connect: Connect,
-    will: Option<LastWill>,
-    login: Option<Login>,
+    request: ConnectRequest,
 ) -> Option<Accepted>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let ConnectRequest {
+        connect,
+        persistence,
+        will,
+        login,
+    } = request;
     let version = codec.version();
     let refuse = |v311: ConnectReturnCode, v5: ConnectReturnCode| match version {
         ProtocolVersion::V311 => v311,
@@ -333,14 +404,21 @@ where
     };
 
     let registration = ctx.registry.register(&mqtt_client_id, &ctx.shutdown).await;
-    let router_name = ctx.broker.name_for(&mqtt_client_id, clean);
+    if clean && !persistence.router_clean {
+        // A clean start that persists afterwards: discard the old state first.
+        if let Some(generation) = ctx.broker.persistent_generation(&mqtt_client_id) {
+            ctx.broker.expire(&mqtt_client_id, generation).await;
+        }
+    }
+    let router_clean = persistence.router_clean;
+    let router_name = ctx.broker.name_for(&mqtt_client_id, router_clean);
     let info = SessionInfo {
         identity,
         mqtt_client_id,
         version,
         peer,
     };
-    let (link_tx, link_rx, ack) = match ctx.broker.link(&router_name, clean).await {
+    let (link_tx, link_rx, ack) = match ctx.broker.link(&router_name, router_clean).await {
         Ok(link) => link,
         Err(e) => {
             ctx.broker.release(router_name);
@@ -357,15 +435,25 @@ where
             return None;
         }
     };
-    let mut live = LiveSession::new(ctx.clone(), info, link_tx, router_name, registration, will);
+    let expiry = (!router_clean).then_some(persistence.expiry);
+    let mut live = LiveSession::new(
+        ctx.clone(),
+        info,
+        link_tx,
+        router_name,
+        registration,
+        will,
+        expiry,
+    );
 
     let session_present = match Option::<Packet>::from(ack) {
-        Some(Packet::ConnAck(ack, _)) => !clean && ack.session_present,
+        Some(Packet::ConnAck(ack, _)) => !clean && !router_clean && ack.session_present,
         _ => false,
     };
     let props = (version == ProtocolVersion::V5).then(|| ConnAckProperties {
         assigned_client_identifier: assigned.then(|| live.info.mqtt_client_id.clone()),
         max_packet_size: Some(ctx.max_packet_size as u32),
+        receive_max: Some(ctx.limits.max_inflight()),
         retain_available: Some(1),
         shared_subscription_available: Some(0),
         subscription_identifiers_available: Some(0),
@@ -396,6 +484,44 @@ where
     })
 }
 
+/// What a CONNECT asks for.
+struct ConnectRequest {
+    connect: Connect,
+    persistence: Persistence,
+    will: Option<LastWill>,
+    login: Option<Login>,
+}
+
+/// How long a session's state outlives its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Persistence {
+    /// Whether the router link starts and ends without state.
+    router_clean: bool,
+    /// How long the state is kept after disconnect when the link is not clean (`None`: forever).
+    expiry: Option<Duration>,
+}
+
+impl Persistence {
+    /// 3.1.1: clean session or kept forever. 5: clean start decides the start, the session
+    /// expiry interval (default 0, 0xFFFFFFFF = never) how long the state outlives the connection.
+    fn of(version: ProtocolVersion, clean: bool, props: Option<&ConnectProperties>) -> Self {
+        match version {
+            ProtocolVersion::V311 => Persistence {
+                router_clean: clean,
+                expiry: None,
+            },
+            ProtocolVersion::V5 => {
+                let interval = props.and_then(|p| p.session_expiry_interval).unwrap_or(0);
+                Persistence {
+                    router_clean: clean && interval == 0,
+                    expiry: (interval != u32::MAX)
+                        .then(|| Duration::from_secs(u64::from(interval))),
+                }
+            }
+        }
+    }
+}
+
 /// How a topic or filter was refused; remembered per session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refusal {
@@ -416,6 +542,13 @@ struct Relay<'a> {
     /// QoS 2 PUBLISHes refused with a PUBREC; their PUBREL is answered here.
     refused_qos2: HashSet<u16>,
     topic_cache: HashMap<Bytes, Result<Arc<PublishRoute>, Refusal>>,
+    publish_rate: Option<PublishRate>,
+    /// QoS 1/2 PUBLISHes handed to the router and not yet acknowledged to the device.
+    inflight_in: u16,
+    /// Router QoS 2 deliveries written to the device at QoS 1, by packet id.
+    capped_2to1: HashSet<u16>,
+    /// Router QoS 2 deliveries acknowledged here; their PUBREL is answered here too.
+    absorb_pubrel: HashSet<u16>,
 }
 
 async fn run<S>(
@@ -437,6 +570,10 @@ where
         pending_subacks: HashMap::new(),
         refused_qos2: HashSet::new(),
         topic_cache: HashMap::new(),
+        publish_rate: ctx.limits.publish_rate(),
+        inflight_in: 0,
+        capped_2to1: HashSet::new(),
+        absorb_pubrel: HashSet::new(),
     };
     let takeover = session.live.takeover_token();
     let mut last_read = Instant::now();
@@ -476,7 +613,7 @@ where
                 }
             },
             notification = session.link_rx.next() => match notification {
-                Ok(first) => relay.output(first, &mut session.link_rx).await,
+                Ok(first) => relay.output(first, &mut session.link_rx, &mut session.live).await,
                 Err(e) => Err(End::new(DisconnectReason::ServerShutdown, Some(DisconnectReasonCode::ServerShuttingDown), format!("router link closed: {e}"))),
             },
         };
@@ -515,6 +652,13 @@ impl Relay<'_> {
     /// Parses every complete frame in `rbuf`, applies the hooks and hands the result to the
     /// router in one batch.
     async fn input(&mut self, rbuf: &mut BytesMut, live: &mut LiveSession) -> Result<(), End> {
+        // Packets before a DISCONNECT or a bad frame in the same read still reach the router.
+        let parsed = self.parse(rbuf).await;
+        let flushed = self.flush_to_router(live).await;
+        parsed.and(flushed)
+    }
+
+    async fn parse(&mut self, rbuf: &mut BytesMut) -> Result<(), End> {
         loop {
             let header = match frame::peek_header(rbuf, self.ctx.max_packet_size) {
                 Ok(Some(h)) => h,
@@ -576,7 +720,7 @@ impl Relay<'_> {
             })?;
             self.packet(packet, qos, publish_id).await?;
         }
-        self.flush_to_router(live).await
+        Ok(())
     }
 
     async fn packet(
@@ -610,6 +754,11 @@ impl Relay<'_> {
                 Ok(())
             }
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
+            Packet::PubAck(ack, _) if self.capped_2to1.remove(&ack.pkid) => {
+                // The device acknowledged at QoS 1 what the router sent at QoS 2.
+                self.router_ack_qos2(ack.pkid);
+                Ok(())
+            }
             ack @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
                 self.to_router.push(ack);
                 Ok(())
@@ -628,6 +777,18 @@ impl Relay<'_> {
         qos: u8,
         publish_id: Option<u16>,
     ) -> Result<(), End> {
+        self.ctx.metrics.messages_in.inc();
+        if self.publish_rate.as_ref().is_some_and(|r| !r.allow()) {
+            self.ctx
+                .metrics
+                .limit_hits
+                .with_label_values(&["publish_rate"])
+                .inc();
+            return Err(End::protocol(
+                DisconnectReasonCode::MessageRateTooHigh,
+                "publish rate limit exceeded",
+            ));
+        }
         if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
             return Err(End::protocol(
                 DisconnectReasonCode::TopicAliasInvalid,
@@ -641,7 +802,9 @@ impl Relay<'_> {
                 if self.topic_cache.len() >= TOPIC_CACHE_SIZE {
                     self.topic_cache.clear();
                 }
-                self.topic_cache.insert(publish.topic.clone(), d.clone());
+                // A copy: the frame's bytes would pin the whole read buffer they came in.
+                self.topic_cache
+                    .insert(Bytes::copy_from_slice(&publish.topic), d.clone());
                 d
             }
         };
@@ -651,6 +814,22 @@ impl Relay<'_> {
                     .hooks
                     .published(&self.info, &route, &publish.payload);
                 publish.topic = route.topic.clone();
+                if qos > 0 {
+                    self.inflight_in = self.inflight_in.saturating_add(1);
+                    if self.inflight_in > self.ctx.limits.max_inflight() {
+                        self.ctx
+                            .metrics
+                            .limit_hits
+                            .with_label_values(&["inflight"])
+                            .inc();
+                        return Err(End::protocol(
+                            DisconnectReasonCode::ReceiveMaximumExceeded,
+                            "too many unacknowledged QoS 1/2 PUBLISHes",
+                        ));
+                    }
+                }
+                let mut props = props;
+                qos::mark_origin(&mut props, qos);
                 self.to_router.push(Packet::Publish(publish, props));
                 Ok(())
             }
@@ -673,12 +852,11 @@ impl Relay<'_> {
                     Ok(TopicKind::Channel(c)) => Some(c),
                     _ => None,
                 };
-                let topic = if canonical == text {
-                    topic.clone()
-                } else {
-                    Bytes::from(canonical)
-                };
-                Ok(Arc::new(PublishRoute { topic, channel }))
+                // Owned bytes: the frame's would pin the whole read buffer they came in.
+                Ok(Arc::new(PublishRoute {
+                    topic: Bytes::from(canonical),
+                    channel,
+                }))
             }
             TopicDecision::Deny => Err(Refusal::Denied),
             TopicDecision::Invalid(_) => Err(Refusal::Invalid),
@@ -787,54 +965,29 @@ impl Relay<'_> {
         })
     }
 
-    /// Encodes a batch of router notifications for the device.
+    /// Encodes a batch of router notifications for the device, then answers the router for
+    /// anything acknowledged here.
     async fn output(
         &mut self,
         first: Option<Notification>,
         link_rx: &mut LinkRx,
+        live: &mut LiveSession,
     ) -> Result<(), End> {
         let mut unscheduled = false;
         let mut next = first;
-        let mut count = 0;
-        loop {
-            match next.take() {
-                Some(Notification::Forward(forward)) => {
-                    self.write(Packet::Publish(forward.publish, forward.properties))?;
-                }
-                Some(Notification::DeviceAck(ack)) => {
-                    let mut packet = Packet::from(ack);
-                    if let Packet::SubAck(suback, _) = &mut packet {
-                        if let Some(codes) = self.pending_subacks.remove(&suback.pkid) {
-                            let mut granted = std::mem::take(&mut suback.return_codes).into_iter();
-                            suback.return_codes = codes
-                                .into_iter()
-                                .map(|c| {
-                                    c.or_else(|| granted.next())
-                                        .unwrap_or(SubscribeReasonCode::Failure)
-                                })
-                                .collect();
-                        }
-                    }
-                    self.write(packet)?;
-                }
-                Some(Notification::Unschedule) => unscheduled = true,
-                Some(Notification::Disconnect(disconnect, _)) => {
-                    return Err(End::protocol(
-                        disconnect.reason_code,
-                        "router closed the session",
-                    ));
-                }
-                Some(_) | None => {}
-            }
-            count += 1;
-            if count >= MAX_WRITE_BATCH {
-                break;
+        for _ in 0..MAX_WRITE_BATCH {
+            if let Some(notification) = next.take() {
+                unscheduled |= self.notification(notification)?;
             }
             match link_rx.next().now_or_never() {
                 Some(Ok(Some(n))) => next = Some(n),
                 _ => break,
             }
         }
+        if let Some(n) = next {
+            unscheduled |= self.notification(n)?;
+        }
+        self.flush_to_router(live).await?;
         if unscheduled {
             // The router parks a link that reported Unschedule until it is woken.
             link_rx.wake().await.map_err(|e| {
@@ -846,6 +999,125 @@ impl Relay<'_> {
             })?;
         }
         Ok(())
+    }
+
+    /// Handles one router notification; returns whether the router unscheduled the link.
+    fn notification(&mut self, notification: Notification) -> Result<bool, End> {
+        match notification {
+            Notification::Forward(mut forward) => {
+                self.ctx.metrics.messages_out.inc();
+                let origin = qos::take_origin(&mut forward.properties).filter(|&q| q < 2);
+                let start = self.wbuf.len();
+                let resend = origin.map(|_| {
+                    let p = &forward.publish;
+                    (
+                        p.topic.clone(),
+                        p.payload.clone(),
+                        p.retain,
+                        forward.properties.clone(),
+                    )
+                });
+                self.write(Packet::Publish(forward.publish, forward.properties))?;
+                if let (Some(origin), Some(resend)) = (origin, resend) {
+                    self.cap_qos(start, origin, resend)?;
+                }
+            }
+            Notification::DeviceAck(ack) => match Packet::from(ack) {
+                Packet::PubRel(rel, _) if self.absorb_pubrel.remove(&rel.pkid) => {
+                    // The device got this one at a lower QoS: finish the router's flow here.
+                    let comp = PubComp {
+                        pkid: rel.pkid,
+                        reason: PubCompReason::Success,
+                    };
+                    self.to_router.push(Packet::PubComp(comp, None));
+                }
+                Packet::SubAck(mut suback, props) => {
+                    if let Some(codes) = self.pending_subacks.remove(&suback.pkid) {
+                        let mut granted = std::mem::take(&mut suback.return_codes).into_iter();
+                        suback.return_codes = codes
+                            .into_iter()
+                            .map(|c| {
+                                c.or_else(|| granted.next())
+                                    .unwrap_or(SubscribeReasonCode::Failure)
+                            })
+                            .collect();
+                    }
+                    self.write(Packet::SubAck(suback, props))?;
+                }
+                packet => {
+                    if matches!(packet, Packet::PubAck(..) | Packet::PubComp(..)) {
+                        self.inflight_in = self.inflight_in.saturating_sub(1);
+                    }
+                    self.write(packet)?
+                }
+            },
+            Notification::Unschedule => return Ok(true),
+            Notification::Disconnect(disconnect, _) => {
+                return Err(End::protocol(
+                    disconnect.reason_code,
+                    "router closed the session",
+                ));
+            }
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    /// Caps the PUBLISH just encoded at `start` to the QoS it was published with.
+    fn cap_qos(
+        &mut self,
+        start: usize,
+        origin: u8,
+        (topic, payload, retain, props): (
+            Bytes,
+            Bytes,
+            bool,
+            Option<rumqttd::protocol::PublishProperties>,
+        ),
+    ) -> Result<(), End> {
+        let delivered = (self.wbuf[start] >> 1) & 0b11;
+        if delivered <= origin {
+            return Ok(());
+        }
+        let encoded = &self.wbuf[start..];
+        let pkid = frame::peek_header(encoded, usize::MAX)
+            .ok()
+            .flatten()
+            .and_then(|h| frame::publish_packet_id(encoded, &h))
+            .ok_or_else(|| {
+                End::protocol(
+                    DisconnectReasonCode::ImplementationSpecificError,
+                    "encoded PUBLISH has no packet id",
+                )
+            })?;
+        if origin == 1 {
+            // QoS 2 and QoS 1 PUBLISH frames differ only in the QoS bits.
+            self.wbuf[start] = (self.wbuf[start] & !0b0110) | 0b0010;
+            self.capped_2to1.insert(pkid);
+            return Ok(());
+        }
+        self.wbuf.truncate(start);
+        self.write(Packet::Publish(Publish::new(topic, payload, retain), props))?;
+        if delivered == 1 {
+            let ack = PubAck {
+                pkid,
+                reason: PubAckReason::Success,
+            };
+            self.to_router.push(Packet::PubAck(ack, None));
+        } else {
+            self.router_ack_qos2(pkid);
+        }
+        Ok(())
+    }
+
+    /// Acknowledges a router QoS 2 delivery (PUBREC now, PUBCOMP when its PUBREL comes).
+    fn router_ack_qos2(&mut self, pkid: u16) {
+        let rec = PubRec {
+            pkid,
+            reason: PubRecReason::Success,
+        };
+        self.to_router.push(Packet::PubRec(rec, None));
+        self.absorb_pubrel.insert(pkid);
     }
 }
 
@@ -865,4 +1137,33 @@ pub(crate) fn publish_with_qos(
     raw.extend_from_slice(topic);
     raw.extend_from_slice(payload);
     Publish::deserialize(raw.freeze())
+}
+
+#[cfg(test)]
+mod footprint {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_socket_before_connect_holds_a_small_future() {
+        let registry = Arc::new(crate::auth::StaticRegistry::demo());
+        let (outbox, _t) =
+            crate::events::Outbox::start(Box::new(crate::events::StdoutSink::new()), 10);
+        let ctx = Arc::new(SessionContext {
+            broker: Broker::start(&crate::broker::BrokerConfig::default()),
+            hooks: Hooks::new(registry.clone(), registry).with_observer(Arc::new(
+                crate::hooks::ConnectionEvents::new(outbox, String::new()),
+            )),
+            registry: SessionRegistry::default(),
+            connect_timeout: Duration::from_secs(1),
+            max_packet_size: 1024,
+            shutdown: CancellationToken::new(),
+            metrics: Metrics::new(),
+            limits: Limits::unlimited(),
+        });
+        let (a, _b) = tokio::io::duplex(64);
+        let fut = serve(ctx, a, "127.0.0.1:1".parse().unwrap());
+        // Every accepted socket holds this much until its CONNECT arrives.
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 2048, "serve future grew to {size} bytes");
+    }
 }

@@ -99,7 +99,8 @@ pub fn adapter_command(
         // Other listeners have fixed default ports; keep parallel test adapters off them.
         .env("SMQ_MQTT_ADAPTER_WS_PORT", free_port().to_string())
         .env("SMQ_MQTT_ADAPTER_HTTP_PORT", free_port().to_string())
-        .env("SMQ_MQTT_ADAPTER_MQTTS_PORT", free_port().to_string());
+        .env("SMQ_MQTT_ADAPTER_MQTTS_PORT", free_port().to_string())
+        .env("SMQ_MQTT_ADAPTER_WSS_PORT", free_port().to_string());
     if let Some(path) = clients_file {
         cmd.env("SMQ_MQTT_ADAPTER_CLIENTS_FILE", path);
     }
@@ -129,10 +130,38 @@ pub async fn run_to_exit(mut cmd: Command) -> (ExitStatus, String, String) {
     )
 }
 
+/// The ports an adapter command was given, read back from its environment.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub mqtts: u16,
+    pub ws: u16,
+    pub wss: u16,
+    pub http: u16,
+}
+
+impl Ports {
+    pub fn of(cmd: &Command) -> Ports {
+        let port = |var: &str| {
+            cmd.get_envs()
+                .find(|(k, _)| *k == var)
+                .and_then(|(_, v)| v?.to_str()?.parse().ok())
+                .unwrap_or_else(|| panic!("{var} is not set on the adapter command"))
+        };
+        Ports {
+            mqtts: port("SMQ_MQTT_ADAPTER_MQTTS_PORT"),
+            ws: port("SMQ_MQTT_ADAPTER_WS_PORT"),
+            wss: port("SMQ_MQTT_ADAPTER_WSS_PORT"),
+            http: port("SMQ_MQTT_ADAPTER_HTTP_PORT"),
+        }
+    }
+}
+
 /// A running adapter process; dropping it kills the process.
 pub struct Adapter {
     child: Child,
     pub port: u16,
+    /// The other listeners' ports (TLS ones are open only when certificates are configured).
+    pub ports: Ports,
     events: mpsc::UnboundedReceiver<Result<Event, String>>,
     /// Every event read so far, for the whole-run checks in [`assert_paired`].
     pub seen: Vec<Event>,
@@ -157,6 +186,22 @@ impl Adapter {
     }
 
     async fn launch(clients_toml: Option<&str>, extra_env: &[(&str, &str)]) -> Adapter {
+        // A port picked by `free_port` can be taken again before the adapter binds it (a parallel
+        // test, a client's ephemeral port): start again with fresh ports in that case only.
+        let mut attempts = 0;
+        loop {
+            match Adapter::launch_once(clients_toml, extra_env).await {
+                Ok(adapter) => return adapter,
+                Err(stderr) if stderr.contains("cannot listen on") && attempts < 3 => attempts += 1,
+                Err(stderr) => panic!("mqtt-adapter exited during start-up; stderr:\n{stderr}"),
+            }
+        }
+    }
+
+    async fn launch_once(
+        clients_toml: Option<&str>,
+        extra_env: &[(&str, &str)],
+    ) -> Result<Adapter, String> {
         let dir = tempfile::tempdir().expect("create temp dir");
         let clients_path = clients_toml.map(|toml| {
             let path = dir.path().join("clients.toml");
@@ -173,6 +218,7 @@ impl Adapter {
         env.extend_from_slice(extra_env);
 
         let mut cmd = adapter_command(port, clients_path.as_deref(), &env);
+        let ports = Ports::of(&cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
@@ -192,30 +238,34 @@ impl Adapter {
         let mut adapter = Adapter {
             child,
             port,
+            ports,
             events: rx,
             seen: Vec::new(),
             stderr_path,
             _dir: dir,
         };
-        adapter.wait_ready().await;
-        adapter
+        adapter.wait_ready().await?;
+        Ok(adapter)
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits until every listener is up; `Err(stderr)` if the process exited first.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + READY_WAIT;
         let mut backoff = Duration::from_millis(10);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "mqtt-adapter exited during start-up with {status}; stderr:\n{}",
-                    self.stderr_tail()
-                );
+                return Err(format!("(exit {status})\n{}", self.stderr_tail()));
             }
+            // Every listener is bound once /health answers 200.
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
+                && matches!(
+                    super::ops::try_http_get(self.ports.http, "/health").await,
+                    Ok((200, _))
+                )
             {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
@@ -258,6 +308,24 @@ impl Adapter {
             self.seen
         );
         event
+    }
+
+    /// Awaits `expected.len()` events and asserts they are exactly `expected` (client id, type) in
+    /// any order, for sessions that end concurrently.
+    pub async fn expect_events_unordered(&mut self, expected: &[(&str, &str)]) -> Vec<Event> {
+        let mut got = Vec::new();
+        for _ in expected {
+            got.push(self.next_event().await);
+        }
+        let mut have: Vec<(&str, &str)> = got
+            .iter()
+            .map(|e| (e.client_id.as_str(), e.event_type.as_str()))
+            .collect();
+        let mut want = expected.to_vec();
+        have.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(have, want, "events (any order); got {got:?}");
+        got
     }
 
     pub async fn expect_connect(&mut self, client_id: &str) -> Event {

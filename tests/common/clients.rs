@@ -221,6 +221,21 @@ pub struct V5Client {
 type V5Packet = v5::mqttbytes::v5::Packet;
 
 impl V5Client {
+    /// Waits (bounded) until the connection ends and returns the error the event loop reported;
+    /// a server DISCONNECT shows up here (rumqttc reports it as `ServerDisconnect`).
+    pub async fn expect_closed(&mut self) -> String {
+        loop {
+            match tokio::time::timeout(WAIT, self.events.recv()).await {
+                Err(_) => panic!(
+                    "MQTT 5 client: the adapter did not close the connection within {WAIT:?}"
+                ),
+                Ok(None) => return "event loop gone".into(),
+                Ok(Some(Err(e))) => return e,
+                Ok(Some(Ok(event))) => self.backlog.push_back(event),
+            }
+        }
+    }
+
     pub async fn try_connect(opts: v5::MqttOptions) -> Result<V5Client, v5::ConnectionError> {
         let (client, mut eventloop) = v5::AsyncClient::new(opts, 64);
         let connack = tokio::time::timeout(WAIT, async {
@@ -438,7 +453,7 @@ impl MosquittoSub {
             }
         })
         .await
-        .expect("mosquitto_sub did not receive the message within the wait");
+        .unwrap_or_else(|_| panic!("mosquitto_sub did not receive {payload:?} within the wait"));
         let status = tokio::time::timeout(WAIT, self.child.wait())
             .await
             .expect("mosquitto_sub did not exit after its message")
@@ -448,7 +463,7 @@ impl MosquittoSub {
 }
 
 /// Runs `mosquitto_pub` once and asserts it succeeded.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // mirrors the CLI flags one to one
 pub async fn mosquitto_pub(
     port: u16,
     version: &str,

@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod clients;
+pub mod ops;
 pub mod raw;
 pub mod stores;
 
@@ -10,6 +11,7 @@ pub use adapter::{
     adapter_command, assert_paired, assert_session, free_port, run_to_exit, Adapter, Event, WAIT,
 };
 pub use clients::{mosquitto_pub, v4_options, v5_options, MosquittoSub, V4Client, V5Client};
+pub use ops::{http_get, metric, TestPki};
 pub use raw::{Connect, RawClient, V311, V5};
 
 /// The static clients file most tests use (SPEC §3):

@@ -1,0 +1,182 @@
+//! Per-connection limits applied by the session: the concurrent connection cap (reserved at
+//! CONNECT, released when the session ends), the QoS 1/2 PUBLISHes a device may have unacknowledged
+//! (MQTT 5 receive maximum), the per-session publish rate (a token bucket), and the
+//! client-certificate rule for TLS connections.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rumqttd::protocol::{DisconnectReasonCode, Login};
+
+/// What the transport learned about a connection before its CONNECT.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionInfo {
+    /// The listener the socket came in on (`tcp`, `tls`, `ws`, `wss`).
+    pub listener: &'static str,
+    /// The common name of a verified client certificate (mTLS).
+    pub cert_common_name: Option<String>,
+    /// Whether a verified client certificate was presented.
+    pub client_certificate: bool,
+}
+
+/// The limits every session shares.
+#[derive(Debug)]
+pub struct Limits {
+    max_connections: usize,
+    max_inflight: u16,
+    open: Arc<AtomicUsize>,
+    publish_rate: Option<NonZeroU32>,
+    cert_cn_as_username: bool,
+}
+
+impl Limits {
+    /// `publish_rate` is PUBLISH packets per second per session (burst of the same size);
+    /// `None` is unlimited.
+    pub fn new(
+        max_connections: usize,
+        max_inflight: u16,
+        publish_rate: Option<NonZeroU32>,
+        cert_cn_as_username: bool,
+    ) -> Self {
+        Limits {
+            max_connections,
+            max_inflight,
+            open: Arc::default(),
+            publish_rate,
+            cert_cn_as_username,
+        }
+    }
+
+    /// No limits: for embedding in tests and tools.
+    pub fn unlimited() -> Self {
+        Limits::new(usize::MAX, u16::MAX, None, false)
+    }
+
+    /// QoS 1/2 PUBLISHes a device may send before their acknowledgements; advertised to MQTT 5
+    /// devices as the receive maximum.
+    pub fn max_inflight(&self) -> u16 {
+        self.max_inflight
+    }
+
+    /// Reserves one of the concurrent connections, or `None` when all are taken.
+    pub fn connection_slot(&self) -> Option<ConnectionSlot> {
+        let previous = self.open.fetch_add(1, Ordering::AcqRel);
+        if previous >= self.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ConnectionSlot {
+            open: self.open.clone(),
+        })
+    }
+
+    /// A fresh token bucket for one session, if publishes are rate limited.
+    pub fn publish_rate(&self) -> Option<PublishRate> {
+        self.publish_rate
+            .map(|rate| PublishRate(RateLimiter::direct(Quota::per_second(rate))))
+    }
+
+    /// With `SMQ_MQTT_ADAPTER_CERT_CN_AS_USERNAME`, a connection that presented a client
+    /// certificate must use its common name as the MQTT username.
+    pub fn check_certificate(
+        &self,
+        conn: &ConnectionInfo,
+        login: Option<&Login>,
+    ) -> Result<(), String> {
+        if !self.cert_cn_as_username || !conn.client_certificate {
+            return Ok(());
+        }
+        let username = login.map(|l| l.username.as_str()).unwrap_or("");
+        match conn.cert_common_name.as_deref() {
+            Some(cn) if cn == username => Ok(()),
+            Some(cn) => Err(format!(
+                "username {username:?} differs from the client certificate's CN {cn:?}"
+            )),
+            None => Err("the client certificate has no common name".into()),
+        }
+    }
+}
+
+/// One reserved concurrent connection; released on drop.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A session's publish token bucket.
+pub struct PublishRate(DefaultDirectRateLimiter);
+
+impl PublishRate {
+    /// Takes a token; `false` when the session is over its rate.
+    pub fn allow(&self) -> bool {
+        self.0.check().is_ok()
+    }
+}
+
+/// The metric label for a session closed with `code`.
+pub fn packet_error_kind(code: Option<DisconnectReasonCode>) -> &'static str {
+    match code {
+        Some(DisconnectReasonCode::PacketTooLarge) => "too_large",
+        Some(DisconnectReasonCode::MalformedPacket) => "malformed",
+        Some(DisconnectReasonCode::ProtocolError) => "protocol",
+        Some(DisconnectReasonCode::TopicAliasInvalid) => "topic_alias",
+        Some(DisconnectReasonCode::NotAuthorized) => "not_authorized",
+        Some(DisconnectReasonCode::MessageRateTooHigh) => "publish_rate",
+        Some(DisconnectReasonCode::ReceiveMaximumExceeded) => "receive_maximum",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_slots_are_capped_and_released() {
+        let limits = Limits::new(2, 10, None, false);
+        let a = limits.connection_slot().expect("first slot");
+        let _b = limits.connection_slot().expect("second slot");
+        assert!(limits.connection_slot().is_none());
+        drop(a);
+        assert!(limits.connection_slot().is_some());
+    }
+
+    #[test]
+    fn publish_bucket_runs_dry() {
+        let limits = Limits::new(1, 10, NonZeroU32::new(3), false);
+        let rate = limits.publish_rate().expect("limited");
+        assert!((0..3).all(|_| rate.allow()));
+        assert!(!rate.allow());
+    }
+
+    #[test]
+    fn certificate_rule_compares_cn_and_username() {
+        let limits = Limits::new(1, 10, None, true);
+        let login = |u: &str| Login {
+            username: u.into(),
+            password: "p".into(),
+        };
+        let conn = ConnectionInfo {
+            listener: "tls",
+            cert_common_name: Some("dev1".into()),
+            client_certificate: true,
+        };
+        assert!(limits
+            .check_certificate(&conn, Some(&login("dev1")))
+            .is_ok());
+        assert!(limits
+            .check_certificate(&conn, Some(&login("dev2")))
+            .is_err());
+        assert!(limits
+            .check_certificate(&ConnectionInfo::default(), Some(&login("x")))
+            .is_ok());
+    }
+}
