@@ -70,6 +70,21 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,
 
+    /// Directory for the event spool and the session journal (used when SMQ_ES_URL is set);
+    /// one adapter process per directory.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Largest size in bytes of the on-disk event spool; when full, the oldest events are
+    /// dropped (counted and logged).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_SPOOL_SIZE", default_value_t = 256 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub event_spool_size: u64,
+
+    /// Adds `reason` to `disconnect` events and `remote_addr`, `protocol_version`,
+    /// `mqtt_client_id` to `connect` events (off: exactly the seed's four fields).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_DETAILS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub event_details: bool,
+
     /// MQTT over TLS port (opened only when the server certificate and key are set).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MQTTS_PORT", default_value_t = 8883)]
     pub mqtts_port: u16,
@@ -300,6 +315,8 @@ mod tests {
         assert_eq!(config.instance, "");
         assert_eq!(config.auth, AuthBackend::Static);
         assert_eq!(config.connect_timeout(), Duration::from_secs(10));
+        assert_eq!(config.data_dir, PathBuf::from("./data"));
+        assert!(!config.event_details);
         assert_eq!(
             (config.mqtts_port, config.ws_port, config.http_port),
             (8883, 8080, 9090)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::auth::{
     self, AuthError, Authenticator, Authorizer, Credentials, Identity, TopicDecision,
 };
-use crate::events::{ConnectionEvent, EventClock, EventType, Outbox};
+use crate::events::{ConnectionEvent, EventClock, EventDetails, EventType, Outbox};
 use crate::session::codec::ProtocolVersion;
 use crate::topic::{ChannelTopic, Usage};
 
@@ -33,6 +33,8 @@ pub enum DisconnectReason {
     ProtocolError,
     Takeover,
     ServerShutdown,
+    /// The previous run died with the session open; reported by the next start.
+    CrashRecovery,
 }
 
 impl DisconnectReason {
@@ -44,6 +46,7 @@ impl DisconnectReason {
             DisconnectReason::ProtocolError => "protocol_error",
             DisconnectReason::Takeover => "takeover",
             DisconnectReason::ServerShutdown => "server_shutdown",
+            DisconnectReason::CrashRecovery => "crash_recovery",
         }
     }
 }
@@ -118,6 +121,7 @@ pub struct ConnectionEvents {
     outbox: Outbox,
     instance: String,
     clock: EventClock,
+    details: bool,
 }
 
 impl ConnectionEvents {
@@ -126,25 +130,47 @@ impl ConnectionEvents {
             outbox,
             instance,
             clock: EventClock::default(),
+            details: false,
         }
     }
 
-    fn emit(&self, session: &SessionInfo, event_type: EventType) {
+    /// Adds the optional detail fields (`SMQ_MQTT_ADAPTER_EVENT_DETAILS`).
+    pub fn with_details(mut self, details: bool) -> Self {
+        self.details = details;
+        self
+    }
+
+    fn emit(&self, session: &SessionInfo, event_type: EventType, details: EventDetails) {
         self.outbox.emit(ConnectionEvent {
             client_id: session.identity.client_id.clone(),
             event_type,
             instance: self.instance.clone(),
             occurred_at: self.clock.now(),
+            details: if self.details {
+                details
+            } else {
+                EventDetails::default()
+            },
         });
     }
 }
 
 impl SessionObserver for ConnectionEvents {
     fn on_connected(&self, session: &SessionInfo) {
-        self.emit(session, EventType::Connect);
+        let details = EventDetails {
+            remote_addr: Some(session.peer.to_string()),
+            protocol_version: Some(session.version.as_str().to_owned()),
+            mqtt_client_id: Some(session.mqtt_client_id.clone()),
+            ..EventDetails::default()
+        };
+        self.emit(session, EventType::Connect, details);
     }
 
-    fn on_disconnected(&self, session: &SessionInfo, _reason: DisconnectReason) {
-        self.emit(session, EventType::Disconnect);
+    fn on_disconnected(&self, session: &SessionInfo, reason: DisconnectReason) {
+        let details = EventDetails {
+            reason: Some(reason.as_str().to_owned()),
+            ..EventDetails::default()
+        };
+        self.emit(session, EventType::Disconnect, details);
     }
 }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +19,12 @@ use crate::auth::{Authenticator, Authorizer, StaticRegistry};
 use crate::bridge::{Bridge, BridgeError, BridgeMetrics, BridgeSettings};
 use crate::broker::{Broker, BrokerConfig};
 use crate::config::{AuthBackend, Config};
-use crate::events::{EventSink, Outbox, StdoutSink};
-use crate::hooks::{ConnectionEvents, Hooks};
+use crate::events::store::is_external;
+use crate::events::{
+    event_sink, ConnectionEvent, DataDir, DataDirError, EventClock, EventDetails, EventType,
+    Outbox, SessionJournal, Spool, StoreUrlError,
+};
+use crate::hooks::{ConnectionEvents, DisconnectReason, Hooks};
 use crate::http::{self, Health, Phase};
 use crate::listener::tls::{self, TlsConfigError};
 use crate::listener::{self, Accepting, ConnectRate, Transport};
@@ -40,7 +45,9 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("SMQ_ES_URL: {0}")]
-    EventStore(String),
+    EventStore(#[from] StoreUrlError),
+    #[error("SMQ_MQTT_ADAPTER_DATA_DIR: {0}")]
+    DataDir(#[from] DataDirError),
     #[error("SMQ_MQTT_ADAPTER_AUTH: {0}")]
     Auth(String),
     #[error(transparent)]
@@ -61,6 +68,8 @@ pub struct Server {
     outbox_task: JoinHandle<()>,
     shutdown_timeout: Duration,
     demo_registry: bool,
+    /// Holds the data directory's lock while the adapter runs (external event stores only).
+    _data_dir: Option<DataDir>,
     addrs: ListenerAddrs,
     health: Arc<Health>,
     http_stop: CancellationToken,
@@ -128,14 +137,31 @@ impl Server {
         let metrics = Metrics::new();
         let sink = event_sink(config.es_url.as_deref())?;
         let store = sink.name();
-        let (outbox, outbox_task) = Outbox::start(sink, config.event_buffer as usize);
+        let buffer = config.event_buffer as usize;
+        // An external store gets the disk spool and the session journal; stdout has no one to
+        // redeliver to after a restart, so it keeps events in memory only.
+        let (outbox, outbox_task, journal, data_dir) = if is_external(config.es_url.as_deref()) {
+            let data_dir = DataDir::open(&config.data_dir)?;
+            let mut spool = Spool::open(&data_dir, config.event_spool_size)?;
+            let journal = recover_sessions(&data_dir, &mut spool, config)?;
+            let (outbox, task) = Outbox::start_with_spool(sink, buffer, spool);
+            (outbox, task, Some(journal), Some(data_dir))
+        } else {
+            let (outbox, task) = Outbox::start(sink, buffer);
+            (outbox, task, None, None)
+        };
         metrics.watch_outbox(store, outbox.stats());
         let authenticator = Arc::new(TimedAuthenticator::new(authenticator, metrics.clone()));
-        let mut hooks = Hooks::new(authenticator, authorizer)
-            .with_observer(Arc::new(ConnectionEvents::new(
-                outbox.clone(),
-                config.instance.clone(),
-            )))
+        let mut hooks = Hooks::new(authenticator, authorizer);
+        // The journal observes first: once a `connect` is in the store, its session is on disk.
+        if let Some(journal) = journal {
+            hooks = hooks.with_observer(Arc::new(journal));
+        }
+        hooks = hooks
+            .with_observer(Arc::new(
+                ConnectionEvents::new(outbox.clone(), config.instance.clone())
+                    .with_details(config.event_details),
+            ))
             .with_observer(metrics.clone());
         if let Some(bridge) = &bridge {
             hooks = hooks.with_observer(bridge.publisher());
@@ -224,6 +250,7 @@ impl Server {
             outbox_task,
             shutdown_timeout: config.shutdown_timeout(),
             demo_registry,
+            _data_dir: data_dir,
             addrs,
             health,
             http_stop,
@@ -306,14 +333,28 @@ impl Server {
         if !flushed {
             tracing::warn!("events still pending at the shutdown deadline");
         }
+        let stats = self.outbox.stats();
         drop(self.outbox);
         drop(self.ctx);
-        if flushed {
-            let _ = self.outbox_task.await;
+        // With every sender gone the outbox saves what is undelivered to the spool and ends;
+        // that is file I/O only, so a short bound suffices.
+        let ended = tokio::time::timeout(Duration::from_secs(5), self.outbox_task)
+            .await
+            .is_ok();
+        // Events saved to the spool are delivered by the next start: nothing is lost.
+        let saved =
+            ended && stats.pending.load(Ordering::Relaxed) == stats.spooled.load(Ordering::Relaxed);
+        if !flushed && saved {
+            tracing::info!(
+                events = stats.spooled.load(Ordering::Relaxed),
+                "event store unreachable: undelivered events stay in the spool for the next start"
+            );
+        } else if !saved {
+            tracing::warn!("the event outbox did not finish: undelivered events are lost");
         }
         self.http_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.http_task).await;
-        sessions_done && bridged && flushed
+        sessions_done && bridged && (flushed || saved)
     }
 }
 
@@ -356,11 +397,42 @@ fn platform_auth(config: &Config) -> Result<PlatformAuth, StartError> {
     Ok(PlatformAuth::new(&clients, &channels, cache)?)
 }
 
-fn event_sink(url: Option<&str>) -> Result<Box<dyn EventSink>, StartError> {
-    match url {
-        None | Some("") => Ok(Box::new(StdoutSink::new())),
-        Some(url) => Err(StartError::EventStore(format!(
-            "{url:?}: no event store of this kind is available in this build (leave SMQ_ES_URL unset for stdout)"
-        ))),
+/// Reads the session journal; every session the previous run left open (it was killed) gets
+/// its `disconnect`, written to the spool before the journal forgets it, so the event survives
+/// even another crash. Runs before the listener accepts anything.
+fn recover_sessions(
+    data_dir: &DataDir,
+    spool: &mut Spool,
+    config: &Config,
+) -> Result<SessionJournal, DataDirError> {
+    let (journal, orphans) = SessionJournal::open(data_dir)?;
+    if orphans.is_empty() {
+        return Ok(journal);
     }
+    let clock = EventClock::default();
+    let details = EventDetails {
+        reason: config
+            .event_details
+            .then(|| DisconnectReason::CrashRecovery.as_str().to_owned()),
+        ..EventDetails::default()
+    };
+    let events: Vec<ConnectionEvent> = orphans
+        .iter()
+        .map(|orphan| ConnectionEvent {
+            client_id: orphan.client_id.clone(),
+            event_type: EventType::Disconnect,
+            instance: config.instance.clone(),
+            occurred_at: clock.now(),
+            details: details.clone(),
+        })
+        .collect();
+    spool
+        .append(&events)
+        .map_err(|e| DataDirError::io(data_dir.path(), e))?;
+    tracing::warn!(
+        sessions = events.len(),
+        "the previous run ended without closing its sessions (crash or kill): their disconnect events are queued"
+    );
+    journal.forget_orphans()?;
+    Ok(journal)
 }

@@ -2,22 +2,36 @@
 //! itself, the `EventSink` trait every store implements, and the `Outbox` that sits in front of
 //! the sink so that sessions never wait on the store.
 
+pub mod amqp;
+pub mod data_dir;
+pub mod journal;
+pub mod nats;
 pub mod outbox;
+pub mod redis_stream;
+pub mod spool;
 pub mod stdout;
+pub mod store;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+pub use amqp::AmqpSink;
+pub use data_dir::{DataDir, DataDirError};
+pub use journal::SessionJournal;
+pub use nats::JetStreamSink;
 pub use outbox::{Outbox, OutboxStats};
+pub use redis_stream::RedisStreamSink;
+pub use spool::Spool;
 pub use stdout::StdoutSink;
+pub use store::{event_sink, StoreUrlError};
 
 /// The name of the event stream, and the subject/routing-key suffix in the stores.
 pub const STREAM: &str = "supermq.mqtt";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventType {
     Connect,
@@ -33,20 +47,66 @@ impl EventType {
     }
 }
 
-/// One connection event, exactly the seed's four fields.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One connection event: the seed's four fields, plus optional details that are left out of
+/// every format when absent (they are only set with `SMQ_MQTT_ADAPTER_EVENT_DETAILS=true`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectionEvent {
     pub client_id: String,
     pub event_type: EventType,
     pub instance: String,
     /// Unix time in nanoseconds.
     pub occurred_at: i64,
+    #[serde(flatten)]
+    pub details: EventDetails,
+}
+
+/// Extra fields an operator may opt into; `None` fields are not written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventDetails {
+    /// Why a session ended (`disconnect` only), e.g. `keepalive_timeout`, `crash_recovery`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The device's address (`connect` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_addr: Option<String>,
+    /// `3.1.1` or `5` (`connect` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<String>,
+    /// The MQTT client identifier (`connect` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_client_id: Option<String>,
+}
+
+impl EventDetails {
+    /// The present details as field/value pairs, in a fixed order.
+    pub fn pairs(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("reason", &self.reason),
+            ("remote_addr", &self.remote_addr),
+            ("protocol_version", &self.protocol_version),
+            ("mqtt_client_id", &self.mqtt_client_id),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+    }
 }
 
 impl ConnectionEvent {
     /// The JSON body used on stdout, NATS and RabbitMQ.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a struct of strings and integers always serializes")
+    }
+
+    /// The flat field/value pairs of the Redis stream entry: the four seed fields, then details.
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut fields = vec![
+            ("client_id", self.client_id.clone()),
+            ("event_type", self.event_type.as_str().to_owned()),
+            ("instance", self.instance.clone()),
+            ("occurred_at", self.occurred_at.to_string()),
+        ];
+        fields.extend(self.details.pairs().map(|(k, v)| (k, v.to_owned())));
+        fields
     }
 }
 
@@ -105,10 +165,43 @@ mod tests {
             event_type: EventType::Connect,
             instance: "".into(),
             occurred_at: 1696852656381976408,
+            details: EventDetails::default(),
         };
         assert_eq!(
             event.to_json(),
             r#"{"client_id":"c1","event_type":"connect","instance":"","occurred_at":1696852656381976408}"#
+        );
+    }
+
+    #[test]
+    fn details_are_written_only_when_present_and_read_back() {
+        let event = ConnectionEvent {
+            client_id: "c1".into(),
+            event_type: EventType::Disconnect,
+            instance: "i".into(),
+            occurred_at: 7,
+            details: EventDetails {
+                reason: Some("takeover".into()),
+                ..EventDetails::default()
+            },
+        };
+        let json = event.to_json();
+        assert_eq!(
+            json,
+            r#"{"client_id":"c1","event_type":"disconnect","instance":"i","occurred_at":7,"reason":"takeover"}"#
+        );
+        let back: ConnectionEvent = serde_json::from_str(&json).expect("parse");
+        assert_eq!(back, event);
+        let names: Vec<&str> = event.fields().iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            names,
+            [
+                "client_id",
+                "event_type",
+                "instance",
+                "occurred_at",
+                "reason"
+            ]
         );
     }
 

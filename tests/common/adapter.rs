@@ -217,8 +217,13 @@ impl Adapter {
         let stderr_path = dir.path().join("adapter.stderr");
         let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
         let port = free_port();
+        // A private data directory unless the test names one (to restart on the same spool).
+        let data_dir = dir.path().join("data");
+        let data_dir = data_dir.to_string_lossy().into_owned();
+        let mut env = vec![("SMQ_MQTT_ADAPTER_DATA_DIR", data_dir.as_str())];
+        env.extend_from_slice(extra_env);
 
-        let mut cmd = adapter_command(port, clients_path.as_deref(), extra_env);
+        let mut cmd = adapter_command(port, clients_path.as_deref(), &env);
         let ports = Ports::of(&cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -401,9 +406,20 @@ impl Adapter {
         rest
     }
 
+    /// `kill -9`: the process dies without closing anything; waits until it is gone.
+    pub async fn kill(mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait_exit().await;
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Everything the adapter logged so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
     pub fn stderr_tail(&self) -> String {

@@ -7,6 +7,7 @@ pub mod nats;
 pub mod ops;
 pub mod platform;
 pub mod raw;
+pub mod stores;
 
 pub use adapter::{
     adapter_command, assert_paired, assert_session, free_port, run_to_exit, Adapter, Event, WAIT,
