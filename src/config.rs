@@ -5,7 +5,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{CommandFactory, Parser, ValueEnum};
 
 /// Which backend authenticates CONNECTs and authorizes channel access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -79,10 +80,59 @@ impl Config {
         Duration::from_secs(self.shutdown_timeout)
     }
 
+    /// Parses flags and environment; a bad value becomes one line naming both the variable and
+    /// the flag (clap alone names only the flag, even when the value came from the environment).
+    pub fn from_env_and_args() -> Result<Self, clap::Error> {
+        Config::try_parse().map_err(name_the_variable)
+    }
+
     /// A configuration with every default, for embedding the server in tests and tools.
     pub fn defaults() -> Self {
         Config::parse_from(["mqtt-adapter"])
     }
+}
+
+fn name_the_variable(err: clap::Error) -> clap::Error {
+    if !matches!(
+        err.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return err;
+    }
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return err;
+    };
+    let long = arg
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("--");
+    let command = Config::command();
+    let Some(env) = command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+    else {
+        return err;
+    };
+    let value = match err.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(v)) => v.clone(),
+        _ => String::new(),
+    };
+    let text = err.to_string();
+    let reason = text
+        .lines()
+        .next()
+        .and_then(|l| l.rsplit_once(": "))
+        .map(|(_, r)| r.to_owned())
+        .unwrap_or_default();
+    clap::Error::raw(
+        err.kind(),
+        format!(
+            "{} (--{long}): invalid value {value:?}: {reason}\n",
+            env.to_string_lossy()
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -99,8 +149,13 @@ mod tests {
     }
 
     #[test]
-    fn bad_port_names_the_flag() {
+    fn bad_port_names_the_variable_and_the_flag() {
         let err = Config::try_parse_from(["mqtt-adapter", "--mqtt-port", "99999"]).unwrap_err();
-        assert!(err.to_string().contains("--mqtt-port"), "{err}");
+        let line = name_the_variable(err).to_string();
+        assert!(
+            line.contains("SMQ_MQTT_ADAPTER_MQTT_PORT (--mqtt-port)"),
+            "{line}"
+        );
+        assert!(line.contains("99999"), "{line}");
     }
 }

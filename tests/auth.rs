@@ -392,3 +392,54 @@ async fn acl_topics_work_for_the_named_client_only() {
         "c1 must get its own acl message, and never c2's"
     );
 }
+
+#[tokio::test]
+async fn v5_qos2_publish_to_unconnected_channel_gets_pubrec_0x87() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let mut watcher = ch1_watcher(&mut adapter, "watch-q2").await;
+    let mut outsider = RawClient::connect_ok(
+        adapter.port,
+        &Connect::new(V5, "outsider-q2", "outsider", "so"),
+    )
+    .await;
+    adapter.expect_connect("outsider").await;
+    outsider
+        .send(&raw::publish(V5, "m/d1/c/ch1/stolen", 2, 5, b"stolen", &[]))
+        .await;
+    let rec = outsider.expect_kind(raw::PUBREC).await;
+    assert_eq!(
+        rec.pubrec_reason(),
+        0x87,
+        "PUBREC reason for an unauthorized QoS 2 publish"
+    );
+    outsider.ping().await;
+    assert_next_delivery_is_marker(&mut adapter, &mut watcher, "marker-after-q2").await;
+}
+
+#[tokio::test]
+async fn subtopics_with_forbidden_characters_are_refused() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let mut watcher = ch1_watcher(&mut adapter, "watch-norm").await;
+    let mut c1 =
+        RawClient::connect_ok(adapter.port, &Connect::new(V5, "norm-dev", "c1", "s1")).await;
+    adapter.expect_connect("c1").await;
+    let forbidden = [
+        "m/d1/c/ch1/a*b",
+        "m/d1/c/ch1/a>b",
+        "m/d1/c/ch1/a%20b",
+        "m/d1/c/ch1/a//b",
+    ];
+    for (pkid, topic) in (1u16..).zip(forbidden) {
+        c1.send(&raw::publish(V5, topic, 1, pkid, b"bad", &[]))
+            .await;
+        let ack = c1.expect_kind(raw::PUBACK).await;
+        // 0x87 is what SPEC §2 asks for a refused publish; 0x90 (topic name invalid) is as precise.
+        let reason = ack.puback_reason();
+        assert!(
+            reason == 0x87 || reason == 0x90,
+            "PUBACK reason {reason:#x} for a publish to {topic:?} (want 0x87 or 0x90)"
+        );
+    }
+    c1.ping().await;
+    assert_next_delivery_is_marker(&mut adapter, &mut watcher, "marker-after-norm").await;
+}

@@ -182,3 +182,55 @@ async fn many_short_sessions_pair_up() {
     let rest = adapter.shutdown().await;
     assert!(rest.is_empty(), "events after all sessions ended: {rest:?}");
 }
+
+#[tokio::test]
+async fn sigint_behaves_like_sigterm() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let mut device =
+        RawClient::connect_ok(adapter.port, &Connect::new(V5, "int-dev", "c1", "s1")).await;
+    let connected = adapter.expect_connect("c1").await;
+    let rest = adapter.shutdown_by(libc::SIGINT).await;
+    assert_eq!(rest.len(), 1, "events after SIGINT: {rest:?}");
+    assert_session(&connected, &rest[0]);
+    device.expect_closed().await;
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_sockets_that_never_sent_connect() {
+    // The default 10 s connect timeout is longer than the shutdown wait: shutdown must close them itself.
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let mut silent = RawClient::open(adapter.port).await;
+    let mut half = RawClient::open(adapter.port).await;
+    half.send(&Connect::new(V311, "half", "c2", "s2").encode()[..6])
+        .await;
+    let mut device =
+        RawClient::connect_ok(adapter.port, &Connect::new(V311, "live", "c1", "s1")).await;
+    let connected = adapter.expect_connect("c1").await;
+
+    let rest = adapter.shutdown().await;
+    assert_eq!(rest.len(), 1, "events after SIGTERM: {rest:?}");
+    assert_session(&connected, &rest[0]);
+    device.expect_closed().await;
+    silent.expect_closed().await;
+    half.expect_closed().await;
+}
+
+#[tokio::test]
+async fn traffic_keeps_a_short_keep_alive_session_open() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let mut connect = Connect::new(V5, "pinger", "c1", "s1");
+    connect.keep_alive = 1;
+    let mut device = RawClient::connect_ok(adapter.port, &connect).await;
+    let connected = adapter.expect_connect("c1").await;
+    // The device's own pace: a ping every 0.7 s spans 2.8 s, well past 1.5 × keep-alive.
+    for _ in 0..4 {
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        device.ping().await;
+    }
+    // Then silence ends it, with exactly one disconnect.
+    device.expect_closed().await;
+    let disconnected = adapter.expect_disconnect("c1").await;
+    assert_session(&connected, &disconnected);
+    let rest = adapter.shutdown().await;
+    assert!(rest.is_empty(), "events after all sessions ended: {rest:?}");
+}

@@ -239,46 +239,69 @@ async fn v5_publish_with_user_properties_reaches_v311_subscriber_without_them() 
     sub.ping().await;
 }
 
-#[tokio::test]
-async fn mosquitto_cli_round_trip_v311() {
+async fn mosquitto_cli_round_trip(version: &str) {
     let mut adapter = Adapter::start(CLIENTS).await;
-    let topic = "m/d1/c/ch1/cli/v311";
-    let sub = MosquittoSub::start(adapter.port, "mqttv311", "cli-sub", "c1", "s1", topic).await;
-    adapter.expect_connect("c1").await;
-    mosquitto_pub(
-        adapter.port,
-        "mqttv311",
-        "cli-pub",
-        "c2",
-        "s2",
-        topic,
-        "hello-cli",
-        1,
-    )
-    .await;
-    sub.expect_message("hello-cli").await;
+    let topic = format!("m/d1/c/ch1/cli/{version}");
+    // QoS 1 first, then mosquitto_pub's default QoS 0 (publish then DISCONNECT at once).
+    for qos in [1, 0] {
+        let payload = format!("hello-{version}-q{qos}");
+        let sub = MosquittoSub::start(adapter.port, version, "cli-sub", "c1", "s1", &topic).await;
+        adapter.expect_connect("c1").await;
+        mosquitto_pub(
+            adapter.port,
+            version,
+            "cli-pub",
+            "c2",
+            "s2",
+            &topic,
+            &payload,
+            qos,
+        )
+        .await;
+        sub.expect_message(&payload).await;
+        adapter
+            .expect_events_unordered(&[
+                ("c2", "connect"),
+                ("c2", "disconnect"),
+                ("c1", "disconnect"),
+            ])
+            .await;
+    }
     adapter.shutdown().await;
 }
 
 #[tokio::test]
+async fn mosquitto_cli_round_trip_v311() {
+    mosquitto_cli_round_trip("mqttv311").await;
+}
+
+#[tokio::test]
 async fn mosquitto_cli_round_trip_v5() {
-    let mut adapter = Adapter::start(CLIENTS).await;
-    let topic = "m/d1/c/ch1/cli/v5";
-    let sub = MosquittoSub::start(adapter.port, "mqttv5", "cli-sub5", "c1", "s1", topic).await;
-    adapter.expect_connect("c1").await;
-    mosquitto_pub(
-        adapter.port,
-        "mqttv5",
-        "cli-pub5",
-        "c2",
-        "s2",
-        topic,
-        "hello-cli5",
-        1,
-    )
-    .await;
-    sub.expect_message("hello-cli5").await;
-    adapter.shutdown().await;
+    mosquitto_cli_round_trip("mqttv5").await;
+}
+
+/// A device that publishes at QoS 0 and disconnects at once (one TCP write) must not lose the message.
+#[tokio::test]
+async fn qos0_publish_immediately_followed_by_disconnect_is_delivered() {
+    let adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/fire-and-forget";
+    let mut sub = V4Client::connect(adapter.port, "ff-sub", "c1", "s1").await;
+    sub.subscribe(topic, QoS::AtLeastOnce).await;
+    for version in [V311, V5] {
+        let payload = format!("last-words-v{version}");
+        let mut device =
+            RawClient::connect_ok(adapter.port, &Connect::new(version, "ff-dev", "c2", "s2")).await;
+        let mut bytes = raw::publish(version, topic, 0, 0, payload.as_bytes(), &[]);
+        bytes.extend(raw::disconnect(version));
+        device.send(&bytes).await;
+        device.expect_closed().await;
+        let got = sub.next_publish().await;
+        assert_eq!(
+            String::from_utf8_lossy(&got.payload),
+            payload,
+            "QoS 0 PUBLISH + DISCONNECT in one write (protocol level {version})"
+        );
+    }
 }
 
 #[tokio::test]
@@ -331,4 +354,104 @@ async fn persistent_session_receives_qos1_message_published_while_offline() {
         sub.connack.session_present,
         "CONNACK session_present must be set when resuming a persistent session"
     );
+}
+
+#[tokio::test]
+async fn delivery_qos_is_the_lower_of_publish_and_subscription() {
+    let adapter = Adapter::start(CLIENTS).await;
+    let mut sub =
+        RawClient::connect_ok(adapter.port, &Connect::new(V311, "min-sub", "c1", "s1")).await;
+    let codes = sub
+        .subscribe(
+            V311,
+            1,
+            &[("m/d1/c/ch1/min/one", 1), ("m/d1/c/ch1/min/zero", 0)],
+        )
+        .await;
+    assert_eq!(codes, vec![1, 0]);
+    let mut publisher = V4Client::connect(adapter.port, "min-pub", "c2", "s2").await;
+
+    publisher
+        .publish("m/d1/c/ch1/min/one", QoS::AtMostOnce, false, b"pub0-sub1")
+        .await;
+    let got = sub.expect_kind(raw::PUBLISH).await;
+    assert_eq!(got.publish_v311().1, b"pub0-sub1");
+    assert_eq!(
+        got.publish_qos(),
+        0,
+        "QoS 0 publish to a QoS 1 subscription"
+    );
+
+    publisher
+        .publish("m/d1/c/ch1/min/zero", QoS::AtLeastOnce, false, b"pub1-sub0")
+        .await;
+    let got = sub.expect_kind(raw::PUBLISH).await;
+    assert_eq!(got.publish_v311().1, b"pub1-sub0");
+    assert_eq!(
+        got.publish_qos(),
+        0,
+        "QoS 1 publish to a QoS 0 subscription"
+    );
+
+    publisher
+        .publish("m/d1/c/ch1/min/one", QoS::AtLeastOnce, false, b"pub1-sub1")
+        .await;
+    let got = sub.expect_kind(raw::PUBLISH).await;
+    assert_eq!(got.publish_v311().1, b"pub1-sub1");
+    assert_eq!(
+        got.publish_qos(),
+        1,
+        "QoS 1 publish to a QoS 1 subscription"
+    );
+    sub.send(&raw::puback(got.publish_pkid())).await;
+    sub.ping().await;
+}
+
+#[tokio::test]
+async fn unsubscribe_stops_delivery() {
+    let adapter = Adapter::start(CLIENTS).await;
+    let mut sub =
+        RawClient::connect_ok(adapter.port, &Connect::new(V5, "unsub-dev", "c1", "s1")).await;
+    let codes = sub
+        .subscribe(
+            V5,
+            1,
+            &[("m/d1/c/ch1/unsub/a", 0), ("m/d1/c/ch1/unsub/b", 0)],
+        )
+        .await;
+    assert_eq!(codes, vec![0, 0]);
+    sub.send(&raw::unsubscribe(V5, 2, &["m/d1/c/ch1/unsub/a"]))
+        .await;
+    sub.expect_kind(raw::UNSUBACK).await;
+
+    let mut publisher = V4Client::connect(adapter.port, "unsub-pub", "c2", "s2").await;
+    publisher
+        .publish("m/d1/c/ch1/unsub/a", QoS::AtLeastOnce, false, b"gone")
+        .await;
+    publisher
+        .publish("m/d1/c/ch1/unsub/b", QoS::AtLeastOnce, false, b"marker")
+        .await;
+    let got = sub.expect_kind(raw::PUBLISH).await;
+    let topic_len = u16::from_be_bytes([got.body[0], got.body[1]]) as usize;
+    assert_eq!(
+        &got.body[2..2 + topic_len],
+        b"m/d1/c/ch1/unsub/b",
+        "a message on an unsubscribed filter was delivered"
+    );
+}
+
+/// Bytes the adapter read before the socket closed are a publish it received: it must be delivered.
+#[tokio::test]
+async fn qos0_publish_then_socket_close_is_delivered() {
+    let adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/then-gone";
+    let mut sub = V4Client::connect(adapter.port, "gone-sub", "c1", "s1").await;
+    sub.subscribe(topic, QoS::AtLeastOnce).await;
+    let mut device =
+        RawClient::connect_ok(adapter.port, &Connect::new(V311, "gone-dev", "c2", "s2")).await;
+    device
+        .send(&raw::publish(V311, topic, 0, 0, b"then-gone", &[]))
+        .await;
+    drop(device);
+    assert_eq!(&sub.next_publish().await.payload[..], b"then-gone");
 }

@@ -269,3 +269,26 @@ async fn bad_sockets_do_not_disturb_an_open_session() {
     let rest = adapter.shutdown().await;
     assert!(rest.is_empty(), "events after all sessions ended: {rest:?}");
 }
+
+#[tokio::test]
+async fn empty_client_identifiers_do_not_take_each_other_over() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let mut first = RawClient::connect_ok(adapter.port, &Connect::new(V311, "", "c1", "s1")).await;
+    adapter.expect_connect("c1").await;
+    let mut second = RawClient::connect_ok(adapter.port, &Connect::new(V5, "", "c2", "s2")).await;
+    // Were both "" the same session, c1's disconnect would come first.
+    adapter.expect_connect("c2").await;
+    first.ping().await;
+    second.ping().await;
+}
+
+#[tokio::test]
+async fn empty_client_identifier_without_clean_session_is_refused_on_v311() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let mut connect = Connect::new(V311, "", "c1", "s1");
+    connect.clean = false;
+    let (mut client, code) = RawClient::connect(adapter.port, &connect).await;
+    assert_eq!(code, 0x02, "MQTT 3.1.1 [MQTT-3.1.3-8]: identifier rejected");
+    client.expect_closed().await;
+    assert_next_event_is_sentinel(&mut adapter).await;
+}

@@ -2,14 +2,16 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use mqtt_adapter::auth::StaticRegistry;
 use mqtt_adapter::{Config, Server};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let config = match Config::from_env_and_args() {
+        Ok(config) => config,
+        Err(e) => e.exit(),
+    };
     // The router logs every link at info; keep it quiet unless asked for by name.
     let directives = if config.log_level.contains("rumqttd") {
         config.log_level.clone()

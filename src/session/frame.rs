@@ -2,8 +2,6 @@
 //! type, PUBLISH QoS and packet id. The codec's own types keep some of these private, and a few
 //! packet types make it panic, so the session checks them here first.
 
-use bytes::BytesMut;
-
 /// The fixed header of the next frame in a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
@@ -80,7 +78,7 @@ pub fn connect_protocol_level(frame: &[u8], header: &FrameHeader) -> Option<u8> 
 }
 
 /// The packet identifier of a complete QoS 1/2 PUBLISH frame.
-pub fn publish_packet_id(frame: &BytesMut, header: &FrameHeader) -> Option<u16> {
+pub fn publish_packet_id(frame: &[u8], header: &FrameHeader) -> Option<u16> {
     let body = frame.get(header.header_len..header.frame_len())?;
     let topic_len = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
     let id = body.get(2 + topic_len..4 + topic_len)?;
@@ -116,7 +114,7 @@ mod tests {
         let connect = [0x10, 10, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60];
         let h = peek_header(&connect, 1000).unwrap().unwrap();
         assert_eq!(connect_protocol_level(&connect, &h), Some(5));
-        let publish = BytesMut::from(&[0x32, 7, 0, 1, b't', 0x12, 0x34, b'x', b'y'][..]);
+        let publish = [0x32, 7, 0, 1, b't', 0x12, 0x34, b'x', b'y'];
         let h = peek_header(&publish, 1000).unwrap().unwrap();
         assert_eq!(h.publish_qos(), 1);
         assert_eq!(publish_packet_id(&publish, &h), Some(0x1234));

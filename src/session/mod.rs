@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod frame;
+mod qos;
 pub mod registry;
 mod teardown;
 
@@ -75,6 +76,21 @@ where
         }
         Ok(Ok(v)) => v,
     };
+    // Boxed so a socket that has not sent CONNECT holds only the small handshake state.
+    Box::pin(connected(ctx, stream, peer, rbuf, codec, packet)).await;
+}
+
+/// Everything after a well-formed CONNECT: accept or refuse it, then relay until the end.
+async fn connected<S>(
+    ctx: Arc<SessionContext>,
+    mut stream: S,
+    peer: SocketAddr,
+    rbuf: BytesMut,
+    codec: Codec,
+    packet: Packet,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let Packet::Connect(connect, _props, will, _will_props, login) = packet else {
         tracing::info!(%peer, "closed: first packet is not CONNECT");
         return;
@@ -416,6 +432,10 @@ struct Relay<'a> {
     /// QoS 2 PUBLISHes refused with a PUBREC; their PUBREL is answered here.
     refused_qos2: HashSet<u16>,
     topic_cache: HashMap<Bytes, Result<Arc<PublishRoute>, Refusal>>,
+    /// Router QoS 2 deliveries written to the device at QoS 1, by packet id.
+    capped_2to1: HashSet<u16>,
+    /// Router QoS 2 deliveries acknowledged here; their PUBREL is answered here too.
+    absorb_pubrel: HashSet<u16>,
 }
 
 async fn run<S>(
@@ -437,6 +457,8 @@ where
         pending_subacks: HashMap::new(),
         refused_qos2: HashSet::new(),
         topic_cache: HashMap::new(),
+        capped_2to1: HashSet::new(),
+        absorb_pubrel: HashSet::new(),
     };
     let takeover = session.live.takeover_token();
     let mut last_read = Instant::now();
@@ -476,7 +498,7 @@ where
                 }
             },
             notification = session.link_rx.next() => match notification {
-                Ok(first) => relay.output(first, &mut session.link_rx).await,
+                Ok(first) => relay.output(first, &mut session.link_rx, &mut session.live).await,
                 Err(e) => Err(End::new(DisconnectReason::ServerShutdown, Some(DisconnectReasonCode::ServerShuttingDown), format!("router link closed: {e}"))),
             },
         };
@@ -515,6 +537,13 @@ impl Relay<'_> {
     /// Parses every complete frame in `rbuf`, applies the hooks and hands the result to the
     /// router in one batch.
     async fn input(&mut self, rbuf: &mut BytesMut, live: &mut LiveSession) -> Result<(), End> {
+        // Packets before a DISCONNECT or a bad frame in the same read still reach the router.
+        let parsed = self.parse(rbuf).await;
+        let flushed = self.flush_to_router(live).await;
+        parsed.and(flushed)
+    }
+
+    async fn parse(&mut self, rbuf: &mut BytesMut) -> Result<(), End> {
         loop {
             let header = match frame::peek_header(rbuf, self.ctx.max_packet_size) {
                 Ok(Some(h)) => h,
@@ -576,7 +605,7 @@ impl Relay<'_> {
             })?;
             self.packet(packet, qos, publish_id).await?;
         }
-        self.flush_to_router(live).await
+        Ok(())
     }
 
     async fn packet(
@@ -610,6 +639,11 @@ impl Relay<'_> {
                 Ok(())
             }
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
+            Packet::PubAck(ack, _) if self.capped_2to1.remove(&ack.pkid) => {
+                // The device acknowledged at QoS 1 what the router sent at QoS 2.
+                self.router_ack_qos2(ack.pkid);
+                Ok(())
+            }
             ack @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
                 self.to_router.push(ack);
                 Ok(())
@@ -651,6 +685,8 @@ impl Relay<'_> {
                     .hooks
                     .published(&self.info, &route, &publish.payload);
                 publish.topic = route.topic.clone();
+                let mut props = props;
+                qos::mark_origin(&mut props, qos);
                 self.to_router.push(Packet::Publish(publish, props));
                 Ok(())
             }
@@ -787,54 +823,29 @@ impl Relay<'_> {
         })
     }
 
-    /// Encodes a batch of router notifications for the device.
+    /// Encodes a batch of router notifications for the device, then answers the router for
+    /// anything acknowledged here.
     async fn output(
         &mut self,
         first: Option<Notification>,
         link_rx: &mut LinkRx,
+        live: &mut LiveSession,
     ) -> Result<(), End> {
         let mut unscheduled = false;
         let mut next = first;
-        let mut count = 0;
-        loop {
-            match next.take() {
-                Some(Notification::Forward(forward)) => {
-                    self.write(Packet::Publish(forward.publish, forward.properties))?;
-                }
-                Some(Notification::DeviceAck(ack)) => {
-                    let mut packet = Packet::from(ack);
-                    if let Packet::SubAck(suback, _) = &mut packet {
-                        if let Some(codes) = self.pending_subacks.remove(&suback.pkid) {
-                            let mut granted = std::mem::take(&mut suback.return_codes).into_iter();
-                            suback.return_codes = codes
-                                .into_iter()
-                                .map(|c| {
-                                    c.or_else(|| granted.next())
-                                        .unwrap_or(SubscribeReasonCode::Failure)
-                                })
-                                .collect();
-                        }
-                    }
-                    self.write(packet)?;
-                }
-                Some(Notification::Unschedule) => unscheduled = true,
-                Some(Notification::Disconnect(disconnect, _)) => {
-                    return Err(End::protocol(
-                        disconnect.reason_code,
-                        "router closed the session",
-                    ));
-                }
-                Some(_) | None => {}
-            }
-            count += 1;
-            if count >= MAX_WRITE_BATCH {
-                break;
+        for _ in 0..MAX_WRITE_BATCH {
+            if let Some(notification) = next.take() {
+                unscheduled |= self.notification(notification)?;
             }
             match link_rx.next().now_or_never() {
                 Some(Ok(Some(n))) => next = Some(n),
                 _ => break,
             }
         }
+        if let Some(n) = next {
+            unscheduled |= self.notification(n)?;
+        }
+        self.flush_to_router(live).await?;
         if unscheduled {
             // The router parks a link that reported Unschedule until it is woken.
             link_rx.wake().await.map_err(|e| {
@@ -846,6 +857,119 @@ impl Relay<'_> {
             })?;
         }
         Ok(())
+    }
+
+    /// Handles one router notification; returns whether the router unscheduled the link.
+    fn notification(&mut self, notification: Notification) -> Result<bool, End> {
+        match notification {
+            Notification::Forward(mut forward) => {
+                let origin = qos::take_origin(&mut forward.properties).filter(|&q| q < 2);
+                let start = self.wbuf.len();
+                let resend = origin.map(|_| {
+                    let p = &forward.publish;
+                    (
+                        p.topic.clone(),
+                        p.payload.clone(),
+                        p.retain,
+                        forward.properties.clone(),
+                    )
+                });
+                self.write(Packet::Publish(forward.publish, forward.properties))?;
+                if let (Some(origin), Some(resend)) = (origin, resend) {
+                    self.cap_qos(start, origin, resend)?;
+                }
+            }
+            Notification::DeviceAck(ack) => match Packet::from(ack) {
+                Packet::PubRel(rel, _) if self.absorb_pubrel.remove(&rel.pkid) => {
+                    // The device got this one at a lower QoS: finish the router's flow here.
+                    let comp = PubComp {
+                        pkid: rel.pkid,
+                        reason: PubCompReason::Success,
+                    };
+                    self.to_router.push(Packet::PubComp(comp, None));
+                }
+                Packet::SubAck(mut suback, props) => {
+                    if let Some(codes) = self.pending_subacks.remove(&suback.pkid) {
+                        let mut granted = std::mem::take(&mut suback.return_codes).into_iter();
+                        suback.return_codes = codes
+                            .into_iter()
+                            .map(|c| {
+                                c.or_else(|| granted.next())
+                                    .unwrap_or(SubscribeReasonCode::Failure)
+                            })
+                            .collect();
+                    }
+                    self.write(Packet::SubAck(suback, props))?;
+                }
+                packet => self.write(packet)?,
+            },
+            Notification::Unschedule => return Ok(true),
+            Notification::Disconnect(disconnect, _) => {
+                return Err(End::protocol(
+                    disconnect.reason_code,
+                    "router closed the session",
+                ));
+            }
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    /// Caps the PUBLISH just encoded at `start` to the QoS it was published with.
+    fn cap_qos(
+        &mut self,
+        start: usize,
+        origin: u8,
+        (topic, payload, retain, props): (
+            Bytes,
+            Bytes,
+            bool,
+            Option<rumqttd::protocol::PublishProperties>,
+        ),
+    ) -> Result<(), End> {
+        let delivered = (self.wbuf[start] >> 1) & 0b11;
+        if delivered <= origin {
+            return Ok(());
+        }
+        let encoded = &self.wbuf[start..];
+        let pkid = frame::peek_header(encoded, usize::MAX)
+            .ok()
+            .flatten()
+            .and_then(|h| frame::publish_packet_id(encoded, &h))
+            .ok_or_else(|| {
+                End::protocol(
+                    DisconnectReasonCode::ImplementationSpecificError,
+                    "encoded PUBLISH has no packet id",
+                )
+            })?;
+        if origin == 1 {
+            // QoS 2 and QoS 1 PUBLISH frames differ only in the QoS bits.
+            self.wbuf[start] = (self.wbuf[start] & !0b0110) | 0b0010;
+            self.capped_2to1.insert(pkid);
+            return Ok(());
+        }
+        self.wbuf.truncate(start);
+        self.write(Packet::Publish(Publish::new(topic, payload, retain), props))?;
+        if delivered == 1 {
+            let ack = PubAck {
+                pkid,
+                reason: PubAckReason::Success,
+            };
+            self.to_router.push(Packet::PubAck(ack, None));
+        } else {
+            self.router_ack_qos2(pkid);
+        }
+        Ok(())
+    }
+
+    /// Acknowledges a router QoS 2 delivery (PUBREC now, PUBCOMP when its PUBREL comes).
+    fn router_ack_qos2(&mut self, pkid: u16) {
+        let rec = PubRec {
+            pkid,
+            reason: PubRecReason::Success,
+        };
+        self.to_router.push(Packet::PubRec(rec, None));
+        self.absorb_pubrel.insert(pkid);
     }
 }
 
@@ -865,4 +989,31 @@ pub(crate) fn publish_with_qos(
     raw.extend_from_slice(topic);
     raw.extend_from_slice(payload);
     Publish::deserialize(raw.freeze())
+}
+
+#[cfg(test)]
+mod footprint {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_socket_before_connect_holds_a_small_future() {
+        let registry = Arc::new(crate::auth::StaticRegistry::demo());
+        let (outbox, _t) =
+            crate::events::Outbox::start(Box::new(crate::events::StdoutSink::new()), 10);
+        let ctx = Arc::new(SessionContext {
+            broker: Broker::start(&crate::broker::BrokerConfig::default()),
+            hooks: Hooks::new(registry.clone(), registry).with_observer(Arc::new(
+                crate::hooks::ConnectionEvents::new(outbox, String::new()),
+            )),
+            registry: SessionRegistry::default(),
+            connect_timeout: Duration::from_secs(1),
+            max_packet_size: 1024,
+            shutdown: CancellationToken::new(),
+        });
+        let (a, _b) = tokio::io::duplex(64);
+        let fut = serve(ctx, a, "127.0.0.1:1".parse().unwrap());
+        // Every accepted socket holds this much until its CONNECT arrives.
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 2048, "serve future grew to {size} bytes");
+    }
 }

@@ -77,9 +77,11 @@ impl LiveSession {
         if let Some(will) = self.will.take().filter(|_| publish_will) {
             let pkid = u16::from(will.qos as u8 > 0);
             let publish = publish_with_qos(&will.topic, &will.message, will.qos, will.retain, pkid);
+            let mut props = None;
+            super::qos::mark_origin(&mut props, will.qos as u8);
             self.link_tx
                 .buffer()
-                .push_back(Packet::Publish(publish, None));
+                .push_back(Packet::Publish(publish, props));
         }
         // A DISCONNECT through the link is the only public way to make the router drop it.
         let disconnect = Packet::Disconnect(

@@ -255,6 +255,24 @@ impl Adapter {
         event
     }
 
+    /// Awaits `expected.len()` events and asserts they are exactly `expected` (client id, type) in
+    /// any order, for sessions that end concurrently.
+    pub async fn expect_events_unordered(&mut self, expected: &[(&str, &str)]) -> Vec<Event> {
+        let mut got = Vec::new();
+        for _ in expected {
+            got.push(self.next_event().await);
+        }
+        let mut have: Vec<(&str, &str)> = got
+            .iter()
+            .map(|e| (e.client_id.as_str(), e.event_type.as_str()))
+            .collect();
+        let mut want = expected.to_vec();
+        have.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(have, want, "events (any order); got {got:?}");
+        got
+    }
+
     pub async fn expect_connect(&mut self, client_id: &str) -> Event {
         self.expect_event(client_id, "connect").await
     }

@@ -438,7 +438,7 @@ impl MosquittoSub {
             }
         })
         .await
-        .expect("mosquitto_sub did not receive the message within the wait");
+        .unwrap_or_else(|_| panic!("mosquitto_sub did not receive {payload:?} within the wait"));
         let status = tokio::time::timeout(WAIT, self.child.wait())
             .await
             .expect("mosquitto_sub did not exit after its message")
@@ -448,6 +448,7 @@ impl MosquittoSub {
 }
 
 /// Runs `mosquitto_pub` once and asserts it succeeded.
+#[allow(clippy::too_many_arguments)] // mirrors the CLI flags one to one
 pub async fn mosquitto_pub(
     port: u16,
     version: &str,
