@@ -60,7 +60,10 @@ async fn open(port: u16, client_id: &str) -> TcpStream {
         .await
         .expect("connect to the in-process adapter");
     stream.set_nodelay(true).expect("nodelay");
-    stream.write_all(&connect(client_id)).await.expect("CONNECT");
+    stream
+        .write_all(&connect(client_id))
+        .await
+        .expect("CONNECT");
     let mut connack = [0u8; 4];
     stream.read_exact(&mut connack).await.expect("CONNACK");
     assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK refused");
