@@ -1,11 +1,12 @@
 //! The embedded broker: rumqttd's router running in its own thread, and the links sessions use
 //! to drive it. No rumqttd listener is ever opened; the adapter's sessions speak MQTT to devices.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
 use rumqttd::{Notification, Router, RouterConfig};
 
 type LinkFactory =
@@ -15,6 +16,9 @@ type LinkFactory =
 #[derive(Debug, thiserror::Error)]
 #[error("router refused the link: {0}")]
 pub struct LinkRefused(String);
+
+/// Inbound packets a new link's queue holds before it has to grow.
+const LINK_QUEUE_START: usize = 8;
 
 /// The router plus the bookkeeping that keeps its per-client state bounded.
 pub struct Broker {
@@ -29,7 +33,10 @@ pub struct Broker {
 struct RouterNames {
     free: Vec<u32>,
     next: u32,
-    persistent: HashSet<String>,
+    /// Client ids with persistent state in the router, with a generation bumped by every
+    /// persistent session, so an expiry scheduled by an older session is recognised as stale.
+    persistent: HashMap<String, u64>,
+    generation: u64,
 }
 
 /// A router name held by a session, returned to the pool when released.
@@ -103,10 +110,12 @@ impl Broker {
     pub fn name_for(&self, client_id: &str, clean: bool) -> RouterName {
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         if !clean {
-            names.persistent.insert(client_id.to_owned());
+            names.generation += 1;
+            let generation = names.generation;
+            names.persistent.insert(client_id.to_owned(), generation);
             return RouterName::Persistent(client_id.to_owned());
         }
-        if names.persistent.remove(client_id) {
+        if names.persistent.remove(client_id).is_some() {
             // Connecting this name with clean = true makes the router drop the old state.
             return RouterName::Persistent(client_id.to_owned());
         }
@@ -116,6 +125,41 @@ impl Broker {
                 names.next += 1;
                 RouterName::Pooled(names.next)
             }
+        }
+    }
+
+    /// The generation of `client_id`'s persistent state, if it has any.
+    pub fn persistent_generation(&self, client_id: &str) -> Option<u64> {
+        let names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        names.persistent.get(client_id).copied()
+    }
+
+    /// Discards `client_id`'s persistent router state if it is still of `generation`: the
+    /// router drops a session's state when a clean link takes its name.
+    pub async fn expire(self: &Arc<Self>, client_id: &str, generation: u64) {
+        {
+            let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+            if names.persistent.get(client_id) != Some(&generation) {
+                return;
+            }
+            names.persistent.remove(client_id);
+        }
+        match self
+            .link(&RouterName::Persistent(client_id.to_owned()), true)
+            .await
+        {
+            Ok((mut link_tx, _link_rx, _ack)) => {
+                let disconnect = Packet::Disconnect(
+                    Disconnect {
+                        reason_code: DisconnectReasonCode::NormalDisconnection,
+                    },
+                    None,
+                );
+                if let Err(e) = link_tx.send(disconnect).await {
+                    tracing::warn!(client_id, error = %e, "expired session not released");
+                }
+            }
+            Err(e) => tracing::warn!(client_id, error = %e, "expired session not discarded"),
         }
     }
 
@@ -139,9 +183,15 @@ impl Broker {
     ) -> Result<(LinkTx, LinkRx, Notification), LinkRefused> {
         let broker = self.clone();
         let id = name.as_router_id();
-        tokio::task::spawn_blocking(move || (broker.connect)(&id, clean))
-            .await
-            .unwrap_or_else(|e| Err(LinkRefused(e.to_string())))
+        tokio::task::spawn_blocking(move || {
+            let (link_tx, link_rx, ack) = (broker.connect)(&id, clean)?;
+            // rumqttd sizes every link's inbound queue for 200 packets (~78 KB); most devices
+            // never queue more than a few, and the queue grows again when one does.
+            link_tx.buffer().shrink_to(LINK_QUEUE_START);
+            Ok((link_tx, link_rx, ack))
+        })
+        .await
+        .unwrap_or_else(|e| Err(LinkRefused(e.to_string())))
     }
 }
 

@@ -17,9 +17,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::FutureExt;
 use rumqttd::local::LinkRx;
 use rumqttd::protocol::{
-    ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode,
-    LastWill, Login, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, Publish, QoS, SubAck, SubscribeReasonCode,
+    ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, Disconnect,
+    DisconnectReasonCode, LastWill, Login, Packet, PingResp, PubAck, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecReason, Publish, QoS, SubAck, SubscribeReasonCode,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -91,12 +91,17 @@ async fn connected<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let Packet::Connect(connect, _props, will, _will_props, login) = packet else {
+    let Packet::Connect(connect, props, will, _will_props, login) = packet else {
         tracing::info!(%peer, "closed: first packet is not CONNECT");
         return;
     };
-    let Some(mut session) = accept(&ctx, &mut stream, peer, &codec, connect, will, login).await
-    else {
+    let request = ConnectRequest {
+        persistence: Persistence::of(codec.version(), connect.clean_session, props.as_ref()),
+        connect,
+        will,
+        login,
+    };
+    let Some(mut session) = accept(&ctx, &mut stream, peer, &codec, request).await else {
         return;
     };
     let end = run(&ctx, &mut session, &mut stream, rbuf, codec).await;
@@ -256,13 +261,17 @@ async fn accept<S>(
     stream: &mut S,
     peer: SocketAddr,
     codec: &Codec,
-    connect: Connect,
-    will: Option<LastWill>,
-    login: Option<Login>,
+    request: ConnectRequest,
 ) -> Option<Accepted>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let ConnectRequest {
+        connect,
+        persistence,
+        will,
+        login,
+    } = request;
     let version = codec.version();
     let refuse = |v311: ConnectReturnCode, v5: ConnectReturnCode| match version {
         ProtocolVersion::V311 => v311,
@@ -349,14 +358,21 @@ where
     };
 
     let registration = ctx.registry.register(&mqtt_client_id, &ctx.shutdown).await;
-    let router_name = ctx.broker.name_for(&mqtt_client_id, clean);
+    if clean && !persistence.router_clean {
+        // A clean start that persists afterwards: discard the old state first.
+        if let Some(generation) = ctx.broker.persistent_generation(&mqtt_client_id) {
+            ctx.broker.expire(&mqtt_client_id, generation).await;
+        }
+    }
+    let router_clean = persistence.router_clean;
+    let router_name = ctx.broker.name_for(&mqtt_client_id, router_clean);
     let info = SessionInfo {
         identity,
         mqtt_client_id,
         version,
         peer,
     };
-    let (link_tx, link_rx, ack) = match ctx.broker.link(&router_name, clean).await {
+    let (link_tx, link_rx, ack) = match ctx.broker.link(&router_name, router_clean).await {
         Ok(link) => link,
         Err(e) => {
             ctx.broker.release(router_name);
@@ -373,10 +389,19 @@ where
             return None;
         }
     };
-    let mut live = LiveSession::new(ctx.clone(), info, link_tx, router_name, registration, will);
+    let expiry = (!router_clean).then_some(persistence.expiry);
+    let mut live = LiveSession::new(
+        ctx.clone(),
+        info,
+        link_tx,
+        router_name,
+        registration,
+        will,
+        expiry,
+    );
 
     let session_present = match Option::<Packet>::from(ack) {
-        Some(Packet::ConnAck(ack, _)) => !clean && ack.session_present,
+        Some(Packet::ConnAck(ack, _)) => !clean && !router_clean && ack.session_present,
         _ => false,
     };
     let props = (version == ProtocolVersion::V5).then(|| ConnAckProperties {
@@ -410,6 +435,44 @@ where
         version,
         keep_alive,
     })
+}
+
+/// What a CONNECT asks for.
+struct ConnectRequest {
+    connect: Connect,
+    persistence: Persistence,
+    will: Option<LastWill>,
+    login: Option<Login>,
+}
+
+/// How long a session's state outlives its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Persistence {
+    /// Whether the router link starts and ends without state.
+    router_clean: bool,
+    /// How long the state is kept after disconnect when the link is not clean (`None`: forever).
+    expiry: Option<Duration>,
+}
+
+impl Persistence {
+    /// 3.1.1: clean session or kept forever. 5: clean start decides the start, the session
+    /// expiry interval (default 0, 0xFFFFFFFF = never) how long the state outlives the connection.
+    fn of(version: ProtocolVersion, clean: bool, props: Option<&ConnectProperties>) -> Self {
+        match version {
+            ProtocolVersion::V311 => Persistence {
+                router_clean: clean,
+                expiry: None,
+            },
+            ProtocolVersion::V5 => {
+                let interval = props.and_then(|p| p.session_expiry_interval).unwrap_or(0);
+                Persistence {
+                    router_clean: clean && interval == 0,
+                    expiry: (interval != u32::MAX)
+                        .then(|| Duration::from_secs(u64::from(interval))),
+                }
+            }
+        }
+    }
 }
 
 /// How a topic or filter was refused; remembered per session.
@@ -675,7 +738,9 @@ impl Relay<'_> {
                 if self.topic_cache.len() >= TOPIC_CACHE_SIZE {
                     self.topic_cache.clear();
                 }
-                self.topic_cache.insert(publish.topic.clone(), d.clone());
+                // A copy: the frame's bytes would pin the whole read buffer they came in.
+                self.topic_cache
+                    .insert(Bytes::copy_from_slice(&publish.topic), d.clone());
                 d
             }
         };
@@ -709,12 +774,11 @@ impl Relay<'_> {
                     Ok(TopicKind::Channel(c)) => Some(c),
                     _ => None,
                 };
-                let topic = if canonical == text {
-                    topic.clone()
-                } else {
-                    Bytes::from(canonical)
-                };
-                Ok(Arc::new(PublishRoute { topic, channel }))
+                // Owned bytes: the frame's would pin the whole read buffer they came in.
+                Ok(Arc::new(PublishRoute {
+                    topic: Bytes::from(canonical),
+                    channel,
+                }))
             }
             TopicDecision::Deny => Err(Refusal::Denied),
             TopicDecision::Invalid(_) => Err(Refusal::Invalid),

@@ -46,23 +46,7 @@ impl SessionRegistry {
                         old.takeover.cancel();
                         (old.id, old.done.clone())
                     }
-                    None => {
-                        let takeover = shutdown.child_token();
-                        let (done_tx, done_rx) = watch::channel(());
-                        sessions.insert(
-                            client_id.to_owned(),
-                            Entry {
-                                id,
-                                takeover: takeover.clone(),
-                                done: done_rx,
-                            },
-                        );
-                        return Registration {
-                            id,
-                            takeover,
-                            _done: done_tx,
-                        };
-                    }
+                    None => return insert(&mut sessions, client_id, id, shutdown),
                 }
             };
             // `changed` errors once the old session drops its Registration.
@@ -80,11 +64,48 @@ impl SessionRegistry {
         }
     }
 
+    /// Registers `client_id` only if no session holds it.
+    pub fn try_register(
+        &self,
+        client_id: &str,
+        shutdown: &CancellationToken,
+    ) -> Option<Registration> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions.contains_key(client_id) {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        Some(insert(&mut sessions, client_id, id, shutdown))
+    }
+
     /// Removes the entry if it still belongs to session `id`.
     pub fn unregister(&self, client_id: &str, id: u64) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if sessions.get(client_id).is_some_and(|e| e.id == id) {
             sessions.remove(client_id);
         }
+    }
+}
+
+fn insert(
+    sessions: &mut HashMap<String, Entry>,
+    client_id: &str,
+    id: u64,
+    shutdown: &CancellationToken,
+) -> Registration {
+    let takeover = shutdown.child_token();
+    let (done_tx, done_rx) = watch::channel(());
+    sessions.insert(
+        client_id.to_owned(),
+        Entry {
+            id,
+            takeover: takeover.clone(),
+            done: done_rx,
+        },
+    );
+    Registration {
+        id,
+        takeover,
+        _done: done_tx,
     }
 }

@@ -3,6 +3,7 @@
 //! on every path, including a panic (through `Drop`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use rumqttd::local::{LinkError, LinkTx};
@@ -21,6 +22,8 @@ pub(super) struct LiveSession {
     router_name: Option<RouterName>,
     registration: Option<Registration>,
     will: Option<LastWill>,
+    /// `Some` when the router keeps this session's state after it ends: for how long.
+    expiry: Option<Option<Duration>>,
     announced: bool,
     ended: bool,
 }
@@ -33,6 +36,7 @@ impl LiveSession {
         router_name: RouterName,
         registration: Registration,
         will: Option<LastWill>,
+        expiry: Option<Option<Duration>>,
     ) -> Self {
         LiveSession {
             ctx,
@@ -41,6 +45,7 @@ impl LiveSession {
             router_name: Some(router_name),
             registration: Some(registration),
             will,
+            expiry,
             announced: false,
             ended: false,
         }
@@ -98,11 +103,66 @@ impl LiveSession {
         if self.announced {
             self.ctx.hooks.disconnected(&self.info, reason);
         }
-        if let Some(registration) = self.registration.take() {
-            self.ctx
-                .registry
-                .unregister(&self.info.mqtt_client_id, registration.id);
+        let registration = self.registration.take();
+        match (self.expiry, registration) {
+            (Some(Some(Duration::ZERO)), Some(registration)) => {
+                // The state ends with the connection: discard it while still holding the
+                // client id, so a reconnect waits for the discard instead of resuming.
+                self.discard_now(registration);
+            }
+            (expiry, registration) => {
+                if let Some(registration) = registration {
+                    self.ctx
+                        .registry
+                        .unregister(&self.info.mqtt_client_id, registration.id);
+                }
+                if let Some(Some(after)) = expiry {
+                    self.schedule_expiry(after);
+                }
+            }
         }
+    }
+
+    fn discard_now(&self, registration: Registration) {
+        let ctx = self.ctx.clone();
+        let client_id = self.info.mqtt_client_id.clone();
+        let generation = ctx.broker.persistent_generation(&client_id);
+        let discard = async move {
+            if let Some(generation) = generation {
+                ctx.broker.expire(&client_id, generation).await;
+            }
+            ctx.registry.unregister(&client_id, registration.id);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(discard)),
+            Err(_) => tracing::warn!("no runtime to discard an ended session's state"),
+        }
+    }
+
+    /// Discards the router state after `after`, unless the client reconnected meanwhile.
+    fn schedule_expiry(&self, after: Duration) {
+        let (Ok(runtime), Some(generation)) = (
+            tokio::runtime::Handle::try_current(),
+            self.ctx
+                .broker
+                .persistent_generation(&self.info.mqtt_client_id),
+        ) else {
+            return;
+        };
+        let ctx = self.ctx.clone();
+        let client_id = self.info.mqtt_client_id.clone();
+        runtime.spawn(async move {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(after) => {}
+            }
+            // Holding the client id keeps a reconnect from racing the discard.
+            let Some(registration) = ctx.registry.try_register(&client_id, &ctx.shutdown) else {
+                return;
+            };
+            ctx.broker.expire(&client_id, generation).await;
+            ctx.registry.unregister(&client_id, registration.id);
+        });
     }
 }
 
