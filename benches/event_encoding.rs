@@ -2,7 +2,9 @@
 //! NATS JetStream and RabbitMQ all carry it); the Redis Streams field list joins this file when
 //! the Redis sink lands.
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+mod common;
+
+use criterion::{black_box, Criterion};
 use mqtt_adapter::events::{ConnectionEvent, EventType};
 
 fn json(c: &mut Criterion) {
@@ -15,5 +17,8 @@ fn json(c: &mut Criterion) {
     c.bench_function("event_json", |b| b.iter(|| black_box(&event).to_json()));
 }
 
-criterion_group!(benches, json);
-criterion_main!(benches);
+fn main() {
+    let mut criterion = common::criterion();
+    json(&mut criterion);
+    criterion.final_summary();
+}

@@ -3,11 +3,13 @@
 //! one subscriber on loopback TCP, MQTT 3.1.1, QoS 0; per message alone (latency) and in batches of
 //! 100 (throughput). Connection events go to this process's stdout.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput};
 use mqtt_adapter::{Config, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -117,7 +119,9 @@ fn session_path(c: &mut Criterion) {
     let one = publish();
 
     let mut group = c.benchmark_group("session_path");
-    group.measurement_time(Duration::from_secs(5));
+    if common::benchmarking() {
+        group.measurement_time(Duration::from_secs(5));
+    }
     for batch in [1usize, 100] {
         let burst: Vec<u8> = one.repeat(batch);
         group.throughput(Throughput::Elements(batch as u64));
@@ -148,5 +152,8 @@ fn session_path(c: &mut Criterion) {
     runtime.block_on(server.shutdown());
 }
 
-criterion_group!(benches, session_path);
-criterion_main!(benches);
+fn main() {
+    let mut criterion = common::criterion();
+    session_path(&mut criterion);
+    criterion.final_summary();
+}

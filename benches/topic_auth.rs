@@ -2,9 +2,11 @@
 //! authorization decision against the static registry (an in-memory hit, which is also what a
 //! cached remote decision costs once the supermq backend's cache answers).
 
+mod common;
+
 use std::path::Path;
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use criterion::{black_box, Criterion};
 use mqtt_adapter::auth::{authorize_topic, Identity, StaticRegistry, TopicDecision};
 use mqtt_adapter::topic::{parse, Usage};
 
@@ -80,5 +82,9 @@ fn authorize(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, topic_parse, authorize);
-criterion_main!(benches);
+fn main() {
+    let mut criterion = common::criterion();
+    topic_parse(&mut criterion);
+    authorize(&mut criterion);
+    criterion.final_summary();
+}
