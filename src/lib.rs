@@ -4,6 +4,7 @@
 //! one `connect` and one `disconnect` event.
 
 pub mod auth;
+pub mod bench;
 pub mod bridge;
 pub mod broker;
 pub mod config;

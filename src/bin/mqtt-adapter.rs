@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use mqtt_adapter::auth::StaticRegistry;
 use mqtt_adapter::{Config, Server};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 // rumqttd gives every link queues sized for hundreds of packets that idle devices never fill;
@@ -34,10 +36,18 @@ async fn main() -> ExitCode {
         }
     };
     // stdout carries connection events only: logs go to stderr.
+    // rumqttd's router opens ERROR-level spans for every publish (formatting the topic); no filter
+    // level turns them off, and under load they cost the router thread ~40% of its time (perf,
+    // benches/RESULTS.md). Its events still pass the filter; its spans never do.
+    let router_spans_off = tracing_subscriber::filter::filter_fn(|meta| {
+        !(meta.is_span() && meta.target().starts_with("rumqttd"))
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .finish()
+        .with(router_spans_off)
         .init();
 
     let server = match Server::start(&config).await {

@@ -1,0 +1,317 @@
+//! The `mqtt-bench` command line: one subcommand per scenario, the connection and load options
+//! they share.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Load and latency benchmarks for MQTT brokers (the adapter, Mosquitto, rumqttd, ...).
+#[derive(Debug, Parser)]
+#[command(name = "mqtt-bench", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Scenario {
+    /// N publishers -> 1 subscriber (messages/s the broker can collect).
+    FanIn(Throughput),
+    /// 1 publisher -> N subscribers (deliveries/s the broker can spread).
+    FanOut(Throughput),
+    /// N independent publisher/subscriber pairs, each on its own topic.
+    Pairs(Throughput),
+    /// N clients connect with credentials at a target rate, each holding its connection for a while.
+    ConnectStorm(Storm),
+    /// One publisher at a fixed rate, one subscriber: publish -> deliver percentiles.
+    Latency(Latency),
+}
+
+impl Scenario {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scenario::FanIn(_) => "fan-in",
+            Scenario::FanOut(_) => "fan-out",
+            Scenario::Pairs(_) => "pairs",
+            Scenario::ConnectStorm(_) => "connect-storm",
+            Scenario::Latency(_) => "latency",
+        }
+    }
+
+    pub fn common(&self) -> &Common {
+        match self {
+            Scenario::FanIn(t) | Scenario::FanOut(t) | Scenario::Pairs(t) => &t.common,
+            Scenario::ConnectStorm(s) => &s.common,
+            Scenario::Latency(l) => &l.common,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub enum MqttVersion {
+    #[value(name = "3.1.1", alias = "4")]
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[value(name = "5")]
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// Where and how every client of a run connects.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// Broker host.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Broker port.
+    #[arg(long, short = 'p', default_value_t = 1883)]
+    pub port: u16,
+    /// MQTT protocol version.
+    #[arg(
+        long = "mqtt-version",
+        short = 'V',
+        value_enum,
+        default_value = "3.1.1"
+    )]
+    pub version: MqttVersion,
+    /// Connect over TLS, trusting the CA certificate in this PEM file.
+    #[arg(long = "tls-ca", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// Username for every client (with --password).
+    #[arg(long, short = 'u')]
+    pub username: Option<String>,
+    /// Password for every client.
+    #[arg(long, short = 'P')]
+    pub password: Option<String>,
+    /// File of `username:password` lines; client i uses line i (wrapping). Overrides -u/-P.
+    #[arg(long, value_name = "FILE")]
+    pub credentials_file: Option<PathBuf>,
+    /// Keep-alive in seconds (some brokers refuse 0).
+    #[arg(long, default_value_t = 60)]
+    pub keep_alive: u64,
+    /// Client identifier prefix; client ids are `<prefix>-<role>-<n>`.
+    #[arg(long, default_value = "bench")]
+    pub client_prefix: String,
+    /// Print one JSON object with the results instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Message load: what each publisher sends and for how long.
+#[derive(Debug, Args)]
+pub struct Load {
+    /// QoS of publishes and subscriptions.
+    #[arg(long, short = 'q', default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub qos: u8,
+    /// Payload size in bytes (at least 24: a sequence number and a send timestamp).
+    #[arg(long, short = 's', default_value_t = 64)]
+    pub payload_size: usize,
+    /// Topic template: {domain}, {channel} and {n} (the publisher or pair number) are replaced.
+    #[arg(long, short = 't', default_value = "m/{domain}/c/{channel}/bench/{n}")]
+    pub topic: String,
+    /// Value of {domain} in the topic template.
+    #[arg(long, default_value = "bench-domain")]
+    pub domain: String,
+    /// Value of {channel} in the topic template.
+    #[arg(long, default_value = "bench-channel")]
+    pub channel: String,
+    /// How long to wait for outstanding deliveries after the last publish before counting them lost.
+    #[arg(long, value_parser = humantime_secs, default_value = "3")]
+    pub drain: Duration,
+    /// Unacknowledged QoS 1/2 publishes a client may have in flight.
+    #[arg(long, default_value_t = 100)]
+    pub inflight: u16,
+}
+
+/// fan-in, fan-out, pairs.
+#[derive(Debug, Args)]
+pub struct Throughput {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub load: Load,
+    /// Number of publishers (fan-in), subscribers (fan-out) or pairs.
+    #[arg(long, short = 'n', default_value_t = 10)]
+    pub clients: usize,
+    /// Messages to publish in all (split over the publishers).
+    #[arg(
+        long,
+        short = 'c',
+        default_value_t = 100_000,
+        conflicts_with = "duration"
+    )]
+    pub count: u64,
+    /// Publish for this many seconds instead of a message count.
+    #[arg(long, short = 'd', value_parser = humantime_secs)]
+    pub duration: Option<Duration>,
+}
+
+/// connect-storm.
+#[derive(Debug, Args)]
+pub struct Storm {
+    #[command(flatten)]
+    pub common: Common,
+    /// Clients to connect.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    pub clients: usize,
+    /// Target connects per second (0: as fast as --concurrency allows).
+    #[arg(long, short = 'r', default_value_t = 0)]
+    pub rate: u64,
+    /// CONNECT handshakes in progress at once.
+    #[arg(long, default_value_t = 50)]
+    pub concurrency: usize,
+    /// Seconds each client stays connected before it disconnects.
+    #[arg(long, value_parser = humantime_secs, default_value = "1")]
+    pub hold: Duration,
+}
+
+/// latency.
+#[derive(Debug, Args)]
+pub struct Latency {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub load: Load,
+    /// Publishes per second.
+    #[arg(long, short = 'r', default_value_t = 1000)]
+    pub rate: u64,
+    /// Messages to publish in all.
+    #[arg(
+        long,
+        short = 'c',
+        default_value_t = 10_000,
+        conflicts_with = "duration"
+    )]
+    pub count: u64,
+    /// Publish for this many seconds instead of a message count.
+    #[arg(long, short = 'd', value_parser = humantime_secs)]
+    pub duration: Option<Duration>,
+}
+
+/// Seconds, possibly fractional (`2`, `0.5`).
+fn humantime_secs(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(secs.is_finite() && secs >= 0.0) {
+        return Err(format!("{text:?} must be zero or more seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// What every client needs to open its connection, resolved from [`Common`].
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub host: String,
+    pub port: u16,
+    pub version: MqttVersion,
+    pub keep_alive: u64,
+    pub tls_ca: Option<Vec<u8>>,
+    pub inflight: u16,
+    pub credentials: Vec<(String, String)>,
+    pub client_prefix: String,
+}
+
+/// A bad option value, naming the option to change.
+#[derive(Debug, thiserror::Error)]
+pub enum OptionError {
+    #[error("--tls-ca {path}: {source}")]
+    TlsCa {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--credentials-file {path}: {message}")]
+    Credentials { path: PathBuf, message: String },
+    #[error("--username and --password go together: give both or neither")]
+    HalfCredentials,
+    #[error("--payload-size must be at least {min} bytes (sequence number and timestamp)")]
+    PayloadTooSmall { min: usize },
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+}
+
+impl Connection {
+    pub fn resolve(common: &Common, inflight: u16) -> Result<Connection, OptionError> {
+        let tls_ca = match &common.tls_ca {
+            None => None,
+            Some(path) => Some(std::fs::read(path).map_err(|source| OptionError::TlsCa {
+                path: path.clone(),
+                source,
+            })?),
+        };
+        let credentials = match (&common.credentials_file, &common.username, &common.password) {
+            (Some(path), _, _) => read_credentials(path)?,
+            (None, Some(user), Some(pass)) => vec![(user.clone(), pass.clone())],
+            (None, None, None) => Vec::new(),
+            (None, _, _) => return Err(OptionError::HalfCredentials),
+        };
+        Ok(Connection {
+            host: common.host.clone(),
+            port: common.port,
+            version: common.version,
+            keep_alive: common.keep_alive,
+            tls_ca,
+            inflight: inflight.max(1),
+            credentials,
+            client_prefix: common.client_prefix.clone(),
+        })
+    }
+
+    /// The credentials of client number `n`, if any were given.
+    pub fn credentials_for(&self, n: usize) -> Option<(&str, &str)> {
+        if self.credentials.is_empty() {
+            return None;
+        }
+        let (user, pass) = &self.credentials[n % self.credentials.len()];
+        Some((user.as_str(), pass.as_str()))
+    }
+
+    pub fn client_id(&self, role: &str, n: usize) -> String {
+        format!("{}-{role}-{n}", self.client_prefix)
+    }
+}
+
+fn read_credentials(path: &PathBuf) -> Result<Vec<(String, String)>, OptionError> {
+    let bad = |message: String| OptionError::Credentials {
+        path: path.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (user, pass) = line
+            .split_once(':')
+            .ok_or_else(|| bad(format!("line {}: expected username:password", i + 1)))?;
+        out.push((user.to_owned(), pass.to_owned()));
+    }
+    if out.is_empty() {
+        return Err(bad("no username:password line".into()));
+    }
+    Ok(out)
+}
+
+impl Load {
+    /// The topic of publisher (or pair) `n`.
+    pub fn topic(&self, n: usize) -> String {
+        self.topic
+            .replace("{domain}", &self.domain)
+            .replace("{channel}", &self.channel)
+            .replace("{n}", &n.to_string())
+    }
+
+    /// A filter matching every publisher's topic: the template with `{n}` (and what follows) as `#`.
+    pub fn filter_all(&self) -> String {
+        let template = match self.topic.find("{n}") {
+            Some(at) => format!("{}#", &self.topic[..at]),
+            None => self.topic.clone(),
+        };
+        template
+            .replace("{domain}", &self.domain)
+            .replace("{channel}", &self.channel)
+    }
+}
