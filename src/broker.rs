@@ -58,8 +58,9 @@ impl RouterName {
     }
 }
 
-/// Sizing of the router. Commit-log segments are kept small: every subscription filter holds up
-/// to `segment_size × segment_count` bytes in memory.
+/// Sizing of the router. Every subscription filter that carries traffic holds up to
+/// `segment_size × segment_count` bytes of recent messages; a subscriber further behind than that
+/// on one filter loses the oldest.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
     pub max_connections: usize,
@@ -71,7 +72,7 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
             max_connections: 100_000,
-            segment_size: 1024 * 1024,
+            segment_size: 8 * 1024 * 1024,
             segment_count: 4,
         }
     }

@@ -148,6 +148,17 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_DRAIN_GRACE", default_value_t = 0)]
     pub drain_grace: u64,
 
+    /// Bytes of one router commit-log segment. Each subscription filter keeps up to
+    /// segment size × segment count of recent messages; a subscriber that falls further behind
+    /// on one filter loses the oldest (QoS 1/2 included), so size this for the largest burst a
+    /// slow subscriber must absorb. Memory is used only by filters that carry traffic.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_ROUTER_SEGMENT_SIZE", default_value_t = 8 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(4096..=1 << 32))]
+    pub router_segment_size: u64,
+
+    /// Router commit-log segments kept per subscription filter (see the segment size).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_ROUTER_SEGMENT_COUNT", default_value_t = 4, value_parser = clap::value_parser!(u64).range(2..=1024))]
+    pub router_segment_count: u64,
+
     /// URL of the platform's clients service (Authenticate), e.g. http://clients:7005 (https:// for TLS); required with
     /// `--auth supermq`.
     #[arg(long, env = "SMQ_CLIENTS_GRPC_URL")]

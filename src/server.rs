@@ -113,7 +113,14 @@ impl Server {
             };
 
         let instance_id = uuid::Uuid::new_v4().to_string();
-        let broker = Broker::start(&BrokerConfig::default());
+        let broker = Broker::start(&BrokerConfig {
+            // Room for the bridge's links beside the device sessions.
+            max_connections: usize::try_from(config.max_connections)
+                .unwrap_or(usize::MAX)
+                .saturating_add(16),
+            segment_size: usize::try_from(config.router_segment_size).unwrap_or(usize::MAX),
+            segment_count: usize::try_from(config.router_segment_count).unwrap_or(usize::MAX),
+        });
         let bridge = match config.message_broker_url.as_deref() {
             None | Some("") => None,
             Some(url) => {
