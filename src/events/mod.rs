@@ -154,6 +154,18 @@ impl EventClock {
     }
 }
 
+/// A numbered `connect` event for unit tests; `occurred_at` is the number.
+#[cfg(test)]
+pub(crate) fn test_event(i: i64) -> ConnectionEvent {
+    ConnectionEvent {
+        client_id: format!("c{i}"),
+        event_type: EventType::Connect,
+        instance: String::new(),
+        occurred_at: i,
+        details: EventDetails::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

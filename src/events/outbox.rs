@@ -440,7 +440,7 @@ async fn drain(mut sink: Box<dyn EventSink>, mut rx: mpsc::Receiver<Item>, mut q
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{DataDir, EventDetails, EventType, SinkError};
+    use crate::events::{DataDir, SinkError};
     use async_trait::async_trait;
     use std::sync::Mutex;
 
@@ -468,15 +468,7 @@ mod tests {
         }
     }
 
-    fn event(i: i64) -> ConnectionEvent {
-        ConnectionEvent {
-            client_id: format!("c{i}"),
-            event_type: EventType::Connect,
-            instance: String::new(),
-            occurred_at: i,
-            details: EventDetails::default(),
-        }
-    }
+    use crate::events::test_event as event;
 
     #[tokio::test(start_paused = true)]
     async fn delivers_in_order_after_failures() {

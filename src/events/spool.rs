@@ -252,17 +252,8 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{EventDetails, EventType};
 
-    fn event(i: i64) -> ConnectionEvent {
-        ConnectionEvent {
-            client_id: format!("c{i}"),
-            event_type: EventType::Connect,
-            instance: String::new(),
-            occurred_at: i,
-            details: EventDetails::default(),
-        }
-    }
+    use crate::events::test_event as event;
 
     fn order(events: &[ConnectionEvent]) -> Vec<i64> {
         events.iter().map(|e| e.occurred_at).collect()
