@@ -148,16 +148,21 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_DRAIN_GRACE", default_value_t = 0)]
     pub drain_grace: u64,
 
-    /// Bytes of one router commit-log segment. Each subscription filter keeps up to
-    /// segment size × segment count of recent messages; a subscriber that falls further behind
-    /// on one filter loses the oldest (QoS 1/2 included), so size this for the largest burst a
-    /// slow subscriber must absorb. Memory is used only by filters that carry traffic.
-    #[arg(long, env = "SMQ_MQTT_ADAPTER_ROUTER_SEGMENT_SIZE", default_value_t = 8 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(4096..=1 << 32))]
-    pub router_segment_size: u64,
+    /// Deliveries queued per session (live or offline) for its device. When full, a QoS 1/2
+    /// message evicts the oldest queued QoS 0 one; otherwise the new message is dropped for that
+    /// session (counted in mqtt_adapter_messages_dropped_total{reason="queue_full"}).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_QUEUED_MESSAGES", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queued_messages: u64,
 
-    /// Router commit-log segments kept per subscription filter (see the segment size).
-    #[arg(long, env = "SMQ_MQTT_ADAPTER_ROUTER_SEGMENT_COUNT", default_value_t = 4, value_parser = clap::value_parser!(u64).range(2..=1024))]
-    pub router_segment_count: u64,
+    /// Bytes (topic + payload) queued per session; a single message larger than this is still
+    /// queued when the queue is empty.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_QUEUED_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queued_bytes: u64,
+
+    /// Retained topics kept in memory; beyond it a retained PUBLISH on a new topic is delivered
+    /// but not retained (counted).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_RETAINED", default_value_t = 100_000)]
+    pub max_retained: u64,
 
     /// URL of the platform's clients service (Authenticate), e.g. http://clients:7005 (https:// for TLS); required with
     /// `--auth supermq`.

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::auth::{
     self, AuthError, Authenticator, Authorizer, Credentials, Identity, TopicDecision,
 };
+use crate::broker::Message;
 use crate::events::{ConnectionEvent, EventClock, EventDetails, EventType, Outbox};
 use crate::session::codec::ProtocolVersion;
 use crate::topic::{ChannelTopic, Usage};
@@ -33,6 +34,10 @@ pub enum DisconnectReason {
     ProtocolError,
     Takeover,
     ServerShutdown,
+    /// An operator ended it (admin API).
+    Administrative,
+    /// The platform revoked the client's rights.
+    Revoked,
     /// The previous run died with the session open; reported by the next start.
     CrashRecovery,
 }
@@ -46,6 +51,8 @@ impl DisconnectReason {
             DisconnectReason::ProtocolError => "protocol_error",
             DisconnectReason::Takeover => "takeover",
             DisconnectReason::ServerShutdown => "server_shutdown",
+            DisconnectReason::Administrative => "administrative",
+            DisconnectReason::Revoked => "revoked",
             DisconnectReason::CrashRecovery => "crash_recovery",
         }
     }
@@ -63,8 +70,8 @@ pub struct PublishRoute {
 pub trait SessionObserver: Send + Sync {
     fn on_connected(&self, _session: &SessionInfo) {}
     fn on_disconnected(&self, _session: &SessionInfo, _reason: DisconnectReason) {}
-    /// An authorized device PUBLISH, before it enters the router.
-    fn on_publish(&self, _session: &SessionInfo, _route: &PublishRoute, _payload: &Bytes) {}
+    /// An authorized device PUBLISH (or will), before it enters the broker core.
+    fn on_publish(&self, _session: &SessionInfo, _route: &PublishRoute, _message: &Message) {}
 }
 
 /// The hooks every session runs through.
@@ -103,9 +110,9 @@ impl Hooks {
         }
     }
 
-    pub fn published(&self, session: &SessionInfo, route: &PublishRoute, payload: &Bytes) {
+    pub fn published(&self, session: &SessionInfo, route: &PublishRoute, message: &Message) {
         for o in &self.observers {
-            o.on_publish(session, route, payload);
+            o.on_publish(session, route, message);
         }
     }
 

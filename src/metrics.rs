@@ -12,6 +12,7 @@ use prometheus::{
 };
 
 use crate::auth::{AuthError, Authenticator, Credentials, Identity};
+use crate::broker::BrokerStats;
 use crate::events::OutboxStats;
 use crate::hooks::{DisconnectReason, SessionInfo, SessionObserver};
 
@@ -37,6 +38,11 @@ pub struct Metrics {
     pub packet_errors: IntCounterVec,
     /// Times a limit refused or closed a connection, by limit.
     pub limit_hits: IntCounterVec,
+    /// Deliveries a subscriber did not get, by reason.
+    messages_dropped: IntCounterVec,
+    /// Retained PUBLISHes not retained because the store was full.
+    retained_refused: IntCounter,
+    broker: Mutex<Option<Arc<BrokerStats>>>,
     events_pending: IntGauge,
     events_published: IntCounterVec,
     events_dropped: IntCounter,
@@ -136,6 +142,16 @@ impl Metrics {
                 "Connections refused or closed by a limit",
                 "limit",
             ),
+            messages_dropped: counter_vec(
+                "mqtt_adapter_messages_dropped_total",
+                "Deliveries a subscriber did not get, by reason (queue_full, session_ended, ...)",
+                "reason",
+            ),
+            retained_refused: counter(
+                "mqtt_adapter_retained_refused_total",
+                "Retained PUBLISHes delivered but not retained because the retained store was full",
+            ),
+            broker: Mutex::new(None),
             events_pending: gauge(
                 "mqtt_adapter_events_pending",
                 "Connection events accepted but not yet acknowledged by the event store",
@@ -159,8 +175,33 @@ impl Metrics {
         *self.outbox.lock().unwrap_or_else(|p| p.into_inner()) = Some((store, stats));
     }
 
+    /// Reports the broker core's counters (read at every scrape).
+    pub fn watch_broker(&self, stats: Arc<BrokerStats>) {
+        *self.broker.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            // Counters follow the core's atomics; the lock keeps two scrapes from adding twice.
+            let broker = self.broker.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(stats) = broker.as_ref() {
+                let follow = |counter: &IntCounter, total: u64| {
+                    counter.inc_by(total.saturating_sub(counter.get()));
+                };
+                for (reason, total) in [
+                    ("queue_full", &stats.dropped_queue_full),
+                    ("session_ended", &stats.dropped_session_ended),
+                ] {
+                    follow(
+                        &self.messages_dropped.with_label_values(&[reason]),
+                        total.load(Relaxed),
+                    );
+                }
+                follow(&self.retained_refused, stats.retained_refused.load(Relaxed));
+            }
+        }
         {
             use std::sync::atomic::Ordering::Relaxed;
             // The lock also keeps two scrapes from adding the same outbox delta twice.
@@ -248,8 +289,15 @@ mod tests {
             .published
             .store(3, std::sync::atomic::Ordering::Relaxed);
         metrics.watch_outbox("stdout", stats);
+        let broker = Arc::new(BrokerStats::default());
+        broker
+            .dropped_queue_full
+            .store(7, std::sync::atomic::Ordering::Relaxed);
+        metrics.watch_broker(broker);
         let text = metrics.render();
         for line in [
+            "mqtt_adapter_messages_dropped_total{reason=\"queue_full\"} 7",
+            "mqtt_adapter_messages_dropped_total{reason=\"session_ended\"} 0",
             "mqtt_adapter_connections 0",
             "mqtt_adapter_connects_total{result=\"accepted\"} 1",
             "mqtt_adapter_disconnects_total 0",

@@ -17,7 +17,7 @@ use crate::auth::grpc::{GrpcConfigError, GrpcService, PlatformAuth, PlatformAuth
 use crate::auth::static_registry::RegistryError;
 use crate::auth::{Authenticator, Authorizer, StaticRegistry};
 use crate::bridge::{Bridge, BridgeError, BridgeMetrics, BridgeSettings};
-use crate::broker::{Broker, BrokerConfig};
+use crate::broker::{Broker, BrokerConfig, QueueLimits};
 use crate::config::{AuthBackend, Config};
 use crate::events::store::is_external;
 use crate::events::{
@@ -30,7 +30,6 @@ use crate::listener::tls::{self, TlsConfigError};
 use crate::listener::{self, Accepting, ConnectRate, Transport};
 use crate::metrics::{Metrics, TimedAuthenticator};
 use crate::session::limits::Limits;
-use crate::session::registry::SessionRegistry;
 use crate::session::SessionContext;
 
 /// A configuration the adapter cannot start with; the message names what to change.
@@ -113,13 +112,12 @@ impl Server {
             };
 
         let instance_id = uuid::Uuid::new_v4().to_string();
-        let broker = Broker::start(&BrokerConfig {
-            // Room for the bridge's links beside the device sessions.
-            max_connections: usize::try_from(config.max_connections)
-                .unwrap_or(usize::MAX)
-                .saturating_add(16),
-            segment_size: usize::try_from(config.router_segment_size).unwrap_or(usize::MAX),
-            segment_count: usize::try_from(config.router_segment_count).unwrap_or(usize::MAX),
+        let broker = Broker::new(BrokerConfig {
+            queue: QueueLimits {
+                max_messages: usize::try_from(config.max_queued_messages).unwrap_or(usize::MAX),
+                max_bytes: usize::try_from(config.max_queued_bytes).unwrap_or(usize::MAX),
+            },
+            max_retained: usize::try_from(config.max_retained).unwrap_or(usize::MAX),
         });
         let bridge = match config.message_broker_url.as_deref() {
             None | Some("") => None,
@@ -158,6 +156,7 @@ impl Server {
             (outbox, task, None, None)
         };
         metrics.watch_outbox(store, outbox.stats());
+        metrics.watch_broker(broker.stats());
         let authenticator = Arc::new(TimedAuthenticator::new(authenticator, metrics.clone()));
         let mut hooks = Hooks::new(authenticator, authorizer);
         // The journal observes first: once a `connect` is in the store, its session is on disk.
@@ -198,9 +197,8 @@ impl Server {
         );
 
         let ctx = Arc::new(SessionContext {
-            broker,
+            broker: broker.clone(),
             hooks,
-            registry: SessionRegistry::default(),
             connect_timeout: config.connect_timeout(),
             max_packet_size: config.max_packet_size as usize,
             shutdown: CancellationToken::new(),
@@ -279,6 +277,11 @@ impl Server {
         self.health.set(Phase::Draining);
     }
 
+    /// The broker core (sessions, subscriptions, retained messages).
+    pub fn broker(&self) -> Arc<Broker> {
+        self.ctx.broker.clone()
+    }
+
     /// This process's UUID (the bus bridge's loop-prevention header).
     pub fn instance_id(&self) -> &str {
         &self.instance_id
@@ -313,6 +316,7 @@ impl Server {
             let _ = task.await;
         }
         self.sessions.close();
+        self.ctx.broker.stop();
         let sessions_done = tokio::time::timeout_at(deadline, self.sessions.wait())
             .await
             .is_ok();

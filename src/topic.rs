@@ -54,6 +54,8 @@ pub enum TopicError {
     EmptyChannel,
     #[error("filter is not a valid MQTT filter")]
     BadFilter,
+    #[error("topic holds the null character U+0000")]
+    NullCharacter,
 }
 
 /// Whether the text is a PUBLISH topic name or a SUBSCRIBE filter.
@@ -67,6 +69,10 @@ pub enum Usage {
 pub fn parse(topic: &str, usage: Usage) -> Result<TopicKind, TopicError> {
     if topic.is_empty() {
         return Err(TopicError::Empty);
+    }
+    // MQTT 4.7.3: no topic name or filter holds U+0000.
+    if topic.contains('\0') {
+        return Err(TopicError::NullCharacter);
     }
     if usage == Usage::Publish && (topic.contains('+') || topic.contains('#')) {
         return Err(TopicError::WildcardInPublish);
@@ -113,6 +119,9 @@ fn normalise_subtopic(raw: &str, usage: Usage) -> Result<String, TopicError> {
     let decoded = percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| TopicError::BadSubtopic("not UTF-8 after percent-decoding"))?;
+    if decoded.contains('\0') {
+        return Err(TopicError::NullCharacter);
+    }
     let trimmed = decoded.trim_matches(|c| c == '/' || c == ' ');
     if trimmed.contains(' ') {
         return Err(TopicError::BadSubtopic("contains a space"));
@@ -192,6 +201,21 @@ mod tests {
             Err(TopicError::WildcardInChannel)
         );
         assert!(parse("m/d/c/ch/a+", Usage::Subscribe).is_err());
+    }
+
+    #[test]
+    fn null_character_is_refused_raw_and_percent_encoded() {
+        for usage in [Usage::Publish, Usage::Subscribe] {
+            assert_eq!(
+                parse("m/d1/c/ch1/a%00b", usage),
+                Err(TopicError::NullCharacter)
+            );
+            assert_eq!(
+                parse("m/d1/c/ch1/a\0b", usage),
+                Err(TopicError::NullCharacter)
+            );
+            assert_eq!(parse("plain/\0", usage), Err(TopicError::NullCharacter));
+        }
     }
 
     #[test]

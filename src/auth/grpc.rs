@@ -203,9 +203,12 @@ impl PlatformAuth {
 }
 
 /// The `AuthnReq.token` for a username and password: `"Basic"` + base64(`user:pass`) (SPEC §3).
-pub fn basic_token(username: &str, password: &str) -> String {
-    let encoded =
-        base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+pub fn basic_token(username: &str, password: &[u8]) -> String {
+    let mut raw = Vec::with_capacity(username.len() + 1 + password.len());
+    raw.extend_from_slice(username.as_bytes());
+    raw.push(b':');
+    raw.extend_from_slice(password);
+    let encoded = base64::engine::general_purpose::STANDARD.encode(raw);
     format!("Basic{encoded}")
 }
 
@@ -306,7 +309,7 @@ mod tests {
 
     #[test]
     fn token_is_basic_then_base64_of_user_colon_pass() {
-        assert_eq!(basic_token("c1", "s1"), "BasicYzE6czE=");
+        assert_eq!(basic_token("c1", b"s1"), "BasicYzE6czE=");
     }
 
     #[tokio::test]

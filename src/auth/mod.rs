@@ -24,7 +24,8 @@ pub struct Identity {
 #[derive(Debug, Clone, Copy)]
 pub struct Credentials<'a> {
     pub username: Option<&'a str>,
-    pub password: Option<&'a str>,
+    /// Binary data (MQTT 3.1.3.5): compared as bytes, never required to be UTF-8.
+    pub password: Option<&'a [u8]>,
 }
 
 /// Why a CONNECT was refused.

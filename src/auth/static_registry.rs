@@ -220,8 +220,8 @@ impl StaticRegistry {
 }
 
 /// Compares secrets without an early exit, so timing does not reveal a matching prefix.
-fn secrets_match(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
+fn secrets_match(a: &str, b: &[u8]) -> bool {
+    let a = a.as_bytes();
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -235,7 +235,7 @@ impl Authenticator for StaticRegistry {
             }),
             None | Some("") => Err(AuthError::MissingCredentials),
             Some(username) => {
-                let password = credentials.password.unwrap_or("");
+                let password = credentials.password.unwrap_or_default();
                 match self.secrets.get(username) {
                     Some(secret) if secrets_match(secret, password) => Ok(Identity {
                         client_id: username.to_owned(),
@@ -316,12 +316,12 @@ actions = ["subscribe"]
         let r = StaticRegistry::from_toml(FILE, Path::new("f.toml")).unwrap();
         let ok = Credentials {
             username: Some("c1"),
-            password: Some("s1"),
+            password: Some(b"s1"),
         };
         assert_eq!(r.authenticate(ok).await, Ok(id("c1")));
         let bad = Credentials {
             username: Some("c1"),
-            password: Some("s2"),
+            password: Some(b"s2"),
         };
         assert_eq!(r.authenticate(bad).await, Err(AuthError::BadCredentials));
         let none = Credentials {

@@ -1,36 +1,31 @@
-//! Bridge in: every bus message on `m.>` that this process did not publish itself is delivered
-//! to local subscribers through one router link. A task reads NATS and queues (bounded) for a
-//! dedicated thread that feeds the link, because `LinkTx`'s send to the router blocks when the
-//! router is busy; another task drains the link's notifications so the router never parks it.
+//! Bridge in: every bus message on `m.>` that this process did not publish itself is published
+//! into the broker core, like a device PUBLISH, at the QoS its original publisher used (the
+//! [`QOS_HEADER`] set by the publishing instance; QoS 1 for a message without one, e.g. from
+//! another platform adapter). Publishing into the core never waits: each subscriber's queue takes
+//! the message or counts it as dropped.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use prost::Message as _;
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, Publish};
-use rumqttd::Notification;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::message::{topic_for, Message};
-use super::{BridgeMetrics, INSTANCE_HEADER};
+use super::{BridgeMetrics, INSTANCE_HEADER, QOS_HEADER};
+use crate::broker::{self, Broker, Origin};
 
 /// Subject of every channel message on the bus.
 pub(super) const SUBJECT: &str = "m.>";
-/// Messages handed to the router per signal.
-const BATCH: usize = 256;
 
-/// A bus message ready for the router: topic and payload.
-pub(super) type Incoming = (Bytes, Bytes);
+/// The QoS a bus message without [`QOS_HEADER`] is delivered with at most.
+const DEFAULT_QOS: u8 = 1;
 
-/// Reads `m.>` until shutdown and queues every foreign channel message for the router.
+/// Reads `m.>` until shutdown and publishes every foreign channel message into the core.
 pub(super) async fn receive(
     mut subscriber: async_nats::Subscriber,
     instance: String,
-    queue: mpsc::Sender<Incoming>,
+    broker: Arc<Broker>,
     metrics: Arc<BridgeMetrics>,
     shutdown: CancellationToken,
 ) {
@@ -42,12 +37,14 @@ pub(super) async fn receive(
                 None => break,
             },
         };
-        let own = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(INSTANCE_HEADER))
-            .is_some_and(|v| v.as_str() == instance);
-        if own {
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        if header(INSTANCE_HEADER).is_some_and(|v| v == instance) {
             metrics.in_own.fetch_add(1, Ordering::Relaxed);
             continue;
         }
@@ -60,68 +57,18 @@ pub(super) async fn receive(
             }
             continue;
         };
-        if queue.try_send((topic, decoded.payload)).is_err() {
-            let dropped = metrics.in_dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if dropped.is_power_of_two() {
-                tracing::warn!(
-                    dropped,
-                    "message bus bridge: router queue full, bus message not delivered"
-                );
-            }
-        }
+        let qos = header(QOS_HEADER)
+            .and_then(|v| v.parse::<u8>().ok())
+            .unwrap_or(DEFAULT_QOS)
+            .min(2);
+        broker.publish(broker::Message::new(
+            topic,
+            decoded.payload,
+            qos,
+            false,
+            Origin::Bus,
+        ));
+        metrics.in_delivered.fetch_add(1, Ordering::Relaxed);
     }
     let _ = subscriber.unsubscribe().await;
-}
-
-/// Feeds queued messages to the router as QoS 0 publishes; runs on its own thread and ends when
-/// the queue's senders are gone or the router is.
-pub(super) fn inject(
-    mut link_tx: LinkTx,
-    mut queue: mpsc::Receiver<Incoming>,
-    metrics: Arc<BridgeMetrics>,
-) {
-    while let Some(first) = queue.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match queue.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let count = batch.len() as u64;
-        let Some((topic, payload)) = batch.pop() else {
-            continue;
-        };
-        link_tx.buffer().extend(
-            batch
-                .into_iter()
-                .map(|(t, p)| Packet::Publish(Publish::new(t, p, false), None)),
-        );
-        // One signal for the whole batch; this send waits while the router's inbox is full.
-        if let Err(e) = link_tx.publish(topic, payload) {
-            tracing::warn!(error = %e, "message bus bridge: router link closed");
-            return;
-        }
-        metrics.in_delivered.fetch_add(count, Ordering::Relaxed);
-    }
-}
-
-/// Keeps the bridge's router link scheduled: it subscribes nothing, but the router still
-/// expects the link to take its notifications and to be woken after `Unschedule`.
-pub(super) async fn drain_link(mut link_rx: LinkRx, shutdown: CancellationToken) {
-    loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            next = link_rx.next() => next,
-        };
-        match next {
-            Ok(Some(Notification::Unschedule)) => {
-                if link_rx.wake().await.is_err() {
-                    return;
-                }
-            }
-            Ok(_) => {}
-            Err(_) => return,
-        }
-    }
 }

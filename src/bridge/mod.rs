@@ -24,8 +24,8 @@ pub use outbound::BusPublisher;
 
 /// NATS header naming the adapter process that published a message.
 pub const INSTANCE_HEADER: &str = "Smq-Mqtt-Adapter-Instance";
-/// The bridge's router link id (router ids may not hold `/ + # $`).
-const LINK_ID: &str = "bridge:nats";
+/// NATS header carrying the QoS (`0`, `1`, `2`) the device published with.
+pub const QOS_HEADER: &str = "Smq-Mqtt-Qos";
 
 /// Counters of the bridge, for the metrics endpoint.
 #[derive(Debug, Default)]
@@ -36,11 +36,12 @@ pub struct BridgeMetrics {
     pub out_dropped: AtomicU64,
     /// Device messages the NATS client refused.
     pub out_failed: AtomicU64,
-    /// Bus messages handed to the local router.
+    /// Bus messages published into the broker core.
     pub in_delivered: AtomicU64,
     /// Bus messages skipped because this process published them.
     pub in_own: AtomicU64,
-    /// Bus messages not delivered because the inbound queue was full.
+    /// Kept for the metrics endpoint: the inbound side no longer queues (subscriber queues
+    /// count their own drops), so this stays 0.
     pub in_dropped: AtomicU64,
     /// Bus messages on `m.>` that are not a channel subject or not a `messaging.Message`.
     pub in_invalid: AtomicU64,
@@ -51,7 +52,7 @@ pub struct BridgeMetrics {
 pub struct BridgeSettings {
     /// `nats://host:port` (comma-separated for a cluster).
     pub url: String,
-    /// Messages queued in each direction while the bus or the router is slow.
+    /// Device messages queued for the bus while it is slow or down.
     pub buffer: usize,
     /// This process's UUID, written into [`INSTANCE_HEADER`].
     pub instance_id: String,
@@ -66,8 +67,6 @@ pub enum BridgeError {
     Url(String, String),
     #[error("SMQ_MESSAGE_BROKER_URL: {0}")]
     Client(String),
-    #[error("message bus bridge: cannot open the router link: {0}")]
-    Link(String),
 }
 
 /// The running bridge.
@@ -111,10 +110,6 @@ impl Bridge {
             .subscribe(inbound::SUBJECT)
             .await
             .map_err(|e| BridgeError::Client(e.to_string()))?;
-        let (link_tx, link_rx, _ack) = broker
-            .named_link(LINK_ID)
-            .await
-            .map_err(|e| BridgeError::Link(e.to_string()))?;
 
         let metrics = Arc::new(BridgeMetrics::default());
         let shutdown = CancellationToken::new();
@@ -130,17 +125,10 @@ impl Bridge {
             shutdown.clone(),
         ));
 
-        let (in_tx, in_rx) = mpsc::channel(settings.buffer.max(1));
-        let inject_metrics = metrics.clone();
-        std::thread::Builder::new()
-            .name("bus-injector".into())
-            .spawn(move || inbound::inject(link_tx, in_rx, inject_metrics))
-            .map_err(|e| BridgeError::Link(e.to_string()))?;
-        tokio::spawn(inbound::drain_link(link_rx, shutdown.clone()));
         let inbound = tokio::spawn(inbound::receive(
             subscriber,
             settings.instance_id.clone(),
-            in_tx,
+            broker.clone(),
             metrics.clone(),
             shutdown.clone(),
         ));

@@ -12,7 +12,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::message::{subject_for, Message, PROTOCOL};
-use super::BridgeMetrics;
+use super::{BridgeMetrics, QOS_HEADER};
+use crate::broker::Message as CoreMessage;
 use crate::hooks::{PublishRoute, SessionInfo, SessionObserver};
 
 /// One encoded message waiting for the bus.
@@ -20,6 +21,8 @@ use crate::hooks::{PublishRoute, SessionInfo, SessionObserver};
 pub(super) struct Outgoing {
     subject: String,
     body: Bytes,
+    /// The QoS the device published with, carried to other instances in [`QOS_HEADER`].
+    qos: u8,
 }
 
 /// The session hook of the outbound bridge.
@@ -42,24 +45,26 @@ fn unix_nanos() -> i64 {
 }
 
 impl SessionObserver for BusPublisher {
-    fn on_publish(&self, session: &SessionInfo, route: &PublishRoute, payload: &Bytes) {
+    fn on_publish(&self, session: &SessionInfo, route: &PublishRoute, message: &CoreMessage) {
         // `hc/` and plain ACL topics stay local.
         let Some(channel) = &route.channel else {
             return;
         };
+        let message_qos = message.qos;
         let message = Message {
             channel: channel.channel.clone(),
             domain: channel.domain.clone(),
             subtopic: channel.dotted_subtopic(),
             publisher: session.identity.client_id.clone(),
             protocol: PROTOCOL.to_owned(),
-            payload: payload.clone(),
+            payload: message.payload.clone(),
             created: unix_nanos(),
             client_id: session.mqtt_client_id.clone(),
         };
         let outgoing = Outgoing {
             subject: subject_for(channel),
             body: Bytes::from(message.encode_to_vec()),
+            qos: message_qos,
         };
         if self.queue.try_send(outgoing).is_err() {
             let dropped = self.metrics.out_dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -81,6 +86,13 @@ pub(super) async fn drain(
     metrics: Arc<BridgeMetrics>,
     shutdown: CancellationToken,
 ) {
+    // One header set per QoS, built once.
+    let headers: [async_nats::HeaderMap; 3] = [0u8, 1, 2].map(|qos| {
+        let mut h = headers.clone();
+        h.insert(QOS_HEADER, qos.to_string().as_str());
+        h
+    });
+    let headers = &headers;
     loop {
         let outgoing = tokio::select! {
             biased;
@@ -90,10 +102,10 @@ pub(super) async fn drain(
             },
             _ = shutdown.cancelled() => break,
         };
-        publish(&client, outgoing, &headers, &metrics).await;
+        publish(&client, outgoing, headers, &metrics).await;
     }
     while let Ok(outgoing) = queue.try_recv() {
-        publish(&client, outgoing, &headers, &metrics).await;
+        publish(&client, outgoing, headers, &metrics).await;
     }
     if let Err(e) = tokio::time::timeout(Duration::from_secs(5), client.flush()).await {
         tracing::warn!(error = %e, "message bus bridge: flush at shutdown did not finish");
@@ -103,11 +115,12 @@ pub(super) async fn drain(
 async fn publish(
     client: &async_nats::Client,
     outgoing: Outgoing,
-    headers: &async_nats::HeaderMap,
+    headers: &[async_nats::HeaderMap; 3],
     metrics: &BridgeMetrics,
 ) {
+    let headers = headers[usize::from(outgoing.qos.min(2))].clone();
     match client
-        .publish_with_headers(outgoing.subject, headers.clone(), outgoing.body)
+        .publish_with_headers(outgoing.subject, headers, outgoing.body)
         .await
     {
         Ok(()) => {
@@ -141,6 +154,17 @@ mod tests {
         }
     }
 
+    fn core_message(qos: u8) -> CoreMessage {
+        let m = CoreMessage::new(
+            Bytes::from_static(b"m/d1/c/ch1"),
+            Bytes::from("p"),
+            qos,
+            false,
+            crate::broker::Origin::Bus,
+        );
+        std::sync::Arc::try_unwrap(m).expect("sole owner")
+    }
+
     fn route(channel: Option<ChannelTopic>) -> PublishRoute {
         PublishRoute {
             topic: Bytes::from_static(b"m/d1/c/ch1"),
@@ -159,11 +183,12 @@ mod tests {
             subtopic: "a/b".into(),
         };
         for _ in 0..3 {
-            publisher.on_publish(&session(), &route(Some(channel.clone())), &Bytes::from("p"));
+            publisher.on_publish(&session(), &route(Some(channel.clone())), &core_message(1));
         }
         assert_eq!(metrics.out_dropped.load(Ordering::Relaxed), 2);
         let queued = rx.try_recv().expect("one message queued");
         assert_eq!(queued.subject, "m.d1.c.ch1.a.b");
+        assert_eq!(queued.qos, 1);
         let message = Message::decode(queued.body).expect("messaging.Message");
         assert_eq!(
             (message.subtopic.as_str(), message.client_id.as_str()),
@@ -175,7 +200,7 @@ mod tests {
     fn non_channel_routes_are_not_bridged() {
         let (tx, mut rx) = mpsc::channel(4);
         let publisher = BusPublisher::new(tx, Arc::default());
-        publisher.on_publish(&session(), &route(None), &Bytes::from("p"));
+        publisher.on_publish(&session(), &route(None), &core_message(0));
         assert!(rx.try_recv().is_err());
     }
 }

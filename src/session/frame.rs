@@ -63,7 +63,117 @@ pub fn client_may_send(packet_type: u8) -> bool {
 
 pub const CONNECT: u8 = 1;
 pub const PUBLISH: u8 = 3;
+pub const PUBREL: u8 = 6;
+pub const SUBSCRIBE: u8 = 8;
+pub const UNSUBSCRIBE: u8 = 10;
 pub const DISCONNECT: u8 = 14;
+
+/// Whether the fixed header's flag bits are the ones MQTT fixes for the packet type (PUBREL,
+/// SUBSCRIBE and UNSUBSCRIBE 0b0010, everything but PUBLISH 0).
+pub fn fixed_flags_valid(header: &FrameHeader) -> bool {
+    let flags = header.byte1 & 0x0F;
+    match header.packet_type() {
+        PUBLISH => true,
+        PUBREL | SUBSCRIBE | UNSUBSCRIBE => flags == 0b0010,
+        _ => flags == 0,
+    }
+}
+
+/// A variable byte integer at `at`: (value, bytes it took).
+fn varint(body: &[u8], at: usize) -> Option<(usize, usize)> {
+    let (len, value) = rumqttd::protocol::v4::length(body.get(at..)?.iter()).ok()?;
+    Some((value, len))
+}
+
+/// A two-byte length-prefixed field at `at`: the range of its content.
+fn field(body: &[u8], at: usize) -> Option<std::ops::Range<usize>> {
+    let len = u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]) as usize;
+    let range = at + 2..at + 2 + len;
+    (range.end <= body.len()).then_some(range)
+}
+
+/// What the session reads from a CONNECT's raw bytes before the codec parses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectLayout {
+    /// The connect flags byte (bit 0 is reserved and must be 0).
+    pub flags: u8,
+    /// Where the password is in the frame, if present.
+    pub password: Option<std::ops::Range<usize>>,
+}
+
+/// Locates the connect flags and the password in a complete CONNECT frame of protocol
+/// `level` (4 or 5); `None` if the frame is too short for what its flags announce.
+pub fn connect_layout(frame: &[u8], header: &FrameHeader, level: u8) -> Option<ConnectLayout> {
+    let body = frame.get(header.header_len..header.frame_len())?;
+    let name = field(body, 0)?;
+    let flags = *body.get(name.end + 1)?;
+    let mut at = name.end + 4; // level, flags, keep alive
+    if level == 5 {
+        let (len, used) = varint(body, at)?;
+        at += used + len;
+    }
+    at = field(body, at)?.end; // client identifier
+    if flags & 0x04 != 0 {
+        if level == 5 {
+            let (len, used) = varint(body, at)?;
+            at += used + len;
+        }
+        at = field(body, at)?.end; // will topic
+        at = field(body, at)?.end; // will payload
+    }
+    if flags & 0x80 != 0 {
+        at = field(body, at)?.end; // user name
+    }
+    let password = if flags & 0x40 != 0 {
+        let range = field(body, at)?;
+        Some(range.start + header.header_len..range.end + header.header_len)
+    } else {
+        None
+    };
+    Some(ConnectLayout { flags, password })
+}
+
+/// Checks what the codec lets through in a complete SUBSCRIBE or UNSUBSCRIBE frame: at least
+/// one filter, and in a SUBSCRIBE no reserved option bit set, QoS at most 2 and (MQTT 5) retain
+/// handling at most 2. The error says what is malformed.
+pub fn check_subscription(
+    frame: &[u8],
+    header: &FrameHeader,
+    v5: bool,
+) -> Result<(), &'static str> {
+    let body = frame
+        .get(header.header_len..header.frame_len())
+        .ok_or("truncated packet")?;
+    let mut at = 2; // packet identifier
+    if v5 {
+        let (len, used) = varint(body, at).ok_or("malformed properties")?;
+        at += used + len;
+    }
+    let subscribe = header.packet_type() == SUBSCRIBE;
+    let mut filters = 0;
+    while at < body.len() {
+        at = field(body, at).ok_or("truncated topic filter")?.end;
+        filters += 1;
+        if subscribe {
+            let options = *body.get(at).ok_or("missing subscription options")?;
+            at += 1;
+            let reserved = if v5 { 0xC0 } else { 0xFC };
+            if options & reserved != 0 {
+                return Err("reserved subscription option bits set");
+            }
+            if options & 0b11 == 3 {
+                return Err("subscription QoS 3");
+            }
+            if v5 && (options >> 4) & 0b11 == 3 {
+                return Err("retain handling 3");
+            }
+        }
+    }
+    if filters == 0 {
+        return Err("no topic filter");
+    }
+    Ok(())
+}
 
 /// The protocol level byte of a complete CONNECT frame (4 = 3.1.1, 5 = 5, 3 = 3.1), or `None`
 /// when the frame does not carry a valid protocol name.
@@ -107,6 +217,53 @@ mod tests {
             peek_header(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], usize::MAX),
             Err(FrameError::MalformedLength)
         );
+    }
+
+    #[test]
+    fn connect_layout_finds_flags_and_password() {
+        // 3.1.1, user name "u" and password [0xff, 0x00].
+        let mut c = vec![0x10, 0];
+        c.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60]);
+        c.extend_from_slice(&[0, 1, b'i', 0, 1, b'u', 0, 2, 0xff, 0x00]);
+        c[1] = (c.len() - 2) as u8;
+        let h = peek_header(&c, 1000).unwrap().unwrap();
+        let layout = connect_layout(&c, &h, 4).unwrap();
+        assert_eq!(layout.flags, 0xC2);
+        assert_eq!(&c[layout.password.unwrap()], &[0xff, 0x00]);
+        // Announcing a password that is not there.
+        let short = &c[..c.len() - 4];
+        let mut short = short.to_vec();
+        short[1] = (short.len() - 2) as u8;
+        let h = peek_header(&short, 1000).unwrap().unwrap();
+        assert_eq!(connect_layout(&short, &h, 4), None);
+    }
+
+    #[test]
+    fn subscription_checks() {
+        let sub = |options: u8| [0x82, 6, 0, 1, 0, 1, b't', options];
+        // MQTT 5: an empty property length after the packet id.
+        let sub5 = |options: u8| [0x82, 7, 0, 1, 0, 0, 1, b't', options];
+        let check = |f: &[u8], v5| {
+            let h = peek_header(f, 1000).unwrap().unwrap();
+            check_subscription(f, &h, v5)
+        };
+        assert_eq!(check(&sub(1), false), Ok(()));
+        assert!(check(&sub(0x04), false).is_err(), "reserved bit in 3.1.1");
+        assert!(check(&sub(3), false).is_err(), "QoS 3");
+        assert!(check(&sub5(0x80), true).is_err(), "reserved bit in 5");
+        assert!(check(&sub5(0x30), true).is_err(), "retain handling 3");
+        assert_eq!(check(&sub5(0x2C), true), Ok(()));
+        assert!(check(&[0x82, 2, 0, 1], false).is_err(), "no filter");
+        assert!(check(&[0xA2, 3, 0, 1, 0], true).is_err(), "no filter in v5");
+        assert!(fixed_flags_valid(
+            &peek_header(&sub(1), 9).unwrap().unwrap()
+        ));
+        assert!(!fixed_flags_valid(
+            &peek_header(&[0x80, 0], 9).unwrap().unwrap()
+        ));
+        assert!(!fixed_flags_valid(
+            &peek_header(&[0x41, 0], 9).unwrap().unwrap()
+        ));
     }
 
     #[test]

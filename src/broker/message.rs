@@ -1,0 +1,90 @@
+//! A published message as the broker core holds it: one shared, immutable copy however many
+//! queues, retained slots and in-flight windows refer to it. Topic and payload are owned bytes
+//! (never slices of a connection's read buffer), so holding a message pins nothing else.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rumqttd::protocol::PublishProperties;
+
+/// Who published a message: a device session, or the message bus bridge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Session(u64),
+    Bus,
+}
+
+#[derive(Debug)]
+pub struct Message {
+    /// The canonical topic it is routed under.
+    pub topic: Bytes,
+    pub payload: Bytes,
+    /// The QoS it was published with (0, 1 or 2): deliveries never exceed it.
+    pub qos: u8,
+    pub retain: bool,
+    /// MQTT 5 properties passed through to MQTT 5 subscribers (never to 3.1.1 ones).
+    pub properties: Option<Box<PublishProperties>>,
+    pub origin: Origin,
+}
+
+impl Message {
+    pub fn new(topic: Bytes, payload: Bytes, qos: u8, retain: bool, origin: Origin) -> Arc<Self> {
+        Arc::new(Message {
+            topic,
+            payload,
+            qos: qos.min(2),
+            retain,
+            properties: None,
+            origin,
+        })
+    }
+
+    /// Bytes charged against a queue's byte bound.
+    pub fn size(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
+
+    /// The topic as text (topics are UTF-8 by the time they are routed).
+    pub fn topic_str(&self) -> &str {
+        std::str::from_utf8(&self.topic).unwrap_or("")
+    }
+}
+
+/// Strips what only makes sense on the publisher's own connection (topic alias, subscription
+/// identifiers) and keeps the rest for subscribers; `None` when nothing is left.
+pub fn forwarded_properties(props: Option<PublishProperties>) -> Option<Box<PublishProperties>> {
+    let mut props = props?;
+    props.topic_alias = None;
+    props.subscription_identifiers.clear();
+    (props != PublishProperties::default()).then(|| Box::new(props))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_properties_drop_connection_scoped_ones() {
+        let only_alias = PublishProperties {
+            topic_alias: Some(3),
+            ..Default::default()
+        };
+        assert!(forwarded_properties(Some(only_alias)).is_none());
+        let user = PublishProperties {
+            topic_alias: Some(3),
+            user_properties: vec![("k".into(), "v".into())],
+            ..Default::default()
+        };
+        let kept = forwarded_properties(Some(user)).expect("user property kept");
+        assert_eq!(kept.topic_alias, None);
+        assert_eq!(kept.user_properties.len(), 1);
+    }
+
+    #[test]
+    fn qos_is_capped_and_size_counts_topic_and_payload() {
+        let m = Message::new("a/b".into(), "xyz".into(), 3, false, Origin::Bus);
+        assert_eq!(m.qos, 2);
+        assert_eq!(m.size(), 6);
+        assert_eq!(m.topic_str(), "a/b");
+    }
+}

@@ -1,0 +1,624 @@
+//! The broker core: subscriptions, retained messages and sessions, driven directly by the
+//! session tasks (no router thread, no links). A PUBLISH is routed in the publishing task: one
+//! lookup in the subscription trie (shared read lock; only SUBSCRIBE/UNSUBSCRIBE write), then one
+//! short lock per receiving session to queue the delivery. Every delivery a queue cannot take is
+//! counted in [`BrokerStats`]; nothing is dropped silently.
+//!
+//! Lock order: the session table, then one session's state; or the trie, then one session's
+//! state. Nothing holds a session's state while taking the table or the trie.
+
+pub mod message;
+pub mod queue;
+pub mod retained;
+pub mod session;
+pub mod trie;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+pub use message::{Message, Origin};
+pub use queue::{Delivery, Outgoing, QueueLimits};
+use retained::{Retained, RetainedStore};
+pub use session::{Attachment, ConnectionControl, Expiry, Kick, Session, SessionKey, SubOptions};
+use trie::Trie;
+
+/// Sizing of the broker core.
+#[derive(Debug, Clone, Copy)]
+pub struct BrokerConfig {
+    /// Bounds of every session's delivery queue.
+    pub queue: QueueLimits,
+    /// Retained topics kept.
+    pub max_retained: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            queue: QueueLimits {
+                max_messages: 10_000,
+                max_bytes: 64 * 1024 * 1024,
+            },
+            max_retained: 100_000,
+        }
+    }
+}
+
+/// Counters of the core, read by the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct BrokerStats {
+    /// Deliveries dropped because the receiving session's queue was full.
+    pub dropped_queue_full: AtomicU64,
+    /// Deliveries still queued when their session was discarded.
+    pub dropped_session_ended: AtomicU64,
+    /// Retained PUBLISHes not retained because the store was full (still delivered).
+    pub retained_refused: AtomicU64,
+}
+
+/// What a subscription in the trie points at.
+#[derive(Debug)]
+struct Subscriber {
+    session: Arc<Session>,
+    options: SubOptions,
+}
+
+/// How a CONNECT wants its session.
+#[derive(Debug, Clone, Copy)]
+pub struct AttachRequest {
+    /// Discard any existing state first (3.1.1 clean session, MQTT 5 clean start).
+    pub clean_start: bool,
+    pub expiry: Expiry,
+}
+
+/// A takeover waits this long for the previous connection to end before replacing it anyway.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+/// Subscriptions removed per write lock when a session is discarded, so a session with very
+/// many does not stall publishers.
+const REMOVE_CHUNK: usize = 1024;
+
+pub struct Broker {
+    config: BrokerConfig,
+    trie: RwLock<Trie<u64, Subscriber>>,
+    retained: RwLock<RetainedStore>,
+    sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
+    next_id: AtomicU64,
+    stats: Arc<BrokerStats>,
+    /// Ends pending expiry timers.
+    stop: CancellationToken,
+    me: Weak<Broker>,
+}
+
+impl Broker {
+    pub fn new(config: BrokerConfig) -> Arc<Broker> {
+        Arc::new_cyclic(|me| Broker {
+            config,
+            trie: RwLock::new(Trie::default()),
+            retained: RwLock::new(RetainedStore::new(config.max_retained)),
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            stats: Arc::default(),
+            stop: CancellationToken::new(),
+            me: me.clone(),
+        })
+    }
+
+    pub fn stats(&self) -> Arc<BrokerStats> {
+        self.stats.clone()
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attaches a new connection to the session `key`, first ending any connection attached to
+    /// it (a takeover: that connection's teardown completes before this returns). Other
+    /// identities' sessions are never touched, whatever their MQTT client identifier.
+    pub async fn attach(
+        &self,
+        key: SessionKey,
+        request: AttachRequest,
+        shutdown: &CancellationToken,
+    ) -> Attachment {
+        loop {
+            let previous = {
+                let mut table = self.table();
+                let live = table.get(&key).and_then(|s| {
+                    let state = s.lock();
+                    state.attached.as_ref().map(|a| a.control.clone())
+                });
+                match live {
+                    Some(control) => control,
+                    None => return self.attach_locked(&mut table, key, request, shutdown),
+                }
+            };
+            previous.kick(Kick::Takeover);
+            if tokio::time::timeout(TAKEOVER_WAIT, previous.ended())
+                .await
+                .is_err()
+            {
+                tracing::error!(client_id = %key.client_id, mqtt_client_id = %key.mqtt_client_id,
+                    "previous connection did not end in time; replacing it");
+                if let Some(s) = self.table().get(&key) {
+                    s.lock().attached = None;
+                }
+            }
+        }
+    }
+
+    fn attach_locked(
+        &self,
+        table: &mut HashMap<SessionKey, Arc<Session>>,
+        key: SessionKey,
+        request: AttachRequest,
+        shutdown: &CancellationToken,
+    ) -> Attachment {
+        let connection_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (attached, control, done) = session::connection(connection_id, shutdown);
+        let existing = table.get(&key).cloned();
+        let (session, present) = match existing {
+            Some(s) if !request.clean_start => (s, true),
+            old => {
+                if let Some(old) = old {
+                    self.discard_later(old);
+                }
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let s = Arc::new(Session::new(id, key.clone(), request.expiry));
+                table.insert(key, s.clone());
+                (s, false)
+            }
+        };
+        {
+            let mut state = session.lock();
+            state.attached = Some(attached);
+            state.expiry = request.expiry;
+            state.generation += 1;
+        }
+        Attachment {
+            session,
+            connection_id,
+            control,
+            present,
+            done: Some(done),
+        }
+    }
+
+    /// Detaches the connection from its session: a session that ends with its connection is
+    /// discarded now; a persistent one stays (subscriptions still queue for it) until it is
+    /// resumed or its expiry interval passes. Dropping the attachment afterwards completes the
+    /// connection's end.
+    pub fn detach(&self, attachment: &mut Attachment) {
+        let session = attachment.session.clone();
+        let discard = {
+            let mut table = self.table();
+            let mut state = session.lock();
+            if state
+                .attached
+                .as_ref()
+                .is_none_or(|a| a.id != attachment.connection_id)
+            {
+                // Replaced after a stuck takeover: the session is no longer ours.
+                return;
+            }
+            state.attached = None;
+            match state.expiry {
+                Expiry::WithConnection => {
+                    if table
+                        .get(&session.key)
+                        .is_some_and(|s| Arc::ptr_eq(s, &session))
+                    {
+                        table.remove(&session.key);
+                    }
+                    true
+                }
+                Expiry::After(after) => {
+                    self.schedule_expiry(&session, state.generation, after);
+                    false
+                }
+                Expiry::Never => false,
+            }
+        };
+        if discard {
+            self.discard(&session);
+        }
+    }
+
+    /// Ends the connection's hold: a takeover waiting for it proceeds.
+    pub fn release(attachment: &mut Attachment) {
+        attachment.done.take();
+    }
+
+    fn schedule_expiry(&self, session: &Arc<Session>, generation: u64, after: Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let broker = self.me.clone();
+        let key = session.key.clone();
+        let id = session.id;
+        let stop = self.stop.clone();
+        runtime.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(after) => {}
+            }
+            if let Some(broker) = broker.upgrade() {
+                broker.expire(&key, id, generation);
+            }
+        });
+    }
+
+    /// Discards an offline session whose expiry interval passed without a resume.
+    fn expire(&self, key: &SessionKey, id: u64, generation: u64) {
+        let expired = {
+            let mut table = self.table();
+            let Some(session) = table.get(key).cloned() else {
+                return;
+            };
+            let state = session.lock();
+            if session.id != id || state.generation != generation || state.attached.is_some() {
+                return;
+            }
+            drop(state);
+            table.remove(key);
+            session
+        };
+        tracing::info!(client_id = %key.client_id, mqtt_client_id = %key.mqtt_client_id,
+            "session expired");
+        self.discard(&expired);
+    }
+
+    fn discard_later(&self, session: Arc<Session>) {
+        // Called under the table lock: the trie is taken outside it.
+        match (tokio::runtime::Handle::try_current(), self.me.upgrade()) {
+            (Ok(runtime), Some(broker)) => {
+                runtime.spawn(async move { broker.discard(&session) });
+            }
+            _ => self.discard_subscriptions_only(&session),
+        }
+    }
+
+    fn discard_subscriptions_only(&self, session: &Session) {
+        let filters: Vec<Box<str>> = {
+            let mut state = session.lock();
+            std::mem::take(&mut state.subscriptions)
+                .into_keys()
+                .collect()
+        };
+        for chunk in filters.chunks(REMOVE_CHUNK) {
+            let mut trie = self.trie.write().unwrap_or_else(|p| p.into_inner());
+            for filter in chunk {
+                trie.remove(filter, session.id);
+            }
+        }
+    }
+
+    /// Removes every subscription of the session and drops what it had queued (counted).
+    fn discard(&self, session: &Session) {
+        self.discard_subscriptions_only(session);
+        let mut state = session.lock();
+        let (queued, inflight) = (state.mailbox.queued(), state.mailbox.inflight());
+        state.mailbox = Default::default();
+        state.incoming = HashMap::new();
+        drop(state);
+        let lost = (queued + inflight) as u64;
+        if lost > 0 {
+            self.stats
+                .dropped_session_ended
+                .fetch_add(lost, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds (or replaces) the session's subscription to `filter`; returns whether it existed.
+    pub fn subscribe(&self, session: &Arc<Session>, filter: &str, options: SubOptions) -> bool {
+        let existed = session
+            .lock()
+            .subscriptions
+            .insert(filter.into(), options)
+            .is_some();
+        let subscriber = Subscriber {
+            session: session.clone(),
+            options,
+        };
+        self.trie
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(filter, session.id, subscriber);
+        existed
+    }
+
+    /// Removes the session's subscription to `filter`; returns whether it existed.
+    pub fn unsubscribe(&self, session: &Session, filter: &str) -> bool {
+        let existed = session.lock().subscriptions.remove(filter).is_some();
+        if existed {
+            self.trie
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(filter, session.id);
+        }
+        existed
+    }
+
+    /// Queues the retained messages `filter` matches for the session (after its SUBSCRIBE),
+    /// each at min(its QoS, `qos`) with RETAIN set.
+    pub fn deliver_retained(&self, session: &Session, filter: &str, qos: u8) {
+        let mut found = Vec::new();
+        self.retained
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .for_each_match(filter, |m| found.push(m.clone()));
+        for message in found {
+            let delivery = Delivery {
+                qos: message.qos.min(qos),
+                message,
+                retain: true,
+            };
+            self.count(session, session.deliver(delivery, self.config.queue));
+        }
+    }
+
+    /// Routes a message to every matching subscription (once per session, at the highest QoS
+    /// among its matching subscriptions, capped at the message's own QoS) and stores it if it is
+    /// retained. Returns the number of sessions it was queued for.
+    pub fn publish(&self, message: Arc<Message>) -> usize {
+        if message.retain {
+            let stored = self
+                .retained
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .store(message.clone());
+            if stored == Retained::Refused {
+                let n = self.stats.retained_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(topic = %message.topic_str(), refused = n,
+                        "retained store full: message delivered but not retained");
+                }
+            }
+        }
+        let trie = self.trie.read().unwrap_or_else(|p| p.into_inner());
+        let mut targets: Vec<&Subscriber> = Vec::new();
+        trie.for_each_match(message.topic_str(), |_, s| targets.push(s));
+        if targets.len() > 1 {
+            // Overlapping subscriptions of one session deliver once, at the highest QoS.
+            targets.sort_unstable_by(|a, b| {
+                (a.session.id, b.options.qos).cmp(&(b.session.id, a.options.qos))
+            });
+            targets.dedup_by_key(|s| s.session.id);
+        }
+        let mut queued = 0;
+        for target in &targets {
+            let delivery = Delivery {
+                message: message.clone(),
+                qos: message.qos.min(target.options.qos),
+                retain: false,
+            };
+            let pushed = target.session.deliver(delivery, self.config.queue);
+            queued += usize::from(pushed.queued);
+            self.count(&target.session, pushed);
+        }
+        queued
+    }
+
+    fn count(&self, session: &Session, pushed: queue::Pushed) {
+        if pushed.dropped == 0 {
+            return;
+        }
+        self.stats
+            .dropped_queue_full
+            .fetch_add(u64::from(pushed.dropped), Ordering::Relaxed);
+        if pushed.episode {
+            let (queued, _) = session.queued();
+            tracing::warn!(client_id = %session.key.client_id,
+                mqtt_client_id = %session.key.mqtt_client_id, queued,
+                "delivery queue full: dropping messages for this session (counted in mqtt_adapter_messages_dropped_total)");
+        }
+    }
+
+    /// The session `key`, live or offline.
+    pub fn session(&self, key: &SessionKey) -> Option<Arc<Session>> {
+        self.table().get(key).cloned()
+    }
+
+    /// Sessions held (live and offline).
+    pub fn session_count(&self) -> usize {
+        self.table().len()
+    }
+
+    /// Subscriptions in the trie, and the trie's nodes.
+    pub fn subscription_count(&self) -> (usize, usize) {
+        let trie = self.trie.read().unwrap_or_else(|p| p.into_inner());
+        (trie.len(), trie.node_count())
+    }
+
+    /// Retained topics held.
+    pub fn retained_count(&self) -> usize {
+        self.retained
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Stops expiry timers (server shutdown).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(client: &str, mqtt: &str) -> SessionKey {
+        SessionKey {
+            client_id: client.into(),
+            mqtt_client_id: mqtt.into(),
+        }
+    }
+
+    const CLEAN: AttachRequest = AttachRequest {
+        clean_start: true,
+        expiry: Expiry::WithConnection,
+    };
+    const PERSISTENT: AttachRequest = AttachRequest {
+        clean_start: false,
+        expiry: Expiry::Never,
+    };
+
+    fn msg(topic: &'static str, qos: u8) -> Arc<Message> {
+        Message::new(topic.into(), "x".into(), qos, false, Origin::Bus)
+    }
+
+    fn drain(session: &Session) -> Vec<(u8, bool)> {
+        let mut out = Vec::new();
+        session.take_ready(usize::MAX, usize::MAX, &mut out);
+        out.into_iter()
+            .map(|o| match o {
+                Outgoing::Publish { delivery, .. } => (delivery.qos, delivery.retain),
+                Outgoing::Release(_) => (9, false),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn overlapping_subscriptions_deliver_once_at_the_highest_qos_capped_by_the_publish() {
+        let broker = Broker::new(BrokerConfig::default());
+        let stop = CancellationToken::new();
+        let a = broker.attach(key("c1", "m1"), CLEAN, &stop).await;
+        broker.subscribe(&a.session, "a/#", SubOptions { qos: 0 });
+        broker.subscribe(&a.session, "a/+", SubOptions { qos: 2 });
+        broker.subscribe(&a.session, "a/b", SubOptions { qos: 1 });
+        assert_eq!(broker.publish(msg("a/b", 1)), 1);
+        assert_eq!(broker.publish(msg("a/b", 2)), 1);
+        assert_eq!(broker.publish(msg("a/c", 0)), 1);
+        assert_eq!(drain(&a.session), [(1, false), (2, false), (0, false)]);
+    }
+
+    #[tokio::test]
+    async fn same_mqtt_client_id_under_another_identity_is_another_session() {
+        let broker = Broker::new(BrokerConfig::default());
+        let stop = CancellationToken::new();
+        let mut victim = broker.attach(key("c2", "dev-42"), PERSISTENT, &stop).await;
+        broker.subscribe(&victim.session, "m/d1/c/ch2/#", SubOptions { qos: 1 });
+        broker.detach(&mut victim);
+        Broker::release(&mut victim);
+        broker.publish(msg("m/d1/c/ch2/temp", 1));
+
+        let thief = broker.attach(key("c1", "dev-42"), PERSISTENT, &stop).await;
+        assert!(!thief.present, "another identity never resumes the session");
+        assert!(drain(&thief.session).is_empty());
+        assert_eq!(broker.session_count(), 2);
+
+        let back = broker.attach(key("c2", "dev-42"), PERSISTENT, &stop).await;
+        assert!(back.present);
+        assert_eq!(drain(&back.session), [(1, false)]);
+    }
+
+    #[tokio::test]
+    async fn takeover_waits_for_the_previous_connection_to_end() {
+        let broker = Broker::new(BrokerConfig::default());
+        let stop = CancellationToken::new();
+        let mut first = broker.attach(key("c1", "m"), PERSISTENT, &stop).await;
+        let control = first.control.clone();
+        let b = broker.clone();
+        let second = tokio::spawn(async move {
+            let stop = CancellationToken::new();
+            b.attach(key("c1", "m"), PERSISTENT, &stop).await
+        });
+        control.cancel.cancelled().await;
+        assert_eq!(control.kicked(), Some(Kick::Takeover));
+        broker.detach(&mut first);
+        Broker::release(&mut first);
+        let second = second.await.expect("attach");
+        assert!(second.present);
+    }
+
+    #[tokio::test]
+    async fn a_clean_session_leaves_nothing_behind() {
+        let broker = Broker::new(BrokerConfig::default());
+        let stop = CancellationToken::new();
+        let mut a = broker.attach(key("c1", "m1"), CLEAN, &stop).await;
+        for i in 0..5000 {
+            broker.subscribe(&a.session, &format!("t/{i}/#"), SubOptions { qos: 1 });
+        }
+        broker.publish(msg("t/7/x", 1));
+        assert_eq!(broker.subscription_count().0, 5000);
+        broker.detach(&mut a);
+        Broker::release(&mut a);
+        assert_eq!(broker.session_count(), 0);
+        assert_eq!(broker.subscription_count(), (0, 0));
+        assert_eq!(
+            broker.stats.dropped_session_ended.load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn full_queue_counts_every_dropped_delivery() {
+        let broker = Broker::new(BrokerConfig {
+            queue: QueueLimits {
+                max_messages: 10,
+                max_bytes: usize::MAX,
+            },
+            max_retained: 10,
+        });
+        let stop = CancellationToken::new();
+        let slow = broker.attach(key("c1", "slow"), CLEAN, &stop).await;
+        let fast = broker.attach(key("c1", "fast"), CLEAN, &stop).await;
+        broker.subscribe(&slow.session, "t", SubOptions { qos: 1 });
+        broker.subscribe(&fast.session, "t", SubOptions { qos: 1 });
+        let mut fast_got = 0;
+        for _ in 0..100 {
+            broker.publish(msg("t", 1));
+            fast_got += drain(&fast.session).len();
+        }
+        assert_eq!(fast_got, 100, "a slow subscriber does not affect another");
+        assert_eq!(slow.session.queued().0, 10);
+        assert_eq!(broker.stats.dropped_queue_full.load(Ordering::Relaxed), 90);
+    }
+
+    #[tokio::test]
+    async fn retained_messages_reach_new_subscriptions_with_retain_set() {
+        let broker = Broker::new(BrokerConfig::default());
+        let stop = CancellationToken::new();
+        broker.publish(Message::new("r/1".into(), "v".into(), 2, true, Origin::Bus));
+        broker.publish(Message::new("r/2".into(), "v".into(), 1, true, Origin::Bus));
+        let a = broker.attach(key("c1", "m1"), CLEAN, &stop).await;
+        broker.subscribe(&a.session, "r/+", SubOptions { qos: 1 });
+        broker.deliver_retained(&a.session, "r/+", 1);
+        let mut got = drain(&a.session);
+        got.sort_unstable();
+        assert_eq!(got, [(1, true), (1, true)]);
+        broker.publish(Message::new("r/1".into(), "".into(), 0, true, Origin::Bus));
+        assert_eq!(broker.retained_count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn offline_session_expires_unless_resumed() {
+        let broker = Broker::new(BrokerConfig::default());
+        let stop = CancellationToken::new();
+        let expiring = AttachRequest {
+            clean_start: false,
+            expiry: Expiry::After(Duration::from_secs(5)),
+        };
+        let mut a = broker.attach(key("c1", "m1"), expiring, &stop).await;
+        broker.subscribe(&a.session, "t", SubOptions { qos: 1 });
+        broker.detach(&mut a);
+        Broker::release(&mut a);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut b = broker.attach(key("c1", "m1"), expiring, &stop).await;
+        assert!(b.present);
+        broker.detach(&mut b);
+        Broker::release(&mut b);
+        // The first timer (at 5 s) belongs to an older connection: it does nothing.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(broker.session_count(), 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(broker.session_count(), 0);
+        assert_eq!(broker.subscription_count(), (0, 0));
+    }
+}

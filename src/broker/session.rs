@@ -1,0 +1,260 @@
+//! One broker session: what outlives a connection when the session is persistent (its
+//! subscriptions, delivery queue, in-flight window and held QoS 2 PUBLISHes), and the control of
+//! the connection attached to it right now. Sessions are keyed by (authenticated client id, MQTT
+//! client identifier): the same MQTT client identifier under another identity is another session.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::message::Message;
+use super::queue::{Delivery, Mailbox, Outgoing, Pushed, QueueLimits};
+
+/// Who a session belongs to: the platform identity and the MQTT client identifier it chose.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    /// The authenticated client id (empty for anonymous sessions).
+    pub client_id: String,
+    pub mqtt_client_id: String,
+}
+
+/// Options of one subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubOptions {
+    /// Highest QoS granted.
+    pub qos: u8,
+}
+
+/// Why a connection was told to end by someone other than its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kick {
+    /// A new connection of the same session.
+    Takeover = 1,
+    /// An operator closed it.
+    Administrative = 2,
+    /// Its rights were revoked.
+    Revoked = 3,
+}
+
+/// How the broker asks an attached connection to end.
+#[derive(Debug)]
+pub struct ConnectionControl {
+    /// Cancelled to end the connection; a child of the server's shutdown token.
+    pub cancel: CancellationToken,
+    kick: AtomicU8,
+    done: watch::Receiver<()>,
+}
+
+impl ConnectionControl {
+    /// Tells the connection to end; the first reason given is the one it reports.
+    pub fn kick(&self, why: Kick) {
+        let _ = self
+            .kick
+            .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
+        self.cancel.cancel();
+    }
+
+    /// The reason given to [`ConnectionControl::kick`], if any (a cancelled connection without
+    /// one is ending for a server shutdown).
+    pub fn kicked(&self) -> Option<Kick> {
+        match self.kick.load(Ordering::Acquire) {
+            1 => Some(Kick::Takeover),
+            2 => Some(Kick::Administrative),
+            3 => Some(Kick::Revoked),
+            _ => None,
+        }
+    }
+
+    /// Resolves once the connection has fully ended (its teardown is complete).
+    pub async fn ended(&self) {
+        let mut done = self.done.clone();
+        while done.changed().await.is_ok() {}
+    }
+}
+
+/// The connection attached to a session.
+#[derive(Debug)]
+pub(super) struct Attached {
+    pub id: u64,
+    pub control: Arc<ConnectionControl>,
+}
+
+/// How long a session outlives its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Discarded when the connection ends (clean session, MQTT 5 expiry interval 0).
+    WithConnection,
+    /// Kept this long after the connection ends.
+    After(Duration),
+    /// Kept until a clean connection replaces it (MQTT 3.1.1 clean session 0, MQTT 5 0xFFFFFFFF).
+    Never,
+}
+
+#[derive(Debug)]
+pub(super) struct State {
+    pub mailbox: Mailbox,
+    pub subscriptions: HashMap<Box<str>, SubOptions>,
+    /// QoS 2 PUBLISHes received and PUBRECed, by packet id, until their PUBREL; `None` for a
+    /// refused one (its PUBREL still gets a PUBCOMP).
+    pub incoming: HashMap<u16, Option<Arc<Message>>>,
+    pub attached: Option<Attached>,
+    pub expiry: Expiry,
+    /// Bumped by every attach, so an expiry timer set by an older connection is recognised.
+    pub generation: u64,
+}
+
+/// One session. Shared by the connection attached to it and by the subscriptions that deliver
+/// into its queue.
+#[derive(Debug)]
+pub struct Session {
+    pub id: u64,
+    pub key: SessionKey,
+    pub(super) state: Mutex<State>,
+    wake: Notify,
+}
+
+impl Session {
+    pub(super) fn new(id: u64, key: SessionKey, expiry: Expiry) -> Self {
+        Session {
+            id,
+            key,
+            state: Mutex::new(State {
+                mailbox: Mailbox::default(),
+                subscriptions: HashMap::new(),
+                incoming: HashMap::new(),
+                attached: None,
+                expiry,
+                generation: 0,
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a delivery; wakes the connection if it may be waiting for one.
+    pub(super) fn deliver(&self, delivery: Delivery, limits: QueueLimits) -> Pushed {
+        let (pushed, attached) = {
+            let mut state = self.lock();
+            let pushed = state.mailbox.push(delivery, limits);
+            (pushed, state.attached.is_some())
+        };
+        if pushed.was_empty && attached {
+            self.wake.notify_one();
+        }
+        pushed
+    }
+
+    /// Resolves when a delivery arrives in an empty queue (or one is already pending).
+    pub async fn delivery_ready(&self) {
+        self.wake.notified().await
+    }
+
+    /// Moves up to `max` writable deliveries into `out`, within `window` unacknowledged QoS 1/2
+    /// PUBLISHes; returns whether more are ready.
+    pub fn take_ready(&self, window: usize, max: usize, out: &mut Vec<Outgoing>) -> bool {
+        let mut state = self.lock();
+        for _ in 0..max {
+            match state.mailbox.next(window) {
+                Some(o) => out.push(o),
+                None => return false,
+            }
+        }
+        state.mailbox.ready(window)
+    }
+
+    /// What a resumed connection must send again first.
+    pub fn resend(&self) -> Vec<Outgoing> {
+        self.lock().mailbox.resend()
+    }
+
+    pub fn puback(&self, pkid: u16) -> bool {
+        self.lock().mailbox.puback(pkid)
+    }
+
+    pub fn pubrec(&self, pkid: u16) -> bool {
+        self.lock().mailbox.pubrec(pkid)
+    }
+
+    pub fn pubcomp(&self, pkid: u16) -> bool {
+        self.lock().mailbox.pubcomp(pkid)
+    }
+
+    /// Holds an inbound QoS 2 PUBLISH until its PUBREL; false if that packet id is already held
+    /// (a duplicate, not to be routed again).
+    pub fn hold_incoming(&self, pkid: u16, message: Option<Arc<Message>>) -> bool {
+        use std::collections::hash_map::Entry;
+        match self.lock().incoming.entry(pkid) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(v) => {
+                v.insert(message);
+                true
+            }
+        }
+    }
+
+    /// The PUBREL of an inbound QoS 2 PUBLISH: `Some` if the packet id was held, with the
+    /// message to route now (`None` inside for a refused one).
+    pub fn release_incoming(&self, pkid: u16) -> Option<Option<Arc<Message>>> {
+        self.lock().incoming.remove(&pkid)
+    }
+
+    /// Inbound QoS 2 PUBLISHes waiting for their PUBREL.
+    pub fn incoming_held(&self) -> usize {
+        self.lock().incoming.len()
+    }
+
+    /// The session's subscription filters and options.
+    pub fn subscriptions(&self) -> Vec<(String, SubOptions)> {
+        self.lock()
+            .subscriptions
+            .iter()
+            .map(|(f, o)| (f.to_string(), *o))
+            .collect()
+    }
+
+    /// Deliveries queued and in flight.
+    pub fn queued(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.mailbox.queued(), state.mailbox.inflight())
+    }
+}
+
+/// A connection's hold on its session: dropping it tells a waiting takeover that the connection
+/// has fully ended.
+#[derive(Debug)]
+pub struct Attachment {
+    pub session: Arc<Session>,
+    pub connection_id: u64,
+    pub control: Arc<ConnectionControl>,
+    /// Whether the session existed before (MQTT's "session present").
+    pub present: bool,
+    pub(super) done: Option<watch::Sender<()>>,
+}
+
+pub(super) fn connection(
+    id: u64,
+    parent: &CancellationToken,
+) -> (Attached, Arc<ConnectionControl>, watch::Sender<()>) {
+    let (done_tx, done_rx) = watch::channel(());
+    let control = Arc::new(ConnectionControl {
+        cancel: parent.child_token(),
+        kick: AtomicU8::new(0),
+        done: done_rx,
+    });
+    (
+        Attached {
+            id,
+            control: control.clone(),
+        },
+        control,
+        done_tx,
+    )
+}

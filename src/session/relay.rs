@@ -1,0 +1,587 @@
+//! The steady state of an accepted connection: frames from the device are checked, parsed and
+//! handled (PUBLISH authorized and routed into the broker core in this task, SUBSCRIBE authorized
+//! filter by filter, acknowledgements applied to the session's in-flight window), and deliveries
+//! queued for the session are written to the device within its window, until the connection ends.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttd::protocol::{
+    DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, SubAck, Subscribe,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::codec::{Codec, ProtocolVersion};
+use super::frame::{self, FrameError};
+use super::handshake::Accepted;
+use super::limits::PublishRate;
+use super::teardown::{route_message, route_of};
+use super::{deliver, End, SessionContext, WRITE_TIMEOUT};
+use crate::auth::TopicDecision;
+use crate::broker::{message, Kick, Message, Origin, Outgoing, Session, SubOptions};
+use crate::hooks::{DisconnectReason, PublishRoute, SessionInfo};
+use crate::topic::{self, TopicKind, Usage};
+
+/// Deliveries taken from the session's queue per write to the device.
+const MAX_WRITE_BATCH: usize = 256;
+/// MQTT 5 DISCONNECT reason "disconnect with will message".
+const WITH_WILL: u8 = 0x04;
+/// Distinct topics whose authorization a connection remembers.
+const TOPIC_CACHE_SIZE: usize = 64;
+/// Buffers larger than this are released once empty instead of kept.
+const KEEP_BUFFER: usize = 64 * 1024;
+
+/// How a topic or filter was refused; remembered per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Denied,
+    Invalid,
+}
+
+/// Per-connection state of the relay.
+struct Relay<'a> {
+    ctx: &'a SessionContext,
+    codec: Codec,
+    info: SessionInfo,
+    session: Arc<Session>,
+    wbuf: BytesMut,
+    topic_cache: HashMap<Bytes, Result<Arc<PublishRoute>, Refusal>>,
+    publish_rate: Option<PublishRate>,
+    /// QoS 1/2 PUBLISHes the device may have unacknowledged from us.
+    window: usize,
+    /// Deliveries are ready beyond the last batch.
+    more: bool,
+    scratch: Vec<Outgoing>,
+}
+
+pub(super) async fn run<S>(
+    ctx: &SessionContext,
+    accepted: &mut Accepted,
+    stream: &mut S,
+    mut rbuf: BytesMut,
+    codec: Codec,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let session = accepted.live.attachment.session.clone();
+    let control = accepted.live.attachment.control.clone();
+    let mut relay = Relay {
+        ctx,
+        codec,
+        info: accepted.live.info.clone(),
+        session,
+        wbuf: BytesMut::new(),
+        topic_cache: HashMap::new(),
+        publish_rate: ctx.limits.publish_rate(),
+        window: accepted.window,
+        more: true,
+        scratch: Vec::new(),
+    };
+    // A resumed session first completes what the previous connection left in flight.
+    for outgoing in relay.session.resend() {
+        if let Err(end) = relay.write_outgoing(outgoing) {
+            return end;
+        }
+    }
+    let mut last_read = Instant::now();
+    let keep_alive = accepted.keep_alive.unwrap_or(Duration::from_secs(3600));
+    let keep_alive_timer = tokio::time::sleep(keep_alive);
+    tokio::pin!(keep_alive_timer);
+
+    // Bytes after the CONNECT in the first read are the device's next packets.
+    if !rbuf.is_empty() {
+        if let Err(end) = relay.input(&mut rbuf).await {
+            return end;
+        }
+    }
+    loop {
+        if let Err(end) = relay.fill() {
+            return end;
+        }
+        if !relay.wbuf.is_empty() {
+            match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&relay.wbuf)).await {
+                Ok(Ok(())) => relay.wbuf.clear(),
+                Ok(Err(e)) => return End::lost(format!("write error: {e}")),
+                Err(_) => return End::lost("device did not read for 30 s"),
+            }
+            if relay.wbuf.capacity() > KEEP_BUFFER {
+                relay.wbuf = BytesMut::new();
+            }
+        }
+        if rbuf.is_empty() && rbuf.capacity() > KEEP_BUFFER {
+            rbuf = BytesMut::with_capacity(256);
+        }
+        let step = tokio::select! {
+            biased;
+            _ = control.cancel.cancelled() => Err(kicked(ctx, control.kicked())),
+            _ = &mut keep_alive_timer, if accepted.keep_alive.is_some() => {
+                let due = last_read + keep_alive;
+                if Instant::now() >= due {
+                    Err(End::new(DisconnectReason::KeepAliveTimeout, Some(DisconnectReasonCode::KeepAliveTimeout), "no packet within 1.5 × keep-alive"))
+                } else {
+                    keep_alive_timer.as_mut().reset(due);
+                    Ok(())
+                }
+            }
+            read = stream.read_buf(&mut rbuf) => match read {
+                Ok(0) => Err(End::lost("connection closed by device")),
+                Err(e) => Err(End::lost(format!("read error: {e}"))),
+                Ok(_) => {
+                    last_read = Instant::now();
+                    relay.input(&mut rbuf).await
+                }
+            },
+            _ = relay.session.delivery_ready(), if !relay.more => {
+                relay.more = true;
+                Ok(())
+            }
+            _ = std::future::ready(()), if relay.more => Ok(()),
+        };
+        if let Err(end) = step {
+            return end;
+        }
+    }
+}
+
+/// Why the broker (or the server) ended the connection.
+fn kicked(ctx: &SessionContext, why: Option<Kick>) -> End {
+    match why {
+        Some(Kick::Takeover) => End::new(
+            DisconnectReason::Takeover,
+            Some(DisconnectReasonCode::SessionTakenOver),
+            "another connection took the session over",
+        ),
+        Some(Kick::Administrative) => End::new(
+            DisconnectReason::Administrative,
+            Some(DisconnectReasonCode::AdministrativeAction),
+            "closed by an operator",
+        ),
+        Some(Kick::Revoked) => End::new(
+            DisconnectReason::Revoked,
+            Some(DisconnectReasonCode::NotAuthorized),
+            "the client's rights were revoked",
+        ),
+        None if ctx.shutdown.is_cancelled() => End::new(
+            DisconnectReason::ServerShutdown,
+            Some(DisconnectReasonCode::ServerShuttingDown),
+            "adapter shutting down",
+        ),
+        None => End::new(
+            DisconnectReason::ServerShutdown,
+            Some(DisconnectReasonCode::ServerShuttingDown),
+            "connection cancelled",
+        ),
+    }
+}
+
+impl Relay<'_> {
+    fn v5(&self) -> bool {
+        self.codec.version() == ProtocolVersion::V5
+    }
+
+    fn write(&mut self, packet: Packet) -> Result<(), End> {
+        self.codec
+            .write(packet, &mut self.wbuf)
+            .map(|_| ())
+            .map_err(|e| {
+                End::protocol(
+                    DisconnectReasonCode::ImplementationSpecificError,
+                    format!("encode error: {e}"),
+                )
+            })
+    }
+
+    fn write_outgoing(&mut self, outgoing: Outgoing) -> Result<(), End> {
+        if matches!(outgoing, Outgoing::Publish { .. }) {
+            self.ctx.metrics.messages_out.inc();
+        }
+        let packet = deliver::packet(outgoing, self.v5());
+        self.write(packet)
+    }
+
+    /// Encodes the next batch of deliveries the window allows.
+    fn fill(&mut self) -> Result<(), End> {
+        if !self.more {
+            return Ok(());
+        }
+        let mut batch = std::mem::take(&mut self.scratch);
+        self.more = self
+            .session
+            .take_ready(self.window, MAX_WRITE_BATCH, &mut batch);
+        let result = batch.drain(..).try_for_each(|o| self.write_outgoing(o));
+        self.scratch = batch;
+        if self.scratch.capacity() > MAX_WRITE_BATCH {
+            self.scratch = Vec::new();
+        }
+        result
+    }
+
+    /// Parses every complete frame in `rbuf` and handles it.
+    async fn input(&mut self, rbuf: &mut BytesMut) -> Result<(), End> {
+        loop {
+            let header = match frame::peek_header(rbuf, self.ctx.max_packet_size) {
+                Ok(Some(h)) => h,
+                Ok(None) => return Ok(()),
+                Err(FrameError::TooLarge(n)) => {
+                    return Err(End::protocol(
+                        DisconnectReasonCode::PacketTooLarge,
+                        format!("packet of {n} bytes exceeds the maximum"),
+                    ))
+                }
+                Err(e) => return Err(End::malformed(e.to_string())),
+            };
+            if rbuf.len() < header.frame_len() {
+                rbuf.reserve(header.frame_len() - rbuf.len());
+                return Ok(());
+            }
+            let kind = header.packet_type();
+            if kind == frame::CONNECT || !frame::client_may_send(kind) {
+                return Err(End::protocol(
+                    DisconnectReasonCode::ProtocolError,
+                    format!("unexpected packet type {kind}"),
+                ));
+            }
+            if !frame::fixed_flags_valid(&header) {
+                return Err(End::malformed(format!(
+                    "packet type {kind} with reserved header flags {:#06b}",
+                    header.byte1 & 0x0F
+                )));
+            }
+            if kind == frame::DISCONNECT {
+                // Read here: rumqttd's MQTT 5 codec rejects the legal one-byte (reason only) form.
+                let reason = rbuf
+                    .get(header.header_len)
+                    .copied()
+                    .filter(|_| header.remaining_len > 0);
+                let _ = rbuf.split_to(header.frame_len());
+                let mut end = End::new(DisconnectReason::ClientDisconnect, None, "DISCONNECT");
+                end.publish_will = reason == Some(WITH_WILL);
+                return Err(end);
+            }
+            if kind == frame::SUBSCRIBE || kind == frame::UNSUBSCRIBE {
+                frame::check_subscription(rbuf, &header, self.v5()).map_err(End::malformed)?;
+            }
+            let mut publish_id = None;
+            if kind == frame::PUBLISH {
+                match header.publish_qos() {
+                    0 => {}
+                    3 => return Err(End::malformed("PUBLISH with QoS 3")),
+                    _ => publish_id = frame::publish_packet_id(rbuf, &header),
+                }
+            }
+            let qos = header.publish_qos();
+            let packet = self
+                .codec
+                .read(rbuf)
+                .map_err(|e| End::malformed(format!("malformed packet: {e}")))?;
+            self.packet(packet, qos, publish_id).await?;
+        }
+    }
+
+    async fn packet(
+        &mut self,
+        packet: Packet,
+        qos: u8,
+        publish_id: Option<u16>,
+    ) -> Result<(), End> {
+        match packet {
+            Packet::Publish(p, props) => self.publish(p, props, qos, publish_id).await,
+            Packet::PubRel(rel, _) => {
+                let reason = match self.session.release_incoming(rel.pkid) {
+                    Some(held) => {
+                        if let Some(message) = held {
+                            let route = route_of(&message.topic);
+                            route_message(self.ctx, &self.info, &route, message);
+                        }
+                        PubCompReason::Success
+                    }
+                    None => PubCompReason::PacketIdentifierNotFound,
+                };
+                self.write(Packet::PubComp(
+                    PubComp {
+                        pkid: rel.pkid,
+                        reason,
+                    },
+                    None,
+                ))
+            }
+            Packet::Subscribe(subscribe, _) => self.subscribe(subscribe).await,
+            Packet::Unsubscribe(unsubscribe, _) => self.unsubscribe(unsubscribe),
+            Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
+            Packet::PubAck(ack, _) => {
+                self.session.puback(ack.pkid);
+                self.more = true;
+                Ok(())
+            }
+            Packet::PubRec(rec, _) => {
+                let reason = if self.session.pubrec(rec.pkid) {
+                    PubRelReason::Success
+                } else {
+                    PubRelReason::PacketIdentifierNotFound
+                };
+                self.write(Packet::PubRel(
+                    PubRel {
+                        pkid: rec.pkid,
+                        reason,
+                    },
+                    None,
+                ))
+            }
+            Packet::PubComp(comp, _) => {
+                self.session.pubcomp(comp.pkid);
+                self.more = true;
+                Ok(())
+            }
+            other => Err(End::protocol(
+                DisconnectReasonCode::ProtocolError,
+                format!("unexpected packet {other:?}"),
+            )),
+        }
+    }
+
+    async fn publish(
+        &mut self,
+        publish: Publish,
+        props: Option<PublishProperties>,
+        qos: u8,
+        publish_id: Option<u16>,
+    ) -> Result<(), End> {
+        self.ctx.metrics.messages_in.inc();
+        if self.publish_rate.as_ref().is_some_and(|r| !r.allow()) {
+            self.ctx
+                .metrics
+                .limit_hits
+                .with_label_values(&["publish_rate"])
+                .inc();
+            return Err(End::protocol(
+                DisconnectReasonCode::MessageRateTooHigh,
+                "publish rate limit exceeded",
+            ));
+        }
+        if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
+            return Err(End::protocol(
+                DisconnectReasonCode::TopicAliasInvalid,
+                "topic aliases are not accepted",
+            ));
+        }
+        let decision = match self.topic_cache.get(&publish.topic) {
+            Some(d) => d.clone(),
+            None => {
+                let d = self.decide_publish(&publish.topic).await;
+                if self.topic_cache.len() >= TOPIC_CACHE_SIZE {
+                    self.topic_cache.clear();
+                }
+                // A denial may come from an auth service that is briefly unavailable: it is
+                // asked again next time (the auth backends cache their real answers). The key
+                // is a copy: the frame's bytes would pin the whole read buffer they came in.
+                if !matches!(d, Err(Refusal::Denied)) {
+                    self.topic_cache
+                        .insert(Bytes::copy_from_slice(&publish.topic), d.clone());
+                }
+                d
+            }
+        };
+        let route = match decision {
+            Ok(route) => route,
+            Err(refusal) => return self.refuse_publish(&publish.topic, refusal, qos, publish_id),
+        };
+        if qos == 2 && self.session.incoming_held() >= usize::from(self.ctx.limits.max_inflight()) {
+            self.ctx
+                .metrics
+                .limit_hits
+                .with_label_values(&["inflight"])
+                .inc();
+            return Err(End::protocol(
+                DisconnectReasonCode::ReceiveMaximumExceeded,
+                "too many unacknowledged QoS 1/2 PUBLISHes",
+            ));
+        }
+        // One copy of the payload, owned, so the read buffer is never pinned by a queue.
+        let message = Arc::new(Message {
+            topic: route.topic.clone(),
+            payload: Bytes::copy_from_slice(&publish.payload),
+            qos,
+            retain: publish.retain,
+            properties: if self.v5() {
+                message::forwarded_properties(props)
+            } else {
+                None
+            },
+            origin: Origin::Session(self.session.id),
+        });
+        let pkid = publish_id.unwrap_or(0);
+        match qos {
+            0 => {
+                route_message(self.ctx, &self.info, &route, message);
+                Ok(())
+            }
+            1 => {
+                route_message(self.ctx, &self.info, &route, message);
+                self.write(Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: PubAckReason::Success,
+                    },
+                    None,
+                ))
+            }
+            _ => {
+                // Held until PUBREL: a repeated PUBLISH with the same packet id is not routed twice.
+                self.session.hold_incoming(pkid, Some(message));
+                self.write(Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                    },
+                    None,
+                ))
+            }
+        }
+    }
+
+    async fn decide_publish(&self, topic: &Bytes) -> Result<Arc<PublishRoute>, Refusal> {
+        let Ok(text) = std::str::from_utf8(topic) else {
+            return Err(Refusal::Invalid);
+        };
+        match self
+            .ctx
+            .hooks
+            .authorize(&self.info.identity, text, Usage::Publish)
+            .await
+        {
+            TopicDecision::Allow(canonical) => {
+                let channel = match topic::parse(&canonical, Usage::Publish) {
+                    Ok(TopicKind::Channel(c)) => Some(c),
+                    _ => None,
+                };
+                Ok(Arc::new(PublishRoute {
+                    topic: Bytes::from(canonical),
+                    channel,
+                }))
+            }
+            TopicDecision::Deny => Err(Refusal::Denied),
+            TopicDecision::Invalid(_) => Err(Refusal::Invalid),
+        }
+    }
+
+    fn refuse_publish(
+        &mut self,
+        topic: &Bytes,
+        refusal: Refusal,
+        qos: u8,
+        publish_id: Option<u16>,
+    ) -> Result<(), End> {
+        let topic = String::from_utf8_lossy(topic);
+        tracing::info!(client_id = %self.info.identity.client_id, %topic, ?refusal, qos, "publish refused");
+        if !self.v5() {
+            // 3.1.1 has no way to refuse a PUBLISH: close, as SuperMQ does.
+            return Err(End::protocol(
+                DisconnectReasonCode::NotAuthorized,
+                format!("publish to {topic:?} refused"),
+            ));
+        }
+        let Some(pkid) = publish_id else {
+            return Ok(());
+        };
+        match qos {
+            1 => {
+                let reason = match refusal {
+                    Refusal::Denied => PubAckReason::NotAuthorized,
+                    Refusal::Invalid => PubAckReason::TopicNameInvalid,
+                };
+                self.write(Packet::PubAck(PubAck { pkid, reason }, None))
+            }
+            _ => {
+                let reason = match refusal {
+                    Refusal::Denied => PubRecReason::NotAuthorized,
+                    Refusal::Invalid => PubRecReason::TopicNameInvalid,
+                };
+                self.session.hold_incoming(pkid, None);
+                self.write(Packet::PubRec(PubRec { pkid, reason }, None))
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, subscribe: Subscribe) -> Result<(), End> {
+        let v5 = self.v5();
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut granted = Vec::with_capacity(subscribe.filters.len());
+        for filter in subscribe.filters {
+            // `$` filters (including `$share`) are not offered.
+            let decision = if filter.path.starts_with('$') {
+                TopicDecision::Invalid(topic::TopicError::BadFilter)
+            } else {
+                self.ctx
+                    .hooks
+                    .authorize(&self.info.identity, &filter.path, Usage::Subscribe)
+                    .await
+            };
+            match decision {
+                TopicDecision::Allow(canonical) => {
+                    let qos = (filter.qos as u8).min(2);
+                    self.ctx
+                        .broker
+                        .subscribe(&self.session, &canonical, SubOptions { qos });
+                    codes.push(SubscribeReasonCode::Success(filter.qos));
+                    granted.push((canonical, qos));
+                }
+                refused => {
+                    tracing::info!(client_id = %self.info.identity.client_id, filter = %filter.path, "subscribe refused");
+                    codes.push(match (v5, refused) {
+                        (false, _) => SubscribeReasonCode::Failure,
+                        (true, TopicDecision::Invalid(_)) => {
+                            SubscribeReasonCode::TopicFilterInvalid
+                        }
+                        (true, _) => SubscribeReasonCode::NotAuthorized,
+                    });
+                }
+            }
+        }
+        self.write(Packet::SubAck(
+            SubAck {
+                pkid: subscribe.pkid,
+                return_codes: codes,
+            },
+            None,
+        ))?;
+        // Retained messages follow the SUBACK.
+        for (filter, qos) in granted {
+            self.ctx
+                .broker
+                .deliver_retained(&self.session, &filter, qos);
+        }
+        self.more = true;
+        Ok(())
+    }
+
+    fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), End> {
+        let reasons = unsubscribe
+            .filters
+            .iter()
+            .map(|filter| {
+                let canonical = match topic::parse(filter, Usage::Subscribe) {
+                    Ok(TopicKind::Channel(c)) => c.canonical(),
+                    _ => filter.clone(),
+                };
+                if self.ctx.broker.unsubscribe(&self.session, &canonical) {
+                    UnsubAckReason::Success
+                } else {
+                    UnsubAckReason::NoSubscriptionExisted
+                }
+            })
+            .collect();
+        self.write(Packet::UnsubAck(
+            UnsubAck {
+                pkid: unsubscribe.pkid,
+                reasons,
+            },
+            None,
+        ))
+    }
+}
