@@ -36,7 +36,8 @@ pub fn varint(mut n: usize) -> Vec<u8> {
     }
 }
 
-fn string(s: &str) -> Vec<u8> {
+/// A length-prefixed UTF-8 string.
+pub fn string(s: &str) -> Vec<u8> {
     let mut out = (s.len() as u16).to_be_bytes().to_vec();
     out.extend_from_slice(s.as_bytes());
     out
@@ -48,7 +49,8 @@ fn binary(b: &[u8]) -> Vec<u8> {
     out
 }
 
-fn packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
+/// A packet with this first byte (type and flags) and body.
+pub fn packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![first_byte];
     out.extend(varint(body.len()));
     out.extend_from_slice(body);
@@ -68,10 +70,20 @@ pub struct Connect<'a> {
     pub version: u8,
     pub client_id: &'a str,
     pub username: Option<&'a str>,
-    pub password: Option<&'a str>,
+    /// Binary data: MQTT does not require a password to be UTF-8.
+    pub password: Option<&'a [u8]>,
     pub keep_alive: u16,
     pub clean: bool,
     pub will: Option<Will<'a>>,
+    /// MQTT 5 CONNECT properties, encoded (e.g. [`session_expiry`]).
+    pub properties: Vec<u8>,
+}
+
+/// The MQTT 5 Session Expiry Interval property.
+pub fn session_expiry(seconds: u32) -> Vec<u8> {
+    let mut out = vec![0x11];
+    out.extend_from_slice(&seconds.to_be_bytes());
+    out
 }
 
 impl<'a> Connect<'a> {
@@ -81,10 +93,11 @@ impl<'a> Connect<'a> {
             version,
             client_id,
             username: Some(username),
-            password: Some(password),
+            password: Some(password.as_bytes()),
             keep_alive: 30,
             clean: true,
             will: None,
+            properties: Vec::new(),
         }
     }
 
@@ -110,7 +123,8 @@ impl<'a> Connect<'a> {
         body.push(flags);
         body.extend_from_slice(&self.keep_alive.to_be_bytes());
         if self.version == V5 {
-            body.push(0); // no CONNECT properties
+            body.extend(varint(self.properties.len()));
+            body.extend_from_slice(&self.properties);
         }
         body.extend(string(self.client_id));
         if let Some(will) = &self.will {
@@ -124,7 +138,7 @@ impl<'a> Connect<'a> {
             body.extend(string(username));
         }
         if let Some(password) = self.password {
-            body.extend(binary(password.as_bytes()));
+            body.extend(binary(password));
         }
         packet(0x10, &body)
     }
