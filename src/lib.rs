@@ -1,6 +1,6 @@
 //! MQTT adapter for SuperMQ-family IoT platforms: devices connect over MQTT 3.1.1 or 5; every
 //! CONNECT is authenticated, every PUBLISH and SUBSCRIBE authorized against the platform's
-//! channels; messages are routed by rumqttd's in-process router; every session produces exactly
+//! channels; messages are routed by the in-process broker core; every session produces exactly
 //! one `connect` and one `disconnect` event.
 
 pub mod auth;
