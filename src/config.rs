@@ -148,6 +148,11 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_DRAIN_GRACE", default_value_t = 0)]
     pub drain_grace: u64,
 
+    /// Bearer token of the admin API (`GET /clients`, `GET/DELETE /clients/{mqtt_client_id}` on
+    /// the HTTP port); unset: those endpoints answer 404.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// Deliveries queued per session (live or offline) for its device. When full, a QoS 1/2
     /// message evicts the oldest queued QoS 0 one; otherwise the new message is dropped for that
     /// session (counted in mqtt_adapter_messages_dropped_total{reason="queue_full"}).

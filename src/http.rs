@@ -1,5 +1,5 @@
-//! The operations endpoint: `GET /health` (200 while serving, 503 while starting or draining)
-//! and `GET /metrics` (Prometheus text).
+//! The operations endpoint: `GET /health` (200 while serving, 503 while starting or draining),
+//! `GET /metrics` (Prometheus text), and the admin API (`admin.rs`) when a token is set.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -59,17 +59,22 @@ struct Ops {
     metrics: Arc<Metrics>,
 }
 
-/// Serves `/health` and `/metrics` until `stop` is cancelled.
+/// Serves `/health`, `/metrics` and, when `admin` is given, the admin API, until `stop` is
+/// cancelled.
 pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    admin: Option<Router>,
     stop: CancellationToken,
 ) {
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/health", get(health_handler))
         .route("/metrics", get(metrics_handler))
         .with_state(Ops { health, metrics });
+    if let Some(admin) = admin {
+        app = app.merge(admin);
+    }
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;

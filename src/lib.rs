@@ -3,6 +3,7 @@
 //! channels; messages are routed by the in-process broker core; every session produces exactly
 //! one `connect` and one `disconnect` event.
 
+pub mod admin;
 pub mod auth;
 pub mod bench;
 pub mod bridge;

@@ -170,7 +170,9 @@ impl Server {
             ))
             .with_observer(metrics.clone());
         if let Some(bridge) = &bridge {
-            hooks = hooks.with_observer(bridge.publisher());
+            hooks = hooks
+                .with_observer(bridge.publisher())
+                .with_observer(bridge.takeover_announcer());
         }
 
         let (listener, mqtt_addr) =
@@ -238,10 +240,16 @@ impl Server {
 
         let health = Health::new(uuid::Uuid::new_v4().to_string());
         let http_stop = CancellationToken::new();
+        let admin = config
+            .admin_token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(|token| crate::admin::routes(token, ctx.broker.clone()));
         let http_task = tokio::spawn(http::serve(
             http_listener,
             health.clone(),
             metrics,
+            admin,
             http_stop.clone(),
         ));
         tracing::info!(addr = %http_addr, "HTTP /health and /metrics ready");

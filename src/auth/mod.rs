@@ -12,6 +12,11 @@ use crate::topic::{self, TopicError, TopicKind, Usage};
 
 pub use static_registry::StaticRegistry;
 
+/// Compares secrets in time independent of where they differ (only of their lengths).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The identity a CONNECT was accepted as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {

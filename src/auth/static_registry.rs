@@ -221,8 +221,7 @@ impl StaticRegistry {
 
 /// Compares secrets without an early exit, so timing does not reveal a matching prefix.
 fn secrets_match(a: &str, b: &[u8]) -> bool {
-    let a = a.as_bytes();
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    super::constant_time_eq(a.as_bytes(), b)
 }
 
 #[async_trait]

@@ -8,6 +8,7 @@
 pub mod inbound;
 pub mod message;
 pub mod outbound;
+pub mod takeover;
 
 use std::str::FromStr;
 use std::sync::atomic::AtomicU64;
@@ -72,6 +73,8 @@ pub enum BridgeError {
 /// The running bridge.
 pub struct Bridge {
     publisher: Arc<BusPublisher>,
+    takeover: Arc<takeover::TakeoverAnnouncer>,
+    takeover_metrics: Arc<takeover::TakeoverMetrics>,
     metrics: Arc<BridgeMetrics>,
     shutdown: CancellationToken,
     outbound: JoinHandle<()>,
@@ -132,10 +135,21 @@ impl Bridge {
             metrics.clone(),
             shutdown.clone(),
         ));
+        let (takeover, takeover_metrics) = takeover::start(
+            &client,
+            &settings.instance_id,
+            broker.clone(),
+            settings.buffer,
+            &shutdown,
+        )
+        .await
+        .map_err(|e| BridgeError::Client(e.to_string()))?;
         tracing::info!(url = %settings.url, instance_id = %settings.instance_id,
-            "message bus bridge started (subject m.>)");
+            "message bus bridge started (subject m.>, cluster takeover on {})", takeover::SUBJECT);
         Ok(Bridge {
             publisher: Arc::new(BusPublisher::new(out_tx, metrics.clone())),
+            takeover,
+            takeover_metrics,
             metrics,
             shutdown,
             outbound,
@@ -146,6 +160,15 @@ impl Bridge {
     /// The session hook that bridges device messages out.
     pub fn publisher(&self) -> Arc<BusPublisher> {
         self.publisher.clone()
+    }
+
+    /// The session hook that announces accepted sessions to the other instances.
+    pub fn takeover_announcer(&self) -> Arc<takeover::TakeoverAnnouncer> {
+        self.takeover.clone()
+    }
+
+    pub fn takeover_metrics(&self) -> Arc<takeover::TakeoverMetrics> {
+        self.takeover_metrics.clone()
     }
 
     pub fn metrics(&self) -> Arc<BridgeMetrics> {

@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 pub use message::{Message, Origin};
 pub use queue::{Delivery, Outgoing, QueueLimits};
 use retained::{Retained, RetainedStore};
-pub use session::{Attachment, ConnectionControl, Expiry, Kick, Session, SessionKey, SubOptions};
+pub use session::{
+    Attachment, ConnectionControl, ConnectionMeta, Expiry, Kick, Session, SessionKey, SubOptions,
+};
 use trie::Trie;
 
 /// Sizing of the broker core.
@@ -71,6 +73,14 @@ pub struct AttachRequest {
     /// Discard any existing state first (3.1.1 clean session, MQTT 5 clean start).
     pub clean_start: bool,
     pub expiry: Expiry,
+}
+
+/// A live connection as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveClient {
+    pub key: SessionKey,
+    pub meta: ConnectionMeta,
+    pub subscriptions: Vec<String>,
 }
 
 /// A takeover waits this long for the previous connection to end before replacing it anyway.
@@ -124,6 +134,7 @@ impl Broker {
         &self,
         key: SessionKey,
         request: AttachRequest,
+        meta: ConnectionMeta,
         shutdown: &CancellationToken,
     ) -> Attachment {
         loop {
@@ -135,7 +146,7 @@ impl Broker {
                 });
                 match live {
                     Some(control) => control,
-                    None => return self.attach_locked(&mut table, key, request, shutdown),
+                    None => return self.attach_locked(&mut table, key, request, meta, shutdown),
                 }
             };
             previous.kick(Kick::Takeover);
@@ -157,10 +168,11 @@ impl Broker {
         table: &mut HashMap<SessionKey, Arc<Session>>,
         key: SessionKey,
         request: AttachRequest,
+        meta: ConnectionMeta,
         shutdown: &CancellationToken,
     ) -> Attachment {
         let connection_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (attached, control, done) = session::connection(connection_id, shutdown);
+        let (attached, control, done) = session::connection(connection_id, shutdown, meta);
         let existing = table.get(&key).cloned();
         let (session, present) = match existing {
             Some(s) if !request.clean_start => (s, true),
@@ -419,6 +431,54 @@ impl Broker {
         }
     }
 
+    /// Every live connection, ordered by MQTT client identifier then client id.
+    pub fn live_clients(&self) -> Vec<LiveClient> {
+        let sessions: Vec<Arc<Session>> = self.table().values().cloned().collect();
+        let mut live: Vec<LiveClient> = sessions
+            .iter()
+            .filter_map(|s| {
+                let state = s.lock();
+                let attached = state.attached.as_ref()?;
+                let mut subscriptions: Vec<String> =
+                    state.subscriptions.keys().map(|f| f.to_string()).collect();
+                subscriptions.sort_unstable();
+                Some(LiveClient {
+                    key: s.key.clone(),
+                    meta: attached.control.meta.clone(),
+                    subscriptions,
+                })
+            })
+            .collect();
+        live.sort_unstable_by(|a, b| {
+            (&a.key.mqtt_client_id, &a.key.client_id)
+                .cmp(&(&b.key.mqtt_client_id, &b.key.client_id))
+        });
+        live
+    }
+
+    /// Tells the live connections matching `which` to end, for `why`; returns their controls
+    /// (to await their end).
+    pub fn kick(
+        &self,
+        which: impl Fn(&SessionKey) -> bool,
+        why: Kick,
+    ) -> Vec<Arc<ConnectionControl>> {
+        let sessions: Vec<Arc<Session>> = self
+            .table()
+            .iter()
+            .filter(|(k, _)| which(k))
+            .map(|(_, s)| s.clone())
+            .collect();
+        let controls: Vec<Arc<ConnectionControl>> = sessions
+            .iter()
+            .filter_map(|s| s.lock().attached.as_ref().map(|a| a.control.clone()))
+            .collect();
+        for control in &controls {
+            control.kick(why);
+        }
+        controls
+    }
+
     /// The session `key`, live or offline.
     pub fn session(&self, key: &SessionKey) -> Option<Arc<Session>> {
         self.table().get(key).cloned()
@@ -460,6 +520,10 @@ mod tests {
         }
     }
 
+    fn meta() -> ConnectionMeta {
+        ConnectionMeta::default()
+    }
+
     const CLEAN: AttachRequest = AttachRequest {
         clean_start: true,
         expiry: Expiry::WithConnection,
@@ -488,7 +552,7 @@ mod tests {
     async fn overlapping_subscriptions_deliver_once_at_the_highest_qos_capped_by_the_publish() {
         let broker = Broker::new(BrokerConfig::default());
         let stop = CancellationToken::new();
-        let a = broker.attach(key("c1", "m1"), CLEAN, &stop).await;
+        let a = broker.attach(key("c1", "m1"), CLEAN, meta(), &stop).await;
         broker.subscribe(&a.session, "a/#", SubOptions { qos: 0 });
         broker.subscribe(&a.session, "a/+", SubOptions { qos: 2 });
         broker.subscribe(&a.session, "a/b", SubOptions { qos: 1 });
@@ -502,18 +566,24 @@ mod tests {
     async fn same_mqtt_client_id_under_another_identity_is_another_session() {
         let broker = Broker::new(BrokerConfig::default());
         let stop = CancellationToken::new();
-        let mut victim = broker.attach(key("c2", "dev-42"), PERSISTENT, &stop).await;
+        let mut victim = broker
+            .attach(key("c2", "dev-42"), PERSISTENT, meta(), &stop)
+            .await;
         broker.subscribe(&victim.session, "m/d1/c/ch2/#", SubOptions { qos: 1 });
         broker.detach(&mut victim);
         Broker::release(&mut victim);
         broker.publish(msg("m/d1/c/ch2/temp", 1));
 
-        let thief = broker.attach(key("c1", "dev-42"), PERSISTENT, &stop).await;
+        let thief = broker
+            .attach(key("c1", "dev-42"), PERSISTENT, meta(), &stop)
+            .await;
         assert!(!thief.present, "another identity never resumes the session");
         assert!(drain(&thief.session).is_empty());
         assert_eq!(broker.session_count(), 2);
 
-        let back = broker.attach(key("c2", "dev-42"), PERSISTENT, &stop).await;
+        let back = broker
+            .attach(key("c2", "dev-42"), PERSISTENT, meta(), &stop)
+            .await;
         assert!(back.present);
         assert_eq!(drain(&back.session), [(1, false)]);
     }
@@ -522,12 +592,14 @@ mod tests {
     async fn takeover_waits_for_the_previous_connection_to_end() {
         let broker = Broker::new(BrokerConfig::default());
         let stop = CancellationToken::new();
-        let mut first = broker.attach(key("c1", "m"), PERSISTENT, &stop).await;
+        let mut first = broker
+            .attach(key("c1", "m"), PERSISTENT, meta(), &stop)
+            .await;
         let control = first.control.clone();
         let b = broker.clone();
         let second = tokio::spawn(async move {
             let stop = CancellationToken::new();
-            b.attach(key("c1", "m"), PERSISTENT, &stop).await
+            b.attach(key("c1", "m"), PERSISTENT, meta(), &stop).await
         });
         control.cancel.cancelled().await;
         assert_eq!(control.kicked(), Some(Kick::Takeover));
@@ -538,10 +610,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn live_clients_and_kicks_by_key() {
+        let broker = Broker::new(BrokerConfig::default());
+        let stop = CancellationToken::new();
+        let a = broker.attach(key("c1", "b"), CLEAN, meta(), &stop).await;
+        let _b = broker.attach(key("c2", "a"), CLEAN, meta(), &stop).await;
+        broker.subscribe(&a.session, "t/2", SubOptions { qos: 0 });
+        broker.subscribe(&a.session, "t/1", SubOptions { qos: 0 });
+        let live = broker.live_clients();
+        let ids: Vec<&str> = live.iter().map(|c| c.key.mqtt_client_id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(live[1].subscriptions, ["t/1", "t/2"]);
+        let kicked = broker.kick(|k| k.mqtt_client_id == "b", Kick::Administrative);
+        assert_eq!(kicked.len(), 1);
+        assert!(a.control.cancel.is_cancelled());
+        assert_eq!(a.control.kicked(), Some(Kick::Administrative));
+    }
+
+    #[tokio::test]
     async fn a_clean_session_leaves_nothing_behind() {
         let broker = Broker::new(BrokerConfig::default());
         let stop = CancellationToken::new();
-        let mut a = broker.attach(key("c1", "m1"), CLEAN, &stop).await;
+        let mut a = broker.attach(key("c1", "m1"), CLEAN, meta(), &stop).await;
         for i in 0..5000 {
             broker.subscribe(&a.session, &format!("t/{i}/#"), SubOptions { qos: 1 });
         }
@@ -567,8 +657,8 @@ mod tests {
             max_retained: 10,
         });
         let stop = CancellationToken::new();
-        let slow = broker.attach(key("c1", "slow"), CLEAN, &stop).await;
-        let fast = broker.attach(key("c1", "fast"), CLEAN, &stop).await;
+        let slow = broker.attach(key("c1", "slow"), CLEAN, meta(), &stop).await;
+        let fast = broker.attach(key("c1", "fast"), CLEAN, meta(), &stop).await;
         broker.subscribe(&slow.session, "t", SubOptions { qos: 1 });
         broker.subscribe(&fast.session, "t", SubOptions { qos: 1 });
         let mut fast_got = 0;
@@ -587,7 +677,7 @@ mod tests {
         let stop = CancellationToken::new();
         broker.publish(Message::new("r/1".into(), "v".into(), 2, true, Origin::Bus));
         broker.publish(Message::new("r/2".into(), "v".into(), 1, true, Origin::Bus));
-        let a = broker.attach(key("c1", "m1"), CLEAN, &stop).await;
+        let a = broker.attach(key("c1", "m1"), CLEAN, meta(), &stop).await;
         broker.subscribe(&a.session, "r/+", SubOptions { qos: 1 });
         broker.deliver_retained(&a.session, "r/+", 1);
         let mut got = drain(&a.session);
@@ -605,12 +695,16 @@ mod tests {
             clean_start: false,
             expiry: Expiry::After(Duration::from_secs(5)),
         };
-        let mut a = broker.attach(key("c1", "m1"), expiring, &stop).await;
+        let mut a = broker
+            .attach(key("c1", "m1"), expiring, meta(), &stop)
+            .await;
         broker.subscribe(&a.session, "t", SubOptions { qos: 1 });
         broker.detach(&mut a);
         Broker::release(&mut a);
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let mut b = broker.attach(key("c1", "m1"), expiring, &stop).await;
+        let mut b = broker
+            .attach(key("c1", "m1"), expiring, meta(), &stop)
+            .await;
         assert!(b.present);
         broker.detach(&mut b);
         Broker::release(&mut b);

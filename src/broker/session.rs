@@ -41,11 +41,25 @@ pub enum Kick {
     Revoked = 3,
 }
 
+/// What an operator sees of a live connection (admin API).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectionMeta {
+    pub remote_addr: String,
+    /// `tcp`, `tls`, `ws` or `wss`.
+    pub transport: &'static str,
+    /// `3.1.1` or `5`.
+    pub protocol_version: &'static str,
+    pub keep_alive: u16,
+    /// Unix time in nanoseconds.
+    pub connected_at: u64,
+}
+
 /// How the broker asks an attached connection to end.
 #[derive(Debug)]
 pub struct ConnectionControl {
     /// Cancelled to end the connection; a child of the server's shutdown token.
     pub cancel: CancellationToken,
+    pub meta: ConnectionMeta,
     kick: AtomicU8,
     done: watch::Receiver<()>,
 }
@@ -242,10 +256,12 @@ pub struct Attachment {
 pub(super) fn connection(
     id: u64,
     parent: &CancellationToken,
+    meta: ConnectionMeta,
 ) -> (Attached, Arc<ConnectionControl>, watch::Sender<()>) {
     let (done_tx, done_rx) = watch::channel(());
     let control = Arc::new(ConnectionControl {
         cancel: parent.child_token(),
+        meta,
         kick: AtomicU8::new(0),
         done: done_rx,
     });

@@ -17,7 +17,7 @@ use super::limits::ConnectionInfo;
 use super::teardown::{LiveSession, Will};
 use super::{connack, frame, write_packet, SessionContext};
 use crate::auth::{AuthError, Credentials, TopicDecision};
-use crate::broker::{AttachRequest, Expiry, Message, Origin};
+use crate::broker::{AttachRequest, ConnectionMeta, Expiry, Message, Origin};
 use crate::hooks::{DisconnectReason, SessionInfo};
 use crate::topic::Usage;
 
@@ -242,7 +242,21 @@ where
         client_id: identity.client_id.clone(),
         mqtt_client_id: mqtt_client_id.clone(),
     };
-    let attachment = ctx.broker.attach(key, request, &ctx.shutdown).await;
+    let meta = ConnectionMeta {
+        remote_addr: peer.to_string(),
+        transport: if conn.listener.is_empty() {
+            "tcp"
+        } else {
+            conn.listener
+        },
+        protocol_version: version.as_str(),
+        keep_alive: connect.keep_alive,
+        connected_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
+    };
+    let attachment = ctx.broker.attach(key, request, meta, &ctx.shutdown).await;
     let info = SessionInfo {
         identity,
         mqtt_client_id,
