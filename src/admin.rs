@@ -39,22 +39,24 @@ pub fn routes<S: Clone + Send + Sync + 'static>(token: &str, broker: Arc<Broker>
         })
 }
 
-fn authorized(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
+/// `None` when the request carries the token, else the 401 to answer.
+fn refused(admin: &Admin, headers: &HeaderMap) -> Option<Response> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if constant_time_eq(presented.as_bytes(), admin.token.as_bytes()) {
-        Ok(())
-    } else {
-        Err((
+        return None;
+    }
+    Some(
+        (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
             json!({"error": "missing or wrong bearer token"}).to_string(),
         )
-            .into_response())
-    }
+            .into_response(),
+    )
 }
 
 fn entry(client: &LiveClient) -> Value {
@@ -83,12 +85,12 @@ fn bad_request(why: String) -> Response {
     json_response(StatusCode::BAD_REQUEST, json!({ "error": why }))
 }
 
-fn number(query: &HashMap<String, String>, name: &str, default: usize) -> Result<usize, Response> {
+fn number(query: &HashMap<String, String>, name: &str, default: usize) -> Result<usize, String> {
     match query.get(name) {
         None => Ok(default),
         Some(v) => v
             .parse()
-            .map_err(|_| bad_request(format!("{name} must be a non-negative integer"))),
+            .map_err(|_| format!("{name} must be a non-negative integer")),
     }
 }
 
@@ -97,7 +99,7 @@ async fn list(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(denied) = authorized(&admin, &headers) {
+    if let Some(denied) = refused(&admin, &headers) {
         return denied;
     }
     let (limit, offset) = match (
@@ -105,7 +107,7 @@ async fn list(
         number(&query, "offset", 0),
     ) {
         (Ok(l), Ok(o)) => (l, o),
-        (Err(e), _) | (_, Err(e)) => return e,
+        (Err(e), _) | (_, Err(e)) => return bad_request(e),
     };
     if limit > MAX_LIMIT {
         return bad_request(format!("limit must be at most {MAX_LIMIT}"));
@@ -126,7 +128,7 @@ async fn one(
     headers: HeaderMap,
     Path(mqtt_client_id): Path<String>,
 ) -> Response {
-    if let Err(denied) = authorized(&admin, &headers) {
+    if let Some(denied) = refused(&admin, &headers) {
         return denied;
     }
     match admin
@@ -154,7 +156,7 @@ async fn kick(
     headers: HeaderMap,
     Path(mqtt_client_id): Path<String>,
 ) -> Response {
-    if let Err(denied) = authorized(&admin, &headers) {
+    if let Some(denied) = refused(&admin, &headers) {
         return denied;
     }
     let kicked = admin
