@@ -148,6 +148,11 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_DRAIN_GRACE", default_value_t = 0)]
     pub drain_grace: u64,
 
+    /// Longest keep-alive granted to an MQTT 5 device, seconds: a device asking for more, or for
+    /// none (0), is told this value in CONNACK (Server Keep Alive). 0: accept what it asks.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_KEEP_ALIVE", default_value_t = 0)]
+    pub max_keep_alive: u16,
+
     /// Bearer token of the admin API (`GET /clients`, `GET/DELETE /clients/{mqtt_client_id}` on
     /// the HTTP port); unset: those endpoints answer 404.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_ADMIN_TOKEN", hide_env_values = true)]

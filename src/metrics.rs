@@ -193,6 +193,8 @@ impl Metrics {
                 for (reason, total) in [
                     ("queue_full", &stats.dropped_queue_full),
                     ("session_ended", &stats.dropped_session_ended),
+                    ("expired", &stats.dropped_expired),
+                    ("too_large", &stats.dropped_too_large),
                 ] {
                     follow(
                         &self.messages_dropped.with_label_values(&[reason]),

@@ -203,6 +203,7 @@ impl Server {
             hooks,
             connect_timeout: config.connect_timeout(),
             max_packet_size: config.max_packet_size as usize,
+            max_keep_alive: config.max_keep_alive,
             shutdown: CancellationToken::new(),
             metrics: metrics.clone(),
             limits,

@@ -31,6 +31,8 @@ pub struct SessionContext {
     pub hooks: Hooks,
     pub connect_timeout: Duration,
     pub max_packet_size: usize,
+    /// MQTT 5 Server Keep Alive in seconds (0: accept what the device asks).
+    pub max_keep_alive: u16,
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
@@ -195,6 +197,7 @@ mod footprint {
             )),
             connect_timeout: Duration::from_secs(1),
             max_packet_size: 1024,
+            max_keep_alive: 0,
             shutdown: CancellationToken::new(),
             metrics: Metrics::new(),
             limits: Limits::unlimited(),
