@@ -1,6 +1,6 @@
 //! Connection events in the real event stores (SPEC §4, §6): Redis Streams, NATS JetStream and
 //! RabbitMQ receive exactly the seed's format; a store that is down delays events without losing
-//! any (they wait in memory and the disk spool, across an adapter restart); a `kill -9` leaves no
+//! any (they wait in the durable event log, across an adapter restart); a `kill -9` leaves no
 //! phantom session, because the next start emits the missing `disconnect`s.
 //!
 //! Redis and NATS are private servers on free ports (tests stop and restart them); RabbitMQ is the
@@ -162,14 +162,13 @@ async fn rabbitmq_messages_are_exactly_the_seed_format() {
 }
 
 /// The store goes down, 200 devices come and go, the store comes back on the same port: all 400
-/// events arrive, in per-client order. The small memory queue makes most of them pass the spool.
+/// events arrive, in per-client order, from the event log.
 async fn outage_loses_nothing(kind: StoreKind) {
     let mut store = StoreServer::start(kind).await;
     let url = store.url();
     let data = tempfile::tempdir().expect("temp dir");
     let data_dir = path_str(data.path());
-    let mut env = es_env(&url, &data_dir);
-    env.push(("SMQ_MQTT_ADAPTER_EVENT_BUFFER", "50"));
+    let env = es_env(&url, &data_dir);
     let clients = devices_file(200);
     let adapter = Adapter::start_with(&clients, &env).await;
 
@@ -188,10 +187,6 @@ async fn outage_loses_nothing(kind: StoreKind) {
     for e in &events {
         e.assert_seed_format();
     }
-    assert!(
-        adapter.stderr().contains("spooling events to disk"),
-        "the outage should have overflowed the 50-event memory queue into the spool"
-    );
     adapter.shutdown().await;
 }
 
@@ -206,7 +201,8 @@ async fn nats_outage_delays_events_and_loses_none() {
 }
 
 /// Store unreachable from the start (not fatal), the adapter restarts while it is still down: the
-/// first run's events wait in the spool and are delivered, before the second run's, once it is up.
+/// first run's events wait in the event log and are delivered, before the second run's, once it
+/// is up.
 #[tokio::test]
 async fn spooled_events_are_delivered_after_an_adapter_restart() {
     let mut store = StoreServer::start(StoreKind::Nats).await;
@@ -219,11 +215,11 @@ async fn spooled_events_are_delivered_after_an_adapter_restart() {
 
     let mut first = Adapter::start_with(&clients, &env).await;
     short_sessions(first.port, 0..20).await;
-    // SIGTERM while the store is down: exit 0, undelivered events kept in the spool.
+    // SIGTERM while the store is down: exit 0, undelivered events kept in the event log.
     first.terminate();
     assert!(first.wait_exit().await.success());
     assert!(
-        first.stderr().contains("stay in the spool"),
+        first.stderr().contains("stay in the event log"),
         "{}",
         first.stderr_tail()
     );
@@ -244,7 +240,7 @@ async fn spooled_events_are_delivered_after_an_adapter_restart() {
     assert_eq!(
         last,
         [("late", "connect"), ("late", "disconnect")],
-        "the second run's events come after the spooled ones"
+        "the second run's events come after the first run's"
     );
     second.terminate();
     assert!(second.wait_exit().await.success());
@@ -301,7 +297,7 @@ async fn kill_9_leaves_no_phantom_sessions() {
         );
     }
 
-    // The journal was compacted: a clean restart reports nothing more.
+    // The recovery's disconnects are in the log: a clean restart reports nothing more.
     restarted.shutdown().await;
     let again = Adapter::start_with(&clients, &env).await;
     short_sessions(again.port, 0..1).await;

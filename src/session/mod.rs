@@ -151,7 +151,7 @@ async fn connected<S>(
             .with_label_values(&[limits::packet_error_kind(end.v5_code)])
             .inc();
     }
-    session.live.end(end.reason, end.publish_will);
+    let disconnect_logged = session.live.end(end.reason, end.publish_will);
     if let (ProtocolVersion::V5, Some(code)) = (session.version, end.v5_code) {
         let mut buf = BytesMut::new();
         let packet = Packet::Disconnect(Disconnect { reason_code: code }, None);
@@ -163,6 +163,9 @@ async fn connected<S>(
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    // The session's teardown completes once its `disconnect` is in the event log (after the
+    // socket is closed, so the device never waits for it).
+    disconnect_logged.await;
     tracing::info!(client_id = %session.live.info.identity.client_id,
         mqtt_client_id = %session.live.info.mqtt_client_id, %peer,
         reason = end.reason.as_str(), detail = %end.detail, "disconnected");
@@ -460,6 +463,9 @@ where
         wildcard_subscription_available: Some(1),
         ..Default::default()
     });
+    // The `connect` is in the event log before the device hears CONNACK, so a crash from
+    // here on finds the session open and closes it with a `disconnect` at the next start.
+    live.announce().await;
     if let Err(e) = write_packet(
         stream,
         codec,
@@ -468,10 +474,9 @@ where
     .await
     {
         tracing::info!(%peer, error = %e, "CONNACK could not be written");
-        live.end(DisconnectReason::ConnectionLost, false);
+        let _ = live.end(DisconnectReason::ConnectionLost, false);
         return None;
     }
-    live.announce();
     tracing::info!(client_id = %live.info.identity.client_id, mqtt_client_id = %live.info.mqtt_client_id,
         %peer, version = version.as_str(), keep_alive = connect.keep_alive, clean, "connected");
     let keep_alive = (connect.keep_alive > 0)
@@ -1154,8 +1159,11 @@ mod footprint {
             crate::events::Outbox::start(Box::new(crate::events::StdoutSink::new()), 10);
         let ctx = Arc::new(SessionContext {
             broker: Broker::start(&crate::broker::BrokerConfig::default()),
-            hooks: Hooks::new(registry.clone(), registry).with_observer(Arc::new(
-                crate::hooks::ConnectionEvents::new(outbox, String::new()),
+            hooks: Hooks::new(registry.clone(), registry).with_events(Arc::new(
+                crate::hooks::ConnectionEvents::new(
+                    crate::events::EventQueue::memory(outbox),
+                    String::new(),
+                ),
             )),
             registry: SessionRegistry::default(),
             connect_timeout: Duration::from_secs(1),

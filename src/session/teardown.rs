@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::registry::Registration;
 use super::{publish_with_qos, SessionContext};
 use crate::broker::RouterName;
+use crate::events::EventCommit;
 use crate::hooks::{DisconnectReason, SessionInfo};
 
 pub(super) struct LiveSession {
@@ -51,10 +52,12 @@ impl LiveSession {
         }
     }
 
-    /// Marks the session accepted (CONNACK sent) and tells the hooks.
-    pub fn announce(&mut self) {
+    /// Marks the session accepted and tells the hooks; from here on it ends with a
+    /// `disconnect`. Await the result before writing CONNACK: the `connect` is then in the
+    /// event log.
+    pub fn announce(&mut self) -> EventCommit {
         self.announced = true;
-        self.ctx.hooks.connected(&self.info);
+        self.ctx.hooks.connected(&self.info)
     }
 
     pub fn takeover_token(&self) -> CancellationToken {
@@ -75,9 +78,10 @@ impl LiveSession {
 
     /// Ends the session: publishes the will if asked, disconnects the router link, frees the
     /// router name, emits `disconnect` (if `connect` was emitted) and leaves the registry.
-    pub fn end(&mut self, reason: DisconnectReason, publish_will: bool) {
+    /// Never waits; awaiting the result waits until the `disconnect` is in the event log.
+    pub fn end(&mut self, reason: DisconnectReason, publish_will: bool) -> EventCommit {
         if std::mem::replace(&mut self.ended, true) {
-            return;
+            return EventCommit::done();
         }
         if let Some(will) = self.will.take().filter(|_| publish_will) {
             let pkid = u16::from(will.qos as u8 > 0);
@@ -100,9 +104,11 @@ impl LiveSession {
         if let Some(name) = self.router_name.take() {
             self.ctx.broker.release(name);
         }
-        if self.announced {
-            self.ctx.hooks.disconnected(&self.info, reason);
-        }
+        let logged = if self.announced {
+            self.ctx.hooks.disconnected(&self.info, reason)
+        } else {
+            EventCommit::done()
+        };
         let registration = self.registration.take();
         match (self.expiry, registration) {
             (Some(Some(Duration::ZERO)), Some(registration)) => {
@@ -121,6 +127,7 @@ impl LiveSession {
                 }
             }
         }
+        logged
     }
 
     fn discard_now(&self, registration: Registration) {
@@ -169,6 +176,7 @@ impl LiveSession {
 impl Drop for LiveSession {
     fn drop(&mut self) {
         // Only reached without an explicit end when the session task panicked or was dropped.
-        self.end(DisconnectReason::ProtocolError, true);
+        // The `disconnect` is handed to the event log all the same; nobody is left to await it.
+        let _ = self.end(DisconnectReason::ProtocolError, true);
     }
 }
