@@ -50,9 +50,11 @@ pub struct Metrics {
     bridge: Mutex<Option<Arc<BridgeMetrics>>>,
 }
 
+type BridgeCounter = (&'static str, &'static str, fn(&BridgeMetrics) -> u64);
+
 /// The bridge's counters as exported: (direction, result, reading). One line per counter, so a
 /// counter that goes away is one line less.
-const BRIDGE_COUNTERS: [(&str, &str, fn(&BridgeMetrics) -> u64); 7] = [
+const BRIDGE_COUNTERS: [BridgeCounter; 7] = [
     ("out", "published", |m| m.out_published.load(Relaxed)),
     ("out", "dropped", |m| m.out_dropped.load(Relaxed)),
     ("out", "failed", |m| m.out_failed.load(Relaxed)),
@@ -239,9 +241,7 @@ impl Metrics {
             let bridge = self.bridge.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(bridge) = bridge.as_ref() {
                 for (direction, result, read) in BRIDGE_COUNTERS {
-                    let counter = self
-                        .bridge_messages
-                        .with_label_values(&[direction, result]);
+                    let counter = self.bridge_messages.with_label_values(&[direction, result]);
                     counter.inc_by(read(bridge).saturating_sub(counter.get()));
                 }
             }
@@ -357,11 +357,14 @@ mod tests {
             "mqtt_adapter_bridge_messages_total{direction=\"in\",result=\"own\"} 2",
             "mqtt_adapter_bridge_messages_total{direction=\"in\",result=\"invalid\"} 0",
         ] {
-            assert!(text.lines().any(|l| l == line), "{line:?} missing in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
         }
         bridge.out_published.store(7, Relaxed);
-        assert!(metrics
-            .render()
-            .contains("mqtt_adapter_bridge_messages_total{direction=\"out\",result=\"published\"} 7"));
+        assert!(metrics.render().contains(
+            "mqtt_adapter_bridge_messages_total{direction=\"out\",result=\"published\"} 7"
+        ));
     }
 }

@@ -8,23 +8,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::collections::BTreeMap;
 
-use common::stores::{AmqpQueue, StoreKind, StoreServer, StoredEvent};
+use common::stores::{
+    devices_file, es_env, path_str, without_repeats, AmqpQueue, StoreKind, StoreServer, StoredEvent,
+};
 use common::*;
-
-/// A clients file with `n` devices `dev-<i>` (secret `s-<i>`).
-fn devices_file(n: usize) -> String {
-    let mut toml = String::new();
-    for i in 0..n {
-        toml.push_str(&format!(
-            "[[clients]]\nid = \"dev-{i}\"\nsecret = \"s-{i}\"\n"
-        ));
-    }
-    toml.push_str("[[clients]]\nid = \"late\"\nsecret = \"sl\"\n");
-    toml
-}
 
 async fn connect_device(port: u16, i: usize) -> RawClient {
     let id = format!("dev-{i}");
@@ -49,22 +38,6 @@ fn assert_pair(connect: &StoredEvent, disconnect: &StoredEvent) {
     assert_eq!(connect.event.instance, disconnect.event.instance);
 }
 
-/// At-least-once delivery may repeat an event after a store failure; repeats carry the same
-/// occurred_at, so they are set aside here and every session is then checked exactly once.
-fn without_repeats(events: Vec<StoredEvent>) -> Vec<StoredEvent> {
-    let mut seen = BTreeSet::new();
-    events
-        .into_iter()
-        .filter(|e| {
-            seen.insert((
-                e.event.client_id.clone(),
-                e.event.event_type.clone(),
-                e.event.occurred_at,
-            ))
-        })
-        .collect()
-}
-
 /// Per client, in stream order: exactly one connect, then one disconnect.
 fn assert_one_session_per_client(events: &[StoredEvent], clients: &[String]) {
     let mut by_client: BTreeMap<&str, Vec<&StoredEvent>> = BTreeMap::new();
@@ -82,19 +55,6 @@ fn assert_one_session_per_client(events: &[StoredEvent], clients: &[String]) {
         assert_eq!(kinds, ["connect", "disconnect"], "events of {client}");
         assert_pair(got[0], got[1]);
     }
-}
-
-fn es_env<'a>(url: &'a str, data_dir: &'a str) -> Vec<(&'static str, &'a str)> {
-    vec![
-        ("SMQ_ES_URL", url),
-        ("SMQ_MQTT_ADAPTER_DATA_DIR", data_dir),
-        // The store may be down at shutdown: don't wait long for it.
-        ("SMQ_MQTT_ADAPTER_SHUTDOWN_TIMEOUT", "1"),
-    ]
-}
-
-fn path_str(path: &Path) -> String {
-    path.to_string_lossy().into_owned()
 }
 
 async fn seed_format_in(kind: StoreKind) {

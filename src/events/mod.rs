@@ -16,7 +16,7 @@ pub mod store;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -189,14 +189,6 @@ impl EventQueue {
                 outbox.emit(event);
                 EventCommit(None)
             }
-        }
-    }
-
-    /// Waits until everything queued so far is delivered, or the timeout passes.
-    pub async fn flush(&self, timeout: Duration) -> bool {
-        match self {
-            EventQueue::Log(log) => log.flush(timeout).await,
-            EventQueue::Memory { outbox, .. } => outbox.flush(timeout).await,
         }
     }
 }

@@ -193,7 +193,10 @@ impl Queue {
     fn abandon(&mut self, in_flight: Option<Vec<ConnectionEvent>>) {
         let n = in_flight.map_or(0, |b| b.len()) + self.memory.len();
         if n > 0 {
-            tracing::warn!(events = n, "event sink unavailable at shutdown: events lost");
+            tracing::warn!(
+                events = n,
+                "event sink unavailable at shutdown: events lost"
+            );
         }
     }
 }

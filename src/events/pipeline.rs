@@ -155,7 +155,9 @@ impl EventPipeline {
                         "event store unreachable: undelivered events stay in the event log for the next start"
                     );
                 } else if !closed {
-                    tracing::warn!("the event log writer did not finish: recent events may be lost");
+                    tracing::warn!(
+                        "the event log writer did not finish: recent events may be lost"
+                    );
                 }
                 closed
             }

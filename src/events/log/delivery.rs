@@ -123,7 +123,11 @@ fn mark_delivered(shared: &Shared, position: u64) {
         .store(end.saturating_sub(first), Ordering::Relaxed);
 }
 
-pub(super) async fn run(shared: Arc<Shared>, mut sink: Box<dyn EventSink>, stop: CancellationToken) {
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    mut sink: Box<dyn EventSink>,
+    stop: CancellationToken,
+) {
     let mut committed = shared.committed.subscribe();
     let mut reader = Reader::default();
     let mut delivered = *shared.delivered.borrow();
@@ -152,7 +156,10 @@ pub(super) async fn run(shared: Arc<Shared>, mut sink: Box<dyn EventSink>, stop:
                 delivered = batch.end;
                 mark_delivered(&shared, delivered);
             }
-            shared.stats.oldest_undelivered_ns.store(0, Ordering::Relaxed);
+            shared
+                .stats
+                .oldest_undelivered_ns
+                .store(0, Ordering::Relaxed);
             tokio::select! {
                 _ = stop.cancelled() => return,
                 changed = committed.changed() => if changed.is_err() { return },

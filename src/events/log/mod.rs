@@ -193,7 +193,10 @@ impl EventLog {
     /// Opens the log in `dir` (creating it), cuts a torn or corrupt tail (with a warning naming
     /// the bytes) and tells which sessions the previous run left open. Starts the writer
     /// thread; delivery starts with [`EventLog::deliver`].
-    pub fn open(dir: &DataDir, settings: LogSettings) -> Result<(EventLog, Recovery), DataDirError> {
+    pub fn open(
+        dir: &DataDir,
+        settings: LogSettings,
+    ) -> Result<(EventLog, Recovery), DataDirError> {
         let path = dir.path().to_owned();
         let found = recovery::scan(&path)?;
         let stats = Arc::new(OutboxStats::default());

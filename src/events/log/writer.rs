@@ -37,7 +37,10 @@ impl Writer {
         found: &Found,
         committed: Committed,
     ) -> Result<Writer, DataDirError> {
-        let base = *found.bases.last().expect("the scan keeps at least one segment");
+        let base = *found
+            .bases
+            .last()
+            .expect("the scan keeps at least one segment");
         let path = segment_path(&shared.dir, base);
         let file = OpenOptions::new()
             .append(true)
@@ -136,7 +139,8 @@ impl Writer {
             buf.clear();
             changes.clear();
             let room = (self.snapshot_len + segment_bytes).saturating_sub(self.len) as usize;
-            while let Some(Entry { session, event }) = entries.next_if(|_| buf.len() < room.max(1)) {
+            while let Some(Entry { session, event }) = entries.next_if(|_| buf.len() < room.max(1))
+            {
                 changes.push((
                     session.clone(),
                     event.event_type,
