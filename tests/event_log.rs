@@ -268,6 +268,15 @@ async fn a_torn_last_record_is_cut_at_start_up_and_the_rest_delivered() {
     late.expect_closed().await;
     let events = store.wait_events(12).await;
     assert_eq!(events[10].event.client_id, "late");
+    let (_, metrics) = http_get(second.ports.http, "/metrics").await;
+    assert!(
+        metric(&metrics, "mqtt_adapter_events_log_bytes").is_some_and(|b| b > 0.0),
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "mqtt_adapter_events_oldest_undelivered_seconds").is_some(),
+        "{metrics}"
+    );
     second.shutdown().await;
 }
 
