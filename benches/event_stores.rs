@@ -10,8 +10,8 @@
 //!   latency must match the store-up figure, then the replay rate once the store is back.
 //!
 //! Knobs (environment): BENCH_SESSIONS (default 5000), BENCH_CONCURRENCY (50),
-//! BENCH_STORES (redis,nats,amqp), BENCH_EVENT_BUFFER (the adapter's memory queue in the
-//! store-down run; small values make the events pass through the disk spool).
+//! BENCH_STORES (redis,nats,amqp), BENCH_EVENT_BUFFER (the event log writer's intake in the
+//! store-down run).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -48,7 +48,7 @@ fn report(label: &str, storm: &Storm, sessions: usize, stored_at: Option<Instant
                 secs
             )
         }
-        None => "events spooled".to_owned(),
+        None => "events kept in the event log".to_owned(),
     };
     println!(
         "{label:<20} connects/s {:>6.0}  CONNACK ms p50 {:>6.2} p99 {:>6.2} max {:>7.2}  {events}",

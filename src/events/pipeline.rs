@@ -78,6 +78,7 @@ impl EventPipeline {
         let data_dir = DataDir::open(settings.data_dir)?;
         let mut log_settings = settings.log.clone();
         log_settings.max_pending = settings.buffer;
+        warn_about_older_files(&data_dir);
         let (log, recovery) = EventLog::open(&data_dir, log_settings)?;
         close_crashed_sessions(&log, &recovery, settings).await;
         tracing::info!(
@@ -161,6 +162,18 @@ impl EventPipeline {
                 }
                 closed
             }
+        }
+    }
+}
+
+/// Versions before the event log kept a spool and a session journal; this one does not read
+/// them, so say so instead of ignoring what they may hold.
+fn warn_about_older_files(data_dir: &DataDir) {
+    for name in ["events.spool", "sessions.journal"] {
+        let path = data_dir.file(name);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() > 0) {
+            tracing::warn!(file = %path.display(),
+                "left by an older version and not read by this one: events still in it are not delivered, sessions in it are not closed; delete it once checked");
         }
     }
 }
