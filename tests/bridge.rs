@@ -19,7 +19,8 @@ use prost::Message as _;
 use common::nats::NatsServer;
 use common::raw;
 use common::{
-    adapter_command, free_port, run_to_exit, Adapter, Connect, RawClient, CLIENTS, V311, V5, WAIT,
+    adapter_command, free_port, http_get, metric, run_to_exit, Adapter, Connect, RawClient,
+    CLIENTS, V311, V5, WAIT,
 };
 
 async fn adapter_on(nats: &NatsServer) -> Adapter {
@@ -130,6 +131,22 @@ async fn device_publish_arrives_on_nats_as_the_exact_message() {
         (fence.subtopic.as_str(), &fence.payload[..]),
         ("", &b"fence"[..])
     );
+    // Both bridged messages are counted (the client counts a publish once it has queued it,
+    // which may trail the bus delivery by a moment), and the hc/ and plain ones are not.
+    let published = "mqtt_adapter_bridge_messages_total{direction=\"out\",result=\"published\"}";
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, metrics) = http_get(adapter.ports.http, "/metrics").await;
+        let count = metric(&metrics, published);
+        if count == Some(2.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && count.is_none_or(|c| c < 2.0),
+            "{published}: {count:?}\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     drop((dev, plain));
     adapter.shutdown().await;
 }

@@ -299,6 +299,9 @@ where
         server_keep_alive: (keep_alive != connect.keep_alive).then_some(keep_alive),
         ..Default::default()
     });
+    // The `connect` is in the event log before the device hears CONNACK, so a crash from here
+    // on finds the session open and closes it with a `disconnect` at the next start.
+    live.announce().await;
     if let Err(e) = write_packet(
         stream,
         &codec,
@@ -307,10 +310,9 @@ where
     .await
     {
         tracing::info!(%peer, error = %e, "CONNACK could not be written");
-        live.end(DisconnectReason::ConnectionLost, false);
+        let _ = live.end(DisconnectReason::ConnectionLost, false);
         return None;
     }
-    live.announce();
     tracing::info!(client_id = %live.info.identity.client_id, mqtt_client_id = %live.info.mqtt_client_id,
         %peer, version = version.as_str(), keep_alive = connect.keep_alive, clean, present, "connected");
     let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
