@@ -198,17 +198,26 @@ impl StoreServer {
             .get_multiplexed_async_connection()
             .await
             .map_err(|e| e.to_string())?;
-        let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-            .arg("supermq.mqtt")
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(entries
-            .iter()
-            .map(|(_, pairs)| StoredEvent::from_pairs(pairs))
-            .collect())
+        // In pages: one XRANGE of thousands of entries can outlast the client's response
+        // timeout on a loaded machine.
+        let mut events = Vec::new();
+        let mut start = "-".to_owned();
+        loop {
+            let page: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+                .arg("supermq.mqtt")
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            let Some((last, _)) = page.last() else {
+                return Ok(events);
+            };
+            start = format!("({last}");
+            events.extend(page.iter().map(|(_, pairs)| StoredEvent::from_pairs(pairs)));
+        }
     }
 
     async fn nats_entries(&self) -> Result<Vec<StoredEvent>, String> {
