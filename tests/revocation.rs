@@ -432,7 +432,8 @@ async fn jetstream_consumer_survives_a_restart() {
     survives_a_store_restart(Source::Nats(StoreServer::start(StoreKind::Nats).await)).await;
 }
 
-/// Reads the (client, channel) grants as the static file format writes them.
+/// A static clients file with c1, c2, c3 and sentinel, the given (client, channel) connections
+/// (publish and subscribe) and `extra` appended.
 fn clients_file(connections: &[(&str, &str)], extra: &str) -> String {
     let mut text = String::new();
     for (id, secret) in [("c1", "s1"), ("c2", "s2"), ("c3", "s3"), ("sentinel", "ss")] {
@@ -492,7 +493,8 @@ async fn sighup_reloads_the_clients_file() {
 
     // A broken file: refused with its line, nothing changes (c1 keeps its session, c2 its rights).
     let broken = clients_file(&[], "[[connections]]\nclient = \"c2\"\ncolour = \"red\"\n");
-    let bad_line = broken.lines().count() - 1 + 1;
+    // The unknown key is the file's last line.
+    let bad_line = broken.lines().count();
     std::fs::write(adapter.clients_file(), &broken).unwrap();
     adapter.signal(libc::SIGHUP);
     let log = adapter.wait_log("reload refused", WAIT).await;

@@ -129,3 +129,36 @@ impl Backoff {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+
+    use super::*;
+
+    struct Nobody;
+
+    #[async_trait]
+    impl EventHandler for Nobody {
+        async fn handle(&self, _event: PlatformEvent) {}
+    }
+
+    #[tokio::test]
+    async fn bad_urls_name_the_variable() {
+        for url in [
+            "http://127.0.0.1",
+            "redis://[",
+            "nats://a b",
+            "amqp://h:notaport",
+        ] {
+            let err = start(url, Arc::new(Nobody), CancellationToken::new())
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("SMQ_MQTT_ADAPTER_PLATFORM_EVENTS_URL: "),
+                "{url}: {err}"
+            );
+        }
+    }
+}
