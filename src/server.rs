@@ -319,6 +319,7 @@ impl Server {
                 Err(e) => tracing::error!(error = %e,
                     "reload refused: the previous clients registry stays in force"),
                 Ok(lost) => {
+                    self.reactions.forget_session_decisions();
                     let mut sessions = 0;
                     for revocation in &lost {
                         sessions += self.reactions.apply(revocation).await;

@@ -89,6 +89,12 @@ impl Reactions {
         }
     }
 
+    /// Makes every connection forget the topic decisions it keeps for itself (after a reload
+    /// that may have narrowed grants no revocation describes, such as plain-topic ACLs).
+    pub fn forget_session_decisions(&self) {
+        self.epoch.advance();
+    }
+
     /// Applies one revocation; returns how many live sessions were told to end.
     pub async fn apply(&self, revocation: &Revocation) -> usize {
         if let Some(caches) = &self.caches {
