@@ -10,18 +10,19 @@
 //!   latency must match the store-up figure, then the replay rate once the store is back.
 //!
 //! Knobs (environment): BENCH_SESSIONS (default 5000), BENCH_CONCURRENCY (50),
-//! BENCH_STORES (redis,nats,amqp), BENCH_EVENT_BUFFER (the adapter's memory queue in the
-//! store-down run; small values make the events pass through the disk spool).
+//! BENCH_STORES (redis,nats,amqp), BENCH_EVENT_BUFFER (the event log writer's intake in the
+//! store-down run).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "common/storm.rs"]
+mod storm;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::stores::{amqp_url, AmqpQueue, StoreKind, StoreServer};
-use common::{raw, Adapter, Connect, RawClient, V311};
-use tokio::sync::Mutex;
+use common::Adapter;
+use storm::{pct, storm, Storm};
 
 fn knob(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -32,59 +33,6 @@ fn knob(name: &str, default: usize) -> usize {
 
 /// Every device may connect: the anonymous section admits CONNECTs with no username.
 const CLIENTS: &str = "[anonymous]\ntopics = [\"#\"]\n";
-
-struct Storm {
-    started: Instant,
-    finished: Instant,
-    latencies: Vec<Duration>,
-}
-
-/// `sessions` connect/disconnect cycles, `concurrency` workers in parallel.
-async fn storm(port: u16, sessions: usize, concurrency: usize) -> Storm {
-    let next = Arc::new(Mutex::new(0usize));
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(sessions)));
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let (next, latencies) = (next.clone(), latencies.clone());
-        workers.push(tokio::spawn(async move {
-            loop {
-                let i = {
-                    let mut n = next.lock().await;
-                    if *n >= sessions {
-                        return;
-                    }
-                    *n += 1;
-                    *n
-                };
-                let id = format!("storm-{i}");
-                let t0 = Instant::now();
-                let mut device =
-                    RawClient::connect_ok(port, &Connect::new(V311, &id, "", "")).await;
-                let took = t0.elapsed();
-                device.send(&raw::disconnect(V311)).await;
-                device.expect_closed().await;
-                latencies.lock().await.push(took);
-            }
-        }));
-    }
-    for w in workers {
-        w.await.expect("storm worker");
-    }
-    let finished = Instant::now();
-    let mut latencies = std::mem::take(&mut *latencies.lock().await);
-    latencies.sort_unstable();
-    Storm {
-        started,
-        finished,
-        latencies,
-    }
-}
-
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
-}
 
 /// One line per run; `stored_at` (when the last event was stored) only when the store was up.
 fn report(label: &str, storm: &Storm, sessions: usize, stored_at: Option<Instant>) {
@@ -100,7 +48,7 @@ fn report(label: &str, storm: &Storm, sessions: usize, stored_at: Option<Instant
                 secs
             )
         }
-        None => "events spooled".to_owned(),
+        None => "events kept in the event log".to_owned(),
     };
     println!(
         "{label:<20} connects/s {:>6.0}  CONNACK ms p50 {:>6.2} p99 {:>6.2} max {:>7.2}  {events}",

@@ -1,5 +1,5 @@
 //! The adapter's message path end to end, in process: a PUBLISH read from a device socket, checked
-//! against the registry, handed to the router, written to a subscriber's socket. One publisher and
+//! against the registry, routed by the broker core, written to a subscriber's socket. One publisher and
 //! one subscriber on loopback TCP, MQTT 3.1.1, QoS 0; per message alone (latency) and in batches of
 //! 100 (throughput). Connection events go to this process's stdout.
 

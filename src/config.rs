@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser, ValueEnum};
 
+pub use crate::events::FsyncMode;
+
 /// Which backend authenticates CONNECTs and authorizes channel access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AuthBackend {
@@ -67,8 +69,9 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_PACKET_SIZE", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(64..=268_435_455))]
     pub max_packet_size: u32,
 
-    /// Connection events buffered in memory while the event store is slow; beyond it they are
-    /// counted as dropped.
+    /// Connection events queued in memory: for stdout, while it is slow; with a store, those
+    /// handed to the event log's writer and not yet written. Beyond it they are counted as
+    /// dropped.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_BUFFER", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub event_buffer: u64,
 
@@ -76,15 +79,25 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,
 
-    /// Directory for the event spool and the session journal (used when SMQ_ES_URL is set);
-    /// one adapter process per directory.
+    /// Directory of the durable event log (used when SMQ_ES_URL is set); one adapter process
+    /// per directory.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
-    /// Largest size in bytes of the on-disk event spool; when full, the oldest events are
-    /// dropped (counted and logged).
+    /// Largest size in bytes of the on-disk event log; when full, the oldest undelivered events
+    /// are dropped (counted and logged).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_SPOOL_SIZE", default_value_t = 256 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
     pub event_spool_size: u64,
+
+    /// When the event log reaches the disk: `off` (page cache only: survives a crash of the
+    /// process, not a power loss), `interval` (fsync at most every EVENT_FSYNC_INTERVAL) or
+    /// `always` (CONNACK waits for the fsync of its `connect`).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_FSYNC", value_enum, default_value_t = FsyncMode::Off)]
+    pub event_fsync: FsyncMode,
+
+    /// Longest time between two fsyncs of the event log with `--event-fsync interval` (`100ms`).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_FSYNC_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    pub event_fsync_interval: Duration,
 
     /// Adds `reason` to `disconnect` events and `remote_addr`, `protocol_version`,
     /// `mqtt_client_id` to `connect` events (off: exactly the seed's four fields).
@@ -153,6 +166,11 @@ pub struct Config {
     /// sending new devices first; a second signal ends the wait.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_DRAIN_GRACE", default_value_t = 0)]
     pub drain_grace: u64,
+
+    /// Longest keep-alive granted to an MQTT 5 device, seconds: a device asking for more, or for
+    /// none (0), is told this value in CONNACK (Server Keep Alive). 0: accept what it asks.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_KEEP_ALIVE", default_value_t = 0)]
+    pub max_keep_alive: u16,
 
     /// Bearer token of the admin API (`GET /clients`, `GET/DELETE /clients/{mqtt_client_id}` on
     /// the HTTP port); unset: those endpoints answer 404.
@@ -344,6 +362,8 @@ mod tests {
         assert_eq!(config.connect_timeout(), Duration::from_secs(10));
         assert_eq!(config.data_dir, PathBuf::from("./data"));
         assert!(!config.event_details);
+        assert_eq!(config.event_fsync, FsyncMode::Off);
+        assert_eq!(config.event_fsync_interval, Duration::from_millis(100));
         assert_eq!(
             (config.mqtts_port, config.ws_port, config.http_port),
             (8883, 8080, 9090)

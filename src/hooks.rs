@@ -1,6 +1,7 @@
 //! The hook layer around every session: authentication on CONNECT, authorization of each
-//! PUBLISH topic and SUBSCRIBE filter, and observers told when a session starts and ends
-//! (connection events now; metrics and the bus bridge plug in the same way).
+//! PUBLISH topic and SUBSCRIBE filter, the connection events (whose `connect` the session
+//! awaits before CONNACK, so it is in the durable event log first), and observers told when a
+//! session starts and ends (metrics and the bus bridge).
 
 use std::net::SocketAddr;
 
@@ -11,7 +12,7 @@ use crate::auth::{
     self, AuthError, Authenticator, Authorizer, Credentials, Identity, TopicDecision,
 };
 use crate::broker::Message;
-use crate::events::{ConnectionEvent, EventClock, EventDetails, EventType, Outbox};
+use crate::events::{ConnectionEvent, EventCommit, EventDetails, EventQueue, EventType};
 use crate::session::codec::ProtocolVersion;
 use crate::topic::{ChannelTopic, Usage};
 
@@ -79,6 +80,7 @@ pub trait SessionObserver: Send + Sync {
 pub struct Hooks {
     authenticator: Arc<dyn Authenticator>,
     authorizer: Arc<dyn Authorizer>,
+    events: Option<Arc<ConnectionEvents>>,
     observers: Vec<Arc<dyn SessionObserver>>,
 }
 
@@ -87,8 +89,15 @@ impl Hooks {
         Hooks {
             authenticator,
             authorizer,
+            events: None,
             observers: Vec::new(),
         }
+    }
+
+    /// Emits the connection events of every session.
+    pub fn with_events(mut self, events: Arc<ConnectionEvents>) -> Self {
+        self.events = Some(events);
+        self
     }
 
     pub fn with_observer(mut self, observer: Arc<dyn SessionObserver>) -> Self {
@@ -104,10 +113,17 @@ impl Hooks {
         auth::authorize_topic(self.authorizer.as_ref(), who, topic, usage).await
     }
 
-    pub fn connected(&self, session: &SessionInfo) {
+    /// The session is accepted: emits `connect` and tells the observers. Await the result
+    /// before writing CONNACK: it resolves once the `connect` is in the event log.
+    pub fn connected(&self, session: &SessionInfo) -> EventCommit {
+        let commit = self
+            .events
+            .as_ref()
+            .map_or_else(EventCommit::done, |e| e.connected(session));
         for o in &self.observers {
             o.on_connected(session);
         }
+        commit
     }
 
     pub fn published(&self, session: &SessionInfo, route: &PublishRoute, message: &Message) {
@@ -116,27 +132,34 @@ impl Hooks {
         }
     }
 
-    pub fn disconnected(&self, session: &SessionInfo, reason: DisconnectReason) {
+    /// The session ended: emits `disconnect` (handed to the event log at once, never waiting)
+    /// and tells the observers. Awaiting the result (optional) waits until the `disconnect`
+    /// is in the log.
+    pub fn disconnected(&self, session: &SessionInfo, reason: DisconnectReason) -> EventCommit {
+        let commit = self
+            .events
+            .as_ref()
+            .map_or_else(EventCommit::done, |e| e.disconnected(session, reason));
         for o in &self.observers {
             o.on_disconnected(session, reason);
         }
+        commit
     }
 }
 
-/// Emits `connect`/`disconnect` events into the outbox.
+/// Emits `connect`/`disconnect` events into the event queue (the durable log, or the stdout
+/// outbox).
 pub struct ConnectionEvents {
-    outbox: Outbox,
+    queue: EventQueue,
     instance: String,
-    clock: EventClock,
     details: bool,
 }
 
 impl ConnectionEvents {
-    pub fn new(outbox: Outbox, instance: String) -> Self {
+    pub fn new(queue: EventQueue, instance: String) -> Self {
         ConnectionEvents {
-            outbox,
+            queue,
             instance,
-            clock: EventClock::default(),
             details: false,
         }
     }
@@ -147,37 +170,51 @@ impl ConnectionEvents {
         self
     }
 
-    fn emit(&self, session: &SessionInfo, event_type: EventType, details: EventDetails) {
-        self.outbox.emit(ConnectionEvent {
-            client_id: session.identity.client_id.clone(),
-            event_type,
-            instance: self.instance.clone(),
-            occurred_at: self.clock.now(),
-            details: if self.details {
-                details
-            } else {
-                EventDetails::default()
-            },
-        });
+    /// The key a session's `connect` and `disconnect` share in the log: unique among open
+    /// sessions (a client identifier is held by one session at a time, and the peer address
+    /// tells apart even a registry bug).
+    pub fn session_key(session: &SessionInfo) -> String {
+        format!("{} {}", session.peer, session.mqtt_client_id)
     }
-}
 
-impl SessionObserver for ConnectionEvents {
-    fn on_connected(&self, session: &SessionInfo) {
+    fn emit(
+        &self,
+        session: &SessionInfo,
+        event_type: EventType,
+        details: EventDetails,
+    ) -> EventCommit {
+        self.queue.push(
+            Self::session_key(session),
+            ConnectionEvent {
+                client_id: session.identity.client_id.clone(),
+                event_type,
+                instance: self.instance.clone(),
+                // Stamped by the queue, in queue order.
+                occurred_at: 0,
+                details: if self.details {
+                    details
+                } else {
+                    EventDetails::default()
+                },
+            },
+        )
+    }
+
+    pub fn connected(&self, session: &SessionInfo) -> EventCommit {
         let details = EventDetails {
             remote_addr: Some(session.peer.to_string()),
             protocol_version: Some(session.version.as_str().to_owned()),
             mqtt_client_id: Some(session.mqtt_client_id.clone()),
             ..EventDetails::default()
         };
-        self.emit(session, EventType::Connect, details);
+        self.emit(session, EventType::Connect, details)
     }
 
-    fn on_disconnected(&self, session: &SessionInfo, reason: DisconnectReason) {
+    pub fn disconnected(&self, session: &SessionInfo, reason: DisconnectReason) -> EventCommit {
         let details = EventDetails {
             reason: Some(reason.as_str().to_owned()),
             ..EventDetails::default()
         };
-        self.emit(session, EventType::Disconnect, details);
+        self.emit(session, EventType::Disconnect, details)
     }
 }

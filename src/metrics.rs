@@ -1,17 +1,20 @@
 //! The adapter's Prometheus metrics (SPEC §7): one registry, the session lifecycle counted
 //! through a `SessionObserver`, authentication timed by an `Authenticator` layer, and the event
-//! outbox read at scrape time. Per-packet counters are plain atomic increments.
+//! log (or outbox) and the bus bridge read at scrape time. Per-packet counters are plain atomic
+//! increments.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::auth::{AuthError, Authenticator, Credentials, Identity};
+use crate::bridge::BridgeMetrics;
 use crate::broker::BrokerStats;
 use crate::events::OutboxStats;
 use crate::hooks::{DisconnectReason, SessionInfo, SessionObserver};
@@ -50,8 +53,26 @@ pub struct Metrics {
     events_pending: IntGauge,
     events_published: IntCounterVec,
     events_dropped: IntCounter,
+    events_log_bytes: IntGauge,
+    events_oldest_undelivered: Gauge,
     outbox: Mutex<Option<(&'static str, Arc<OutboxStats>)>>,
+    bridge_messages: IntCounterVec,
+    bridge: Mutex<Option<Arc<BridgeMetrics>>>,
 }
+
+type BridgeCounter = (&'static str, &'static str, fn(&BridgeMetrics) -> u64);
+
+/// The bridge's counters as exported: (direction, result, reading). One line per counter, so a
+/// counter that goes away is one line less.
+const BRIDGE_COUNTERS: [BridgeCounter; 7] = [
+    ("out", "published", |m| m.out_published.load(Relaxed)),
+    ("out", "dropped", |m| m.out_dropped.load(Relaxed)),
+    ("out", "failed", |m| m.out_failed.load(Relaxed)),
+    ("in", "delivered", |m| m.in_delivered.load(Relaxed)),
+    ("in", "own", |m| m.in_own.load(Relaxed)),
+    ("in", "dropped", |m| m.in_dropped.load(Relaxed)),
+    ("in", "invalid", |m| m.in_invalid.load(Relaxed)),
+];
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
@@ -179,7 +200,31 @@ impl Metrics {
                 "mqtt_adapter_events_dropped_total",
                 "Connection events lost because the event buffer was full",
             ),
+            events_log_bytes: gauge(
+                "mqtt_adapter_events_log_bytes",
+                "Bytes of the durable event log on disk",
+            ),
+            events_oldest_undelivered: reg(
+                &registry,
+                Gauge::new(
+                    "mqtt_adapter_events_oldest_undelivered_seconds",
+                    "Age of the oldest connection event handed to the store and not yet acknowledged (0: none)",
+                )
+                .expect("valid metric name"),
+            ),
             outbox: Mutex::new(None),
+            bridge_messages: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "mqtt_adapter_bridge_messages_total",
+                        "Messages through the NATS bridge: out = device to bus, in = bus to devices",
+                    ),
+                    &["direction", "result"],
+                )
+                .expect("valid metric name"),
+            ),
+            bridge: Mutex::new(None),
             registry,
         })
     }
@@ -194,10 +239,14 @@ impl Metrics {
         *self.broker.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
     }
 
+    /// Reports the bus bridge's counters (read at every scrape).
+    pub fn watch_bridge(&self, bridge: Arc<BridgeMetrics>) {
+        *self.bridge.lock().unwrap_or_else(|p| p.into_inner()) = Some(bridge);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         {
-            use std::sync::atomic::Ordering::Relaxed;
             // Counters follow the core's atomics; the lock keeps two scrapes from adding twice.
             let broker = self.broker.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(stats) = broker.as_ref() {
@@ -207,6 +256,8 @@ impl Metrics {
                 for (reason, total) in [
                     ("queue_full", &stats.dropped_queue_full),
                     ("session_ended", &stats.dropped_session_ended),
+                    ("expired", &stats.dropped_expired),
+                    ("too_large", &stats.dropped_too_large),
                 ] {
                     follow(
                         &self.messages_dropped.with_label_values(&[reason]),
@@ -217,7 +268,6 @@ impl Metrics {
             }
         }
         {
-            use std::sync::atomic::Ordering::Relaxed;
             // The lock also keeps two scrapes from adding the same outbox delta twice.
             let outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((store, stats)) = outbox.as_ref() {
@@ -229,6 +279,27 @@ impl Metrics {
                 let dropped = stats.dropped.load(Relaxed);
                 self.events_dropped
                     .inc_by(dropped.saturating_sub(self.events_dropped.get()));
+                self.events_log_bytes
+                    .set(i64::try_from(stats.log_bytes.load(Relaxed)).unwrap_or(i64::MAX));
+                let oldest = stats.oldest_undelivered_ns.load(Relaxed);
+                let age = if oldest > 0 {
+                    let now = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos() as i64);
+                    (now - oldest).max(0) as f64 / 1e9
+                } else {
+                    0.0
+                };
+                self.events_oldest_undelivered.set(age);
+            }
+        }
+        {
+            let bridge = self.bridge.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(bridge) = bridge.as_ref() {
+                for (direction, result, read) in BRIDGE_COUNTERS {
+                    let counter = self.bridge_messages.with_label_values(&[direction, result]);
+                    counter.inc_by(read(bridge).saturating_sub(counter.get()));
+                }
             }
         }
         let mut out = Vec::new();
@@ -321,6 +392,8 @@ mod tests {
             "mqtt_adapter_events_pending 0",
             "mqtt_adapter_events_published_total{store=\"stdout\"} 3",
             "mqtt_adapter_events_dropped_total 0",
+            "mqtt_adapter_events_log_bytes 0",
+            "mqtt_adapter_events_oldest_undelivered_seconds 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -331,5 +404,30 @@ mod tests {
         assert!(metrics
             .render()
             .contains("mqtt_adapter_events_published_total{store=\"stdout\"} 3"));
+    }
+
+    #[test]
+    fn bridge_counters_are_read_at_scrape_time() {
+        let metrics = Metrics::new();
+        let bridge = Arc::new(BridgeMetrics::default());
+        metrics.watch_bridge(bridge.clone());
+        bridge.out_published.store(5, Relaxed);
+        bridge.in_own.store(2, Relaxed);
+        let text = metrics.render();
+        for line in [
+            "mqtt_adapter_bridge_messages_total{direction=\"out\",result=\"published\"} 5",
+            "mqtt_adapter_bridge_messages_total{direction=\"out\",result=\"dropped\"} 0",
+            "mqtt_adapter_bridge_messages_total{direction=\"in\",result=\"own\"} 2",
+            "mqtt_adapter_bridge_messages_total{direction=\"in\",result=\"invalid\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
+        }
+        bridge.out_published.store(7, Relaxed);
+        assert!(metrics.render().contains(
+            "mqtt_adapter_bridge_messages_total{direction=\"out\",result=\"published\"} 7"
+        ));
     }
 }

@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,12 +19,11 @@ use crate::auth::{Authenticator, Authorizer, StaticRegistry};
 use crate::bridge::{Bridge, BridgeError, BridgeMetrics, BridgeSettings};
 use crate::broker::{Broker, BrokerConfig, QueueLimits};
 use crate::config::{AuthBackend, Config};
-use crate::events::store::is_external;
 use crate::events::{
-    event_sink, ConnectionEvent, DataDir, DataDirError, EventClock, EventDetails, EventType,
-    Outbox, SessionJournal, Spool, StoreUrlError,
+    DataDirError, EventLog, EventPipeline, EventSettings, EventStartError, LogSettings,
+    StoreUrlError,
 };
-use crate::hooks::{ConnectionEvents, DisconnectReason, Hooks};
+use crate::hooks::{ConnectionEvents, Hooks};
 use crate::http::{self, Health, Phase};
 use crate::listener::tls::{self, ServerIdentity, TlsConfigError};
 use crate::listener::{self, Accepting, ConnectRate, Transport};
@@ -61,18 +59,24 @@ pub enum StartError {
     PlatformEvents(#[from] PlatformEventsError),
 }
 
+impl From<EventStartError> for StartError {
+    fn from(e: EventStartError) -> Self {
+        match e {
+            EventStartError::Store(e) => StartError::EventStore(e),
+            EventStartError::DataDir(e) => StartError::DataDir(e),
+        }
+    }
+}
+
 /// A running adapter.
 pub struct Server {
     ctx: Arc<SessionContext>,
     mqtt_addr: SocketAddr,
     sessions: TaskTracker,
     accept_tasks: Vec<JoinHandle<()>>,
-    outbox: Outbox,
-    outbox_task: JoinHandle<()>,
+    events: EventPipeline,
     shutdown_timeout: Duration,
     demo_registry: bool,
-    /// Holds the data directory's lock while the adapter runs (external event stores only).
-    _data_dir: Option<DataDir>,
     addrs: ListenerAddrs,
     health: Arc<Health>,
     http_stop: CancellationToken,
@@ -155,32 +159,27 @@ impl Server {
         };
 
         let metrics = Metrics::new();
-        let sink = event_sink(config.es_url.as_deref())?;
-        let store = sink.name();
-        let buffer = config.event_buffer as usize;
-        // An external store gets the disk spool and the session journal; stdout has no one to
-        // redeliver to after a restart, so it keeps events in memory only.
-        let (outbox, outbox_task, journal, data_dir) = if is_external(config.es_url.as_deref()) {
-            let data_dir = DataDir::open(&config.data_dir)?;
-            let mut spool = Spool::open(&data_dir, config.event_spool_size)?;
-            let journal = recover_sessions(&data_dir, &mut spool, config)?;
-            let (outbox, task) = Outbox::start_with_spool(sink, buffer, spool);
-            (outbox, task, Some(journal), Some(data_dir))
-        } else {
-            let (outbox, task) = Outbox::start(sink, buffer);
-            (outbox, task, None, None)
-        };
-        metrics.watch_outbox(store, outbox.stats());
+        // With a store, sessions left open by a crashed run are closed here, before listening.
+        let events = EventPipeline::start(&EventSettings {
+            es_url: config.es_url.as_deref(),
+            data_dir: &config.data_dir,
+            buffer: config.event_buffer as usize,
+            log: LogSettings {
+                max_bytes: config.event_spool_size,
+                fsync: config.event_fsync,
+                fsync_interval: config.event_fsync_interval,
+                max_pending: config.event_buffer as usize,
+            },
+            instance: &config.instance,
+            details: config.event_details,
+        })
+        .await?;
+        metrics.watch_outbox(events.store, events.stats());
         metrics.watch_broker(broker.stats());
         let authenticator = Arc::new(TimedAuthenticator::new(authenticator, metrics.clone()));
-        let mut hooks = Hooks::new(authenticator, authorizer);
-        // The journal observes first: once a `connect` is in the store, its session is on disk.
-        if let Some(journal) = journal {
-            hooks = hooks.with_observer(Arc::new(journal));
-        }
-        hooks = hooks
-            .with_observer(Arc::new(
-                ConnectionEvents::new(outbox.clone(), config.instance.clone())
+        let mut hooks = Hooks::new(authenticator, authorizer)
+            .with_events(Arc::new(
+                ConnectionEvents::new(events.queue(), config.instance.clone())
                     .with_details(config.event_details),
             ))
             .with_observer(metrics.clone());
@@ -188,6 +187,7 @@ impl Server {
             hooks = hooks
                 .with_observer(bridge.publisher())
                 .with_observer(bridge.takeover_announcer());
+            metrics.watch_bridge(bridge.metrics());
         }
 
         let (listener, mqtt_addr) =
@@ -219,6 +219,7 @@ impl Server {
             hooks,
             connect_timeout: config.connect_timeout(),
             max_packet_size: config.max_packet_size as usize,
+            max_keep_alive: config.max_keep_alive,
             shutdown: CancellationToken::new(),
             metrics: metrics.clone(),
             limits,
@@ -291,11 +292,9 @@ impl Server {
             mqtt_addr,
             sessions,
             accept_tasks,
-            outbox,
-            outbox_task,
+            events,
             shutdown_timeout: config.shutdown_timeout(),
             demo_registry,
-            _data_dir: data_dir,
             addrs,
             health,
             http_stop,
@@ -380,6 +379,11 @@ impl Server {
         self.mqtt_addr
     }
 
+    /// The durable event log (with an external event store).
+    pub fn event_log(&self) -> Option<&EventLog> {
+        self.events.log()
+    }
+
     /// Whether the built-in demo registry is in use (no clients file given).
     pub fn uses_demo_registry(&self) -> bool {
         self.demo_registry
@@ -420,35 +424,15 @@ impl Server {
             }
         };
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let flushed = self
-            .outbox
-            .flush(remaining.max(Duration::from_millis(100)))
-            .await;
-        if !flushed {
-            tracing::warn!("events still pending at the shutdown deadline");
-        }
-        let stats = self.outbox.stats();
-        drop(self.outbox);
         drop(self.ctx);
-        // With every sender gone the outbox saves what is undelivered to the spool and ends;
-        // that is file I/O only, so a short bound suffices.
-        let ended = tokio::time::timeout(Duration::from_secs(5), self.outbox_task)
-            .await
-            .is_ok();
-        // Events saved to the spool are delivered by the next start: nothing is lost.
-        let saved =
-            ended && stats.pending.load(Ordering::Relaxed) == stats.spooled.load(Ordering::Relaxed);
-        if !flushed && saved {
-            tracing::info!(
-                events = stats.spooled.load(Ordering::Relaxed),
-                "event store unreachable: undelivered events stay in the spool for the next start"
-            );
-        } else if !saved {
-            tracing::warn!("the event outbox did not finish: undelivered events are lost");
-        }
+        // Delivers what it can in the time left; with a store, the rest stays in the event log.
+        let events_kept = self
+            .events
+            .shutdown(remaining.max(Duration::from_millis(100)))
+            .await;
         self.http_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.http_task).await;
-        sessions_done && bridged && (flushed || saved)
+        sessions_done && bridged && events_kept
     }
 }
 
@@ -489,44 +473,4 @@ fn platform_auth(config: &Config) -> Result<PlatformAuth, StartError> {
         max_entries: config.auth_cache_size,
     };
     Ok(PlatformAuth::new(&clients, &channels, cache)?)
-}
-
-/// Reads the session journal; every session the previous run left open (it was killed) gets
-/// its `disconnect`, written to the spool before the journal forgets it, so the event survives
-/// even another crash. Runs before the listener accepts anything.
-fn recover_sessions(
-    data_dir: &DataDir,
-    spool: &mut Spool,
-    config: &Config,
-) -> Result<SessionJournal, DataDirError> {
-    let (journal, orphans) = SessionJournal::open(data_dir)?;
-    if orphans.is_empty() {
-        return Ok(journal);
-    }
-    let clock = EventClock::default();
-    let details = EventDetails {
-        reason: config
-            .event_details
-            .then(|| DisconnectReason::CrashRecovery.as_str().to_owned()),
-        ..EventDetails::default()
-    };
-    let events: Vec<ConnectionEvent> = orphans
-        .iter()
-        .map(|orphan| ConnectionEvent {
-            client_id: orphan.client_id.clone(),
-            event_type: EventType::Disconnect,
-            instance: config.instance.clone(),
-            occurred_at: clock.now(),
-            details: details.clone(),
-        })
-        .collect();
-    spool
-        .append(&events)
-        .map_err(|e| DataDirError::io(data_dir.path(), e))?;
-    tracing::warn!(
-        sessions = events.len(),
-        "the previous run ended without closing its sessions (crash or kill): their disconnect events are queued"
-    );
-    journal.forget_orphans()?;
-    Ok(journal)
 }

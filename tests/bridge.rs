@@ -19,7 +19,8 @@ use prost::Message as _;
 use common::nats::NatsServer;
 use common::raw;
 use common::{
-    adapter_command, free_port, run_to_exit, Adapter, Connect, RawClient, CLIENTS, V311, V5, WAIT,
+    adapter_command, free_port, http_get, metric, run_to_exit, Adapter, Connect, RawClient,
+    CLIENTS, V311, V5, WAIT,
 };
 
 async fn adapter_on(nats: &NatsServer) -> Adapter {
@@ -130,6 +131,22 @@ async fn device_publish_arrives_on_nats_as_the_exact_message() {
         (fence.subtopic.as_str(), &fence.payload[..]),
         ("", &b"fence"[..])
     );
+    // Both bridged messages are counted (the client counts a publish once it has queued it,
+    // which may trail the bus delivery by a moment), and the hc/ and plain ones are not.
+    let published = "mqtt_adapter_bridge_messages_total{direction=\"out\",result=\"published\"}";
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, metrics) = http_get(adapter.ports.http, "/metrics").await;
+        let count = metric(&metrics, published);
+        if count == Some(2.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && count.is_none_or(|c| c < 2.0),
+            "{published}: {count:?}\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     drop((dev, plain));
     adapter.shutdown().await;
 }
@@ -380,4 +397,54 @@ async fn bad_bus_url_and_missing_grpc_url_stop_start_up_naming_the_variable() {
             "want one error line naming {var}, got {stderr:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn bus_messages_keep_their_publishers_qos_on_the_other_instance() {
+    let nats = NatsServer::start().await;
+    let bus = nats.client().await;
+    let a = adapter_on(&nats).await;
+    let b = adapter_on(&nats).await;
+    wait_bridge_ready(&a, &bus).await;
+    wait_bridge_ready(&b, &bus).await;
+
+    let topic = "m/d1/c/ch1/qos-across";
+    let mut sub_b =
+        RawClient::connect_ok(b.port, &Connect::new(V311, "qos-sub-b", "c2", "s2")).await;
+    assert_eq!(sub_b.subscribe(V311, 1, &[(topic, 2)]).await, vec![2]);
+    let mut pub_a =
+        RawClient::connect_ok(a.port, &Connect::new(V311, "qos-pub-a", "c1", "s1")).await;
+    for qos in [0u8, 1] {
+        pub_a
+            .send(&raw::publish(V311, topic, qos, 7, &[b'0' + qos], &[]))
+            .await;
+        let got = sub_b.expect_kind(raw::PUBLISH).await;
+        assert_eq!(
+            got.publish_qos(),
+            qos,
+            "delivered on B at the QoS used on A"
+        );
+        if qos == 1 {
+            sub_b.send(&raw::puback(got.publish_pkid())).await;
+        }
+    }
+    // A bus message without the QoS header (another platform service) arrives at QoS 1.
+    let message = Message {
+        channel: "ch1".into(),
+        domain: "d1".into(),
+        subtopic: "qos-across".into(),
+        publisher: "http-adapter".into(),
+        protocol: "http".into(),
+        payload: bytes::Bytes::from_static(b"h"),
+        created: 1,
+        client_id: String::new(),
+    };
+    bus.publish("m.d1.c.ch1.qos-across", message.encode_to_vec().into())
+        .await
+        .expect("publish to NATS");
+    let got = sub_b.expect_kind(raw::PUBLISH).await;
+    assert_eq!(
+        (got.publish_qos(), got.publish_v311().1),
+        (1, b"h".to_vec())
+    );
 }

@@ -1,6 +1,6 @@
 //! Connection events in the real event stores (SPEC §4, §6): Redis Streams, NATS JetStream and
 //! RabbitMQ receive exactly the seed's format; a store that is down delays events without losing
-//! any (they wait in memory and the disk spool, across an adapter restart); a `kill -9` leaves no
+//! any (they wait in the durable event log, across an adapter restart); a `kill -9` leaves no
 //! phantom session, because the next start emits the missing `disconnect`s.
 //!
 //! Redis and NATS are private servers on free ports (tests stop and restart them); RabbitMQ is the
@@ -8,23 +8,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::collections::BTreeMap;
 
-use common::stores::{AmqpQueue, StoreKind, StoreServer, StoredEvent};
+use common::stores::{
+    devices_file, es_env, path_str, without_repeats, AmqpQueue, StoreKind, StoreServer, StoredEvent,
+};
 use common::*;
-
-/// A clients file with `n` devices `dev-<i>` (secret `s-<i>`).
-fn devices_file(n: usize) -> String {
-    let mut toml = String::new();
-    for i in 0..n {
-        toml.push_str(&format!(
-            "[[clients]]\nid = \"dev-{i}\"\nsecret = \"s-{i}\"\n"
-        ));
-    }
-    toml.push_str("[[clients]]\nid = \"late\"\nsecret = \"sl\"\n");
-    toml
-}
 
 async fn connect_device(port: u16, i: usize) -> RawClient {
     let id = format!("dev-{i}");
@@ -49,22 +38,6 @@ fn assert_pair(connect: &StoredEvent, disconnect: &StoredEvent) {
     assert_eq!(connect.event.instance, disconnect.event.instance);
 }
 
-/// At-least-once delivery may repeat an event after a store failure; repeats carry the same
-/// occurred_at, so they are set aside here and every session is then checked exactly once.
-fn without_repeats(events: Vec<StoredEvent>) -> Vec<StoredEvent> {
-    let mut seen = BTreeSet::new();
-    events
-        .into_iter()
-        .filter(|e| {
-            seen.insert((
-                e.event.client_id.clone(),
-                e.event.event_type.clone(),
-                e.event.occurred_at,
-            ))
-        })
-        .collect()
-}
-
 /// Per client, in stream order: exactly one connect, then one disconnect.
 fn assert_one_session_per_client(events: &[StoredEvent], clients: &[String]) {
     let mut by_client: BTreeMap<&str, Vec<&StoredEvent>> = BTreeMap::new();
@@ -82,19 +55,6 @@ fn assert_one_session_per_client(events: &[StoredEvent], clients: &[String]) {
         assert_eq!(kinds, ["connect", "disconnect"], "events of {client}");
         assert_pair(got[0], got[1]);
     }
-}
-
-fn es_env<'a>(url: &'a str, data_dir: &'a str) -> Vec<(&'static str, &'a str)> {
-    vec![
-        ("SMQ_ES_URL", url),
-        ("SMQ_MQTT_ADAPTER_DATA_DIR", data_dir),
-        // The store may be down at shutdown: don't wait long for it.
-        ("SMQ_MQTT_ADAPTER_SHUTDOWN_TIMEOUT", "1"),
-    ]
-}
-
-fn path_str(path: &Path) -> String {
-    path.to_string_lossy().into_owned()
 }
 
 async fn seed_format_in(kind: StoreKind) {
@@ -162,14 +122,13 @@ async fn rabbitmq_messages_are_exactly_the_seed_format() {
 }
 
 /// The store goes down, 200 devices come and go, the store comes back on the same port: all 400
-/// events arrive, in per-client order. The small memory queue makes most of them pass the spool.
+/// events arrive, in per-client order, from the event log.
 async fn outage_loses_nothing(kind: StoreKind) {
     let mut store = StoreServer::start(kind).await;
     let url = store.url();
     let data = tempfile::tempdir().expect("temp dir");
     let data_dir = path_str(data.path());
-    let mut env = es_env(&url, &data_dir);
-    env.push(("SMQ_MQTT_ADAPTER_EVENT_BUFFER", "50"));
+    let env = es_env(&url, &data_dir);
     let clients = devices_file(200);
     let adapter = Adapter::start_with(&clients, &env).await;
 
@@ -188,10 +147,6 @@ async fn outage_loses_nothing(kind: StoreKind) {
     for e in &events {
         e.assert_seed_format();
     }
-    assert!(
-        adapter.stderr().contains("spooling events to disk"),
-        "the outage should have overflowed the 50-event memory queue into the spool"
-    );
     adapter.shutdown().await;
 }
 
@@ -206,7 +161,8 @@ async fn nats_outage_delays_events_and_loses_none() {
 }
 
 /// Store unreachable from the start (not fatal), the adapter restarts while it is still down: the
-/// first run's events wait in the spool and are delivered, before the second run's, once it is up.
+/// first run's events wait in the event log and are delivered, before the second run's, once it
+/// is up.
 #[tokio::test]
 async fn spooled_events_are_delivered_after_an_adapter_restart() {
     let mut store = StoreServer::start(StoreKind::Nats).await;
@@ -219,11 +175,11 @@ async fn spooled_events_are_delivered_after_an_adapter_restart() {
 
     let mut first = Adapter::start_with(&clients, &env).await;
     short_sessions(first.port, 0..20).await;
-    // SIGTERM while the store is down: exit 0, undelivered events kept in the spool.
+    // SIGTERM while the store is down: exit 0, undelivered events kept in the event log.
     first.terminate();
     assert!(first.wait_exit().await.success());
     assert!(
-        first.stderr().contains("stay in the spool"),
+        first.stderr().contains("stay in the event log"),
         "{}",
         first.stderr_tail()
     );
@@ -244,7 +200,7 @@ async fn spooled_events_are_delivered_after_an_adapter_restart() {
     assert_eq!(
         last,
         [("late", "connect"), ("late", "disconnect")],
-        "the second run's events come after the spooled ones"
+        "the second run's events come after the first run's"
     );
     second.terminate();
     assert!(second.wait_exit().await.success());
@@ -301,7 +257,7 @@ async fn kill_9_leaves_no_phantom_sessions() {
         );
     }
 
-    // The journal was compacted: a clean restart reports nothing more.
+    // The recovery's disconnects are in the log: a clean restart reports nothing more.
     restarted.shutdown().await;
     let again = Adapter::start_with(&clients, &env).await;
     short_sessions(again.port, 0..1).await;

@@ -3,6 +3,7 @@
 //! (never slices of a connection's read buffer), so holding a message pins nothing else.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttd::protocol::PublishProperties;
@@ -25,6 +26,8 @@ pub struct Message {
     /// MQTT 5 properties passed through to MQTT 5 subscribers (never to 3.1.1 ones).
     pub properties: Option<Box<PublishProperties>>,
     pub origin: Origin,
+    /// When the MQTT 5 Message Expiry Interval runs out: not delivered after that.
+    pub expires_at: Option<Instant>,
 }
 
 impl Message {
@@ -36,7 +39,25 @@ impl Message {
             retain,
             properties: None,
             origin,
+            expires_at: None,
         })
+    }
+
+    /// The expiry instant of a message published now with these properties.
+    pub fn expiry_of(properties: Option<&PublishProperties>) -> Option<Instant> {
+        let secs = properties?.message_expiry_interval?;
+        Instant::now().checked_add(Duration::from_secs(u64::from(secs)))
+    }
+
+    /// Whether its expiry interval has run out.
+    pub fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+
+    /// The seconds left of its expiry interval (rounded up), to send on with a late delivery.
+    pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
+        let left = self.expires_at?.saturating_duration_since(now);
+        Some(u32::try_from(left.as_secs() + u64::from(left.subsec_nanos() > 0)).unwrap_or(u32::MAX))
     }
 
     /// Bytes charged against a queue's byte bound.

@@ -56,6 +56,10 @@ pub struct BrokerStats {
     pub dropped_queue_full: AtomicU64,
     /// Deliveries still queued when their session was discarded.
     pub dropped_session_ended: AtomicU64,
+    /// Deliveries whose MQTT 5 message expiry interval ran out in the queue.
+    pub dropped_expired: AtomicU64,
+    /// Deliveries larger than the receiving MQTT 5 device's maximum packet size.
+    pub dropped_too_large: AtomicU64,
     /// Retained PUBLISHes not retained because the store was full (still delivered).
     pub retained_refused: AtomicU64,
 }
@@ -357,8 +361,8 @@ impl Broker {
     }
 
     /// Queues the retained messages `filter` matches for the session (after its SUBSCRIBE),
-    /// each at min(its QoS, `qos`) with RETAIN set.
-    pub fn deliver_retained(&self, session: &Session, filter: &str, qos: u8) {
+    /// each at min(its QoS, the subscription's) with RETAIN set.
+    pub fn deliver_retained(&self, session: &Session, filter: &str, options: SubOptions) {
         let mut found = Vec::new();
         self.retained
             .read()
@@ -366,9 +370,10 @@ impl Broker {
             .for_each_match(filter, |m| found.push(m.clone()));
         for message in found {
             let delivery = Delivery {
-                qos: message.qos.min(qos),
+                qos: message.qos.min(options.qos),
                 message,
                 retain: true,
+                ids: options.id.into_iter().collect(),
             };
             self.count(session, session.deliver(delivery, self.config.queue));
         }
@@ -394,24 +399,36 @@ impl Broker {
         }
         let trie = self.trie.read().unwrap_or_else(|p| p.into_inner());
         let mut targets: Vec<&Subscriber> = Vec::new();
-        trie.for_each_match(message.topic_str(), |_, s| targets.push(s));
+        trie.for_each_match(message.topic_str(), |_, s| {
+            // No Local: a session's own message does not come back through this subscription.
+            if !(s.options.no_local && message.origin == Origin::Session(s.session.id)) {
+                targets.push(s);
+            }
+        });
         if targets.len() > 1 {
             // Overlapping subscriptions of one session deliver once, at the highest QoS.
             targets.sort_unstable_by(|a, b| {
                 (a.session.id, b.options.qos).cmp(&(b.session.id, a.options.qos))
             });
-            targets.dedup_by_key(|s| s.session.id);
         }
         let mut queued = 0;
-        for target in &targets {
+        let mut rest = &targets[..];
+        while let Some(first) = rest.first() {
+            let same = rest
+                .iter()
+                .take_while(|s| s.session.id == first.session.id)
+                .count();
+            let (group, next) = rest.split_at(same);
+            rest = next;
             let delivery = Delivery {
                 message: message.clone(),
-                qos: message.qos.min(target.options.qos),
-                retain: false,
+                qos: message.qos.min(first.options.qos),
+                retain: message.retain && group.iter().any(|s| s.options.retain_as_published),
+                ids: group.iter().filter_map(|s| s.options.id).collect(),
             };
-            let pushed = target.session.deliver(delivery, self.config.queue);
+            let pushed = first.session.deliver(delivery, self.config.queue);
             queued += usize::from(pushed.queued);
-            self.count(&target.session, pushed);
+            self.count(&first.session, pushed);
         }
         queued
     }
@@ -558,9 +575,9 @@ mod tests {
         let broker = Broker::new(BrokerConfig::default());
         let stop = CancellationToken::new();
         let a = broker.attach(key("c1", "m1"), CLEAN, meta(), &stop).await;
-        broker.subscribe(&a.session, "a/#", SubOptions { qos: 0 });
-        broker.subscribe(&a.session, "a/+", SubOptions { qos: 2 });
-        broker.subscribe(&a.session, "a/b", SubOptions { qos: 1 });
+        broker.subscribe(&a.session, "a/#", SubOptions::qos(0));
+        broker.subscribe(&a.session, "a/+", SubOptions::qos(2));
+        broker.subscribe(&a.session, "a/b", SubOptions::qos(1));
         assert_eq!(broker.publish(msg("a/b", 1)), 1);
         assert_eq!(broker.publish(msg("a/b", 2)), 1);
         assert_eq!(broker.publish(msg("a/c", 0)), 1);
@@ -574,7 +591,7 @@ mod tests {
         let mut victim = broker
             .attach(key("c2", "dev-42"), PERSISTENT, meta(), &stop)
             .await;
-        broker.subscribe(&victim.session, "m/d1/c/ch2/#", SubOptions { qos: 1 });
+        broker.subscribe(&victim.session, "m/d1/c/ch2/#", SubOptions::qos(1));
         broker.detach(&mut victim);
         Broker::release(&mut victim);
         broker.publish(msg("m/d1/c/ch2/temp", 1));
@@ -615,13 +632,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn no_local_retain_as_published_and_identifiers() {
+        let broker = Broker::new(BrokerConfig::default());
+        let stop = CancellationToken::new();
+        let a = broker.attach(key("c1", "a"), CLEAN, meta(), &stop).await;
+        let local = SubOptions {
+            qos: 1,
+            no_local: true,
+            retain_as_published: true,
+            id: Some(7),
+        };
+        broker.subscribe(&a.session, "t/#", local);
+        broker.subscribe(
+            &a.session,
+            "t/+",
+            SubOptions {
+                id: Some(9),
+                ..SubOptions::qos(0)
+            },
+        );
+        let own = Message::new(
+            "t/x".into(),
+            "x".into(),
+            1,
+            true,
+            Origin::Session(a.session.id),
+        );
+        broker.publish(own);
+        let foreign = Message::new("t/x".into(), "x".into(), 1, true, Origin::Bus);
+        broker.publish(foreign);
+        let mut out = Vec::new();
+        a.session.take_ready(10, 10, &mut out);
+        let got: Vec<(u8, bool, Vec<u32>)> = out
+            .into_iter()
+            .map(|o| match o {
+                Outgoing::Publish { delivery, .. } => (delivery.qos, delivery.retain, delivery.ids),
+                Outgoing::Release(_) => unreachable!(),
+            })
+            .collect();
+        // Its own message only through `t/+` (QoS 0, RETAIN cleared); the other through both.
+        assert_eq!(got[0], (0, false, vec![9]));
+        assert_eq!(got[1].0, 1);
+        assert!(got[1].1, "retain as published");
+        let mut ids = got[1].2.clone();
+        ids.sort_unstable();
+        assert_eq!(ids, [7, 9]);
+    }
+
+    #[tokio::test]
     async fn live_clients_and_kicks_by_key() {
         let broker = Broker::new(BrokerConfig::default());
         let stop = CancellationToken::new();
         let a = broker.attach(key("c1", "b"), CLEAN, meta(), &stop).await;
         let _b = broker.attach(key("c2", "a"), CLEAN, meta(), &stop).await;
-        broker.subscribe(&a.session, "t/2", SubOptions { qos: 0 });
-        broker.subscribe(&a.session, "t/1", SubOptions { qos: 0 });
+        broker.subscribe(&a.session, "t/2", SubOptions::qos(0));
+        broker.subscribe(&a.session, "t/1", SubOptions::qos(0));
         let live = broker.live_clients();
         let ids: Vec<&str> = live.iter().map(|c| c.key.mqtt_client_id.as_str()).collect();
         assert_eq!(ids, ["a", "b"]);
@@ -638,7 +703,7 @@ mod tests {
         let stop = CancellationToken::new();
         let mut a = broker.attach(key("c1", "m1"), CLEAN, meta(), &stop).await;
         for i in 0..5000 {
-            broker.subscribe(&a.session, &format!("t/{i}/#"), SubOptions { qos: 1 });
+            broker.subscribe(&a.session, &format!("t/{i}/#"), SubOptions::qos(1));
         }
         broker.publish(msg("t/7/x", 1));
         assert_eq!(broker.subscription_count().0, 5000);
@@ -664,8 +729,8 @@ mod tests {
         let stop = CancellationToken::new();
         let slow = broker.attach(key("c1", "slow"), CLEAN, meta(), &stop).await;
         let fast = broker.attach(key("c1", "fast"), CLEAN, meta(), &stop).await;
-        broker.subscribe(&slow.session, "t", SubOptions { qos: 1 });
-        broker.subscribe(&fast.session, "t", SubOptions { qos: 1 });
+        broker.subscribe(&slow.session, "t", SubOptions::qos(1));
+        broker.subscribe(&fast.session, "t", SubOptions::qos(1));
         let mut fast_got = 0;
         for _ in 0..100 {
             broker.publish(msg("t", 1));
@@ -683,8 +748,8 @@ mod tests {
         broker.publish(Message::new("r/1".into(), "v".into(), 2, true, Origin::Bus));
         broker.publish(Message::new("r/2".into(), "v".into(), 1, true, Origin::Bus));
         let a = broker.attach(key("c1", "m1"), CLEAN, meta(), &stop).await;
-        broker.subscribe(&a.session, "r/+", SubOptions { qos: 1 });
-        broker.deliver_retained(&a.session, "r/+", 1);
+        broker.subscribe(&a.session, "r/+", SubOptions::qos(1));
+        broker.deliver_retained(&a.session, "r/+", SubOptions::qos(1));
         let mut got = drain(&a.session);
         got.sort_unstable();
         assert_eq!(got, [(1, true), (1, true)]);
@@ -703,7 +768,7 @@ mod tests {
         let mut a = broker
             .attach(key("c1", "m1"), expiring, meta(), &stop)
             .await;
-        broker.subscribe(&a.session, "t", SubOptions { qos: 1 });
+        broker.subscribe(&a.session, "t", SubOptions::qos(1));
         broker.detach(&mut a);
         Broker::release(&mut a);
         tokio::time::sleep(Duration::from_secs(3)).await;

@@ -23,6 +23,8 @@ pub struct Delivery {
     pub qos: u8,
     /// The RETAIN flag as written to the device.
     pub retain: bool,
+    /// MQTT 5 subscription identifiers of the matching subscriptions (usually none).
+    pub ids: Vec<u32>,
 }
 
 /// What to write to the device next.
@@ -208,6 +210,11 @@ impl Mailbox {
         }
     }
 
+    /// Removes a delivery from the window without an acknowledgement (it was not written).
+    pub fn forget(&mut self, pkid: u16) {
+        self.complete(pkid, |_| true);
+    }
+
     /// The device's PUBCOMP: true if it completed a QoS 2 delivery.
     pub fn pubcomp(&mut self, pkid: u16) -> bool {
         self.complete(pkid, |f| matches!(f, Flight::Released))
@@ -281,6 +288,7 @@ mod tests {
             message: Message::new("t".into(), payload.into(), qos, false, Origin::Bus),
             qos,
             retain: false,
+            ids: Vec::new(),
         }
     }
 

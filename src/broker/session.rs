@@ -23,10 +23,25 @@ pub struct SessionKey {
 }
 
 /// Options of one subscription.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SubOptions {
     /// Highest QoS granted.
     pub qos: u8,
+    /// MQTT 5 No Local: the session's own messages are not delivered through it.
+    pub no_local: bool,
+    /// MQTT 5 Retain As Published: forwarded messages keep their RETAIN flag.
+    pub retain_as_published: bool,
+    /// MQTT 5 Subscription Identifier, sent back with every message it delivers.
+    pub id: Option<u32>,
+}
+
+impl SubOptions {
+    pub fn qos(qos: u8) -> Self {
+        SubOptions {
+            qos,
+            ..SubOptions::default()
+        }
+    }
 }
 
 /// Why a connection was told to end by someone other than its device.
@@ -172,16 +187,38 @@ impl Session {
     }
 
     /// Moves up to `max` writable deliveries into `out`, within `window` unacknowledged QoS 1/2
-    /// PUBLISHes; returns whether more are ready.
-    pub fn take_ready(&self, window: usize, max: usize, out: &mut Vec<Outgoing>) -> bool {
+    /// PUBLISHes; returns whether more are ready, and how many expired ones were dropped.
+    pub fn take_ready(&self, window: usize, max: usize, out: &mut Vec<Outgoing>) -> (bool, u64) {
         let mut state = self.lock();
-        for _ in 0..max {
+        let now = std::time::Instant::now();
+        let mut expired = 0;
+        let mut taken = 0;
+        while taken < max {
             match state.mailbox.next(window) {
-                Some(o) => out.push(o),
-                None => return false,
+                Some(Outgoing::Publish { delivery, .. })
+                    if delivery.message.expired(now) && delivery.qos == 0 =>
+                {
+                    expired += 1;
+                }
+                Some(Outgoing::Publish { delivery, pkid, .. }) if delivery.message.expired(now) => {
+                    // Taken into the window by `next`: give the packet id back.
+                    state.mailbox.forget(pkid);
+                    expired += 1;
+                }
+                Some(o) => {
+                    out.push(o);
+                    taken += 1;
+                }
+                None => return (false, expired),
             }
         }
-        state.mailbox.ready(window)
+        (state.mailbox.ready(window), expired)
+    }
+
+    /// Drops a delivery taken into the window that will not be written (too large for the
+    /// device): its packet id is free again.
+    pub fn forget(&self, pkid: u16) {
+        self.lock().mailbox.forget(pkid);
     }
 
     /// What a resumed connection must send again first.

@@ -1,17 +1,20 @@
 //! Connection events (`connect`/`disconnect`) for the event stream `supermq.mqtt`: the event
-//! itself, the `EventSink` trait every store implements, and the `Outbox` that sits in front of
-//! the sink so that sessions never wait on the store.
+//! itself, the `EventSink` trait every store implements, and what sits in front of the sink so
+//! that sessions never wait on the store: the durable [`EventLog`] for external stores, the
+//! memory [`Outbox`] for stdout. [`EventQueue`] is the one door sessions hand events through.
 
 pub mod amqp;
 pub mod data_dir;
-pub mod journal;
+pub mod log;
 pub mod nats;
 pub mod outbox;
+pub mod pipeline;
 pub mod redis_stream;
-pub mod spool;
 pub mod stdout;
 pub mod store;
 
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,11 +23,11 @@ use serde::{Deserialize, Serialize};
 
 pub use amqp::AmqpSink;
 pub use data_dir::{DataDir, DataDirError};
-pub use journal::SessionJournal;
+pub use log::{EventLog, FsyncMode, LogSettings, LogTicket, OpenSession, Recovery};
 pub use nats::JetStreamSink;
 pub use outbox::{Outbox, OutboxStats};
+pub use pipeline::{EventPipeline, EventSettings, EventStartError};
 pub use redis_stream::RedisStreamSink;
-pub use spool::Spool;
 pub use stdout::StdoutSink;
 pub use store::{event_sink, StoreUrlError};
 
@@ -151,6 +154,68 @@ impl EventClock {
                 Err(actual) => prev = actual,
             }
         }
+    }
+}
+
+impl EventClock {
+    /// Makes every later reading greater than `t` (e.g. the latest time in the event log).
+    pub fn advance_past(&self, t: i64) {
+        self.last.fetch_max(t, Ordering::Relaxed);
+    }
+}
+
+/// Where sessions hand their events: the durable log (external stores) or the memory outbox
+/// (stdout, which has no one to redeliver to after a restart).
+pub enum EventQueue {
+    Log(EventLog),
+    Memory { outbox: Outbox, clock: EventClock },
+}
+
+impl EventQueue {
+    pub fn memory(outbox: Outbox) -> Self {
+        EventQueue::Memory {
+            outbox,
+            clock: EventClock::default(),
+        }
+    }
+
+    /// Queues `event` (its `occurred_at` is stamped here, strictly increasing) for the session
+    /// keyed `session`; never waits. The returned commit resolves once the event is in the log.
+    pub fn push(&self, session: String, mut event: ConnectionEvent) -> EventCommit {
+        match self {
+            EventQueue::Log(log) => EventCommit(Some(log.append(session, event))),
+            EventQueue::Memory { outbox, clock } => {
+                event.occurred_at = clock.now();
+                outbox.emit(event);
+                EventCommit(None)
+            }
+        }
+    }
+}
+
+/// An event handed over: awaiting it returns once the event is in the durable log (written;
+/// fsynced too with `SMQ_MQTT_ADAPTER_EVENT_FSYNC=always`), at once for stdout. Dropping it
+/// does not cancel the event.
+#[derive(Debug, Default)]
+pub struct EventCommit(Option<LogTicket>);
+
+impl EventCommit {
+    /// A commit with nothing to wait for.
+    pub fn done() -> Self {
+        EventCommit(None)
+    }
+}
+
+impl IntoFuture for EventCommit {
+    type Output = ();
+    type IntoFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            if let Some(ticket) = self.0 {
+                ticket.wait().await;
+            }
+        })
     }
 }
 

@@ -1,22 +1,17 @@
-//! The outbox between sessions and the event store, shared by every sink. Sessions hand events
-//! over without waiting (a bounded intake channel); one task keeps them in order in a bounded
-//! memory queue that spills to the on-disk [`Spool`] when it is full or the store is down, and
-//! delivers them oldest first, retrying each batch with backoff until the store acknowledges it.
-//!
-//! Order: every event in memory is older than every event in the spool (once the spool holds
-//! anything, new events go behind it until it is drained), so delivering memory first, then the
-//! spool, keeps the order in which events occurred, across restarts too. At shutdown whatever is
-//! still in memory is put in front of the spool.
+//! The memory outbox in front of the stdout sink: sessions hand events over without waiting (a
+//! bounded intake channel); one task keeps them in order in a bounded memory queue and writes
+//! them oldest first, retrying a batch with backoff. What overflows is dropped (counted and
+//! logged). External stores use the durable [`EventLog`](super::EventLog) instead; the
+//! [`OutboxStats`] counters serve both.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::spool::{Spool, SpoolBatch};
 use super::{ConnectionEvent, EventSink};
 
 const MAX_BATCH: usize = 512;
@@ -29,10 +24,12 @@ pub struct OutboxStats {
     /// Events accepted but not yet acknowledged by the store.
     pub pending: AtomicU64,
     pub published: AtomicU64,
-    /// Events lost because the queue or the spool was full.
+    /// Events lost because a queue or the log was full.
     pub dropped: AtomicU64,
-    /// Events waiting in the spool file.
-    pub spooled: AtomicU64,
+    /// Bytes of the event log on disk (0 without one).
+    pub log_bytes: AtomicU64,
+    /// occurred_at of the oldest event handed to the store and not yet acknowledged (0: none).
+    pub oldest_undelivered_ns: AtomicI64,
 }
 
 enum Item {
@@ -48,32 +45,14 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Starts the task draining into `sink`, with a memory queue of `capacity` events and no
-    /// spool: what overflows is dropped (counted and logged). The task ends once every `Outbox`
-    /// clone is dropped.
+    /// Starts the task draining into `sink`, with a memory queue of `capacity` events: what
+    /// overflows is dropped (counted and logged). The task ends once every `Outbox` clone is
+    /// dropped.
     pub fn start(sink: Box<dyn EventSink>, capacity: usize) -> (Outbox, JoinHandle<()>) {
-        Outbox::launch(sink, capacity, None)
-    }
-
-    /// Like [`Outbox::start`], with `spool` taking what the memory queue cannot hold. Events
-    /// left in the spool by an earlier run are delivered before any new one.
-    pub fn start_with_spool(
-        sink: Box<dyn EventSink>,
-        capacity: usize,
-        spool: Spool,
-    ) -> (Outbox, JoinHandle<()>) {
-        Outbox::launch(sink, capacity, Some(spool))
-    }
-
-    fn launch(
-        sink: Box<dyn EventSink>,
-        capacity: usize,
-        spool: Option<Spool>,
-    ) -> (Outbox, JoinHandle<()>) {
         let capacity = capacity.max(1);
         let (tx, rx) = mpsc::channel(capacity);
         let stats = Arc::new(OutboxStats::default());
-        let queue = Queue::new(capacity, spool, stats.clone());
+        let queue = Queue::new(capacity, stats.clone());
         let task = tokio::spawn(drain(sink, rx, queue));
         (Outbox { tx, stats }, task)
     }
@@ -107,22 +86,10 @@ impl Outbox {
     }
 }
 
-/// Where the batch in flight came from.
-enum Source {
-    Memory,
-    Spool(SpoolBatch),
-}
-
-struct Batch {
-    events: Vec<ConnectionEvent>,
-    source: Source,
-}
-
-/// The events not yet delivered: memory (oldest), then the spool.
+/// The events not yet delivered, oldest first.
 struct Queue {
     memory: VecDeque<ConnectionEvent>,
     capacity: usize,
-    spool: Option<Spool>,
     /// Events taken from memory for the batch in flight (they still count against capacity).
     in_flight: usize,
     /// Events ever queued, and how many of them are delivered or dropped: flush waiters wait
@@ -131,107 +98,47 @@ struct Queue {
     done: u64,
     waiters: Vec<(u64, oneshot::Sender<()>)>,
     stats: Arc<OutboxStats>,
-    /// Whether the memory queue overflowed (into the spool, or dropped without one) and the
-    /// spool dropped its oldest, since the queue was last empty: each is logged once.
-    spilling: bool,
-    spool_full: bool,
-    /// The last delivery attempt failed.
-    store_down: bool,
+    /// Whether the queue overflowed since it was last empty (logged once).
+    overflowing: bool,
 }
 
 impl Queue {
-    fn new(capacity: usize, spool: Option<Spool>, stats: Arc<OutboxStats>) -> Queue {
-        let replayed = spool.as_ref().map_or(0, Spool::len);
-        if replayed > 0 {
-            tracing::info!(
-                events = replayed,
-                "delivering events spooled by an earlier run first"
-            );
-        }
-        stats.pending.fetch_add(replayed, Ordering::Relaxed);
-        stats.spooled.store(replayed, Ordering::Relaxed);
+    fn new(capacity: usize, stats: Arc<OutboxStats>) -> Queue {
         Queue {
             memory: VecDeque::new(),
             capacity,
-            spool,
             in_flight: 0,
-            queued: replayed,
+            queued: 0,
             done: 0,
             waiters: Vec::new(),
             stats,
-            spilling: false,
-            spool_full: false,
-            store_down: false,
+            overflowing: false,
         }
     }
 
-    fn spool_len(&self) -> u64 {
-        self.spool.as_ref().map_or(0, Spool::len)
-    }
-
-    /// Takes items handed over by sessions: events go to memory while it has room and the
-    /// spool is empty, otherwise behind the spool (or are dropped when there is no spool).
+    /// Takes items handed over by sessions: events go to memory while it has room, the rest
+    /// are dropped (counted).
     fn accept(&mut self, items: Vec<Item>) {
-        let mut overflow = Vec::new();
         for item in items {
             match item {
                 Item::Flush(waiter) => self.waiters.push((self.queued, waiter)),
                 Item::Event(event) => {
                     self.queued += 1;
-                    let room = self.memory.len() + self.in_flight < self.capacity;
-                    // During an outage new events go to disk (when there is a spool), so a
-                    // crash then loses at most what was in memory when the store failed.
-                    let to_memory = room && !(self.store_down && self.spool.is_some());
-                    if overflow.is_empty() && to_memory && self.spool_len() == 0 {
+                    if self.memory.len() + self.in_flight < self.capacity {
                         self.memory.push_back(event);
                     } else {
-                        overflow.push(event);
+                        if !self.overflowing {
+                            self.overflowing = true;
+                            tracing::warn!(
+                                "event buffer full: events are dropped (and counted) until the sink catches up"
+                            );
+                        }
+                        self.count_dropped(1);
                     }
                 }
             }
         }
-        if !overflow.is_empty() {
-            self.spill(overflow);
-        }
         self.wake_waiters();
-    }
-
-    fn spill(&mut self, events: Vec<ConnectionEvent>) {
-        let n = events.len() as u64;
-        let Some(spool) = self.spool.as_mut() else {
-            if !self.spilling {
-                self.spilling = true;
-                tracing::warn!(
-                    "event buffer full: events are dropped (and counted) until the store catches up"
-                );
-            }
-            self.count_dropped(n);
-            return;
-        };
-        if !self.spilling {
-            self.spilling = true;
-            tracing::warn!("event store unreachable or behind: spooling events to disk");
-        }
-        match spool.append(&events) {
-            Ok(0) => {}
-            Ok(dropped) => {
-                if !self.spool_full {
-                    self.spool_full = true;
-                    tracing::warn!(
-                        events = dropped,
-                        "event spool full: the oldest events are dropped (and counted) until the store catches up"
-                    );
-                }
-                self.count_dropped(dropped);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, events = n, "cannot write the event spool, events dropped");
-                self.count_dropped(n);
-            }
-        }
-        self.stats
-            .spooled
-            .store(self.spool_len(), Ordering::Relaxed);
     }
 
     fn count_dropped(&mut self, n: u64) {
@@ -240,74 +147,34 @@ impl Queue {
         self.stats.pending.fetch_sub(n, Ordering::Relaxed);
     }
 
-    /// The oldest undelivered events: memory first, then the spool.
-    fn next_batch(&mut self) -> Option<Batch> {
-        if !self.memory.is_empty() {
-            let n = self.memory.len().min(MAX_BATCH);
-            let events: Vec<_> = self.memory.drain(..n).collect();
-            self.in_flight = events.len();
-            return Some(Batch {
-                events,
-                source: Source::Memory,
-            });
+    fn next_batch(&mut self) -> Option<Vec<ConnectionEvent>> {
+        if self.memory.is_empty() {
+            return None;
         }
-        let spool = self.spool.as_mut().filter(|s| !s.is_empty())?;
-        match spool.peek(MAX_BATCH) {
-            Ok(batch) => Some(Batch {
-                events: batch.events.clone(),
-                source: Source::Spool(batch),
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the event spool; retrying");
-                None
-            }
-        }
+        let n = self.memory.len().min(MAX_BATCH);
+        let events: Vec<_> = self.memory.drain(..n).collect();
+        self.in_flight = events.len();
+        Some(events)
     }
 
-    fn delivered(&mut self, batch: Batch) {
-        let n = batch.events.len() as u64;
+    fn delivered(&mut self, batch: Vec<ConnectionEvent>) {
+        let n = batch.len() as u64;
         self.stats.published.fetch_add(n, Ordering::Relaxed);
-        match batch.source {
-            Source::Memory => {
-                self.in_flight = 0;
-                self.done += n;
-                self.stats.pending.fetch_sub(n, Ordering::Relaxed);
-                if self.memory.is_empty() && self.spool_len() == 0 {
-                    self.spilling = false;
-                    self.spool_full = false;
-                }
-            }
-            Source::Spool(spooled) => {
-                let spool = self.spool.as_mut().expect("a spool batch has a spool");
-                match spool.consume(&spooled) {
-                    Ok(live) => {
-                        self.done += live;
-                        self.stats.pending.fetch_sub(live, Ordering::Relaxed);
-                    }
-                    Err(e) => tracing::warn!(error = %e,
-                        "cannot record delivery in the event spool; these events may be sent again"),
-                }
-                self.stats
-                    .spooled
-                    .store(self.spool_len(), Ordering::Relaxed);
-                if self.spool_len() == 0 && self.spilling {
-                    self.spilling = false;
-                    self.spool_full = false;
-                    tracing::info!("event spool drained");
-                }
-            }
+        self.in_flight = 0;
+        self.done += n;
+        self.stats.pending.fetch_sub(n, Ordering::Relaxed);
+        if self.memory.is_empty() {
+            self.overflowing = false;
         }
         self.wake_waiters();
     }
 
-    /// A batch the store did not take goes back to the front of the queue.
-    fn retry(&mut self, batch: Batch) {
-        if let Source::Memory = batch.source {
-            for event in batch.events.into_iter().rev() {
-                self.memory.push_front(event);
-            }
-            self.in_flight = 0;
+    /// A batch the sink did not take goes back to the front of the queue.
+    fn retry(&mut self, batch: Vec<ConnectionEvent>) {
+        for event in batch.into_iter().rev() {
+            self.memory.push_front(event);
         }
+        self.in_flight = 0;
     }
 
     fn wake_waiters(&mut self) {
@@ -322,50 +189,15 @@ impl Queue {
         }
     }
 
-    /// Shutdown with events undelivered: the batch in flight and the memory queue go in front
-    /// of the spool so the next start delivers them first.
-    fn persist(&mut self, in_flight: Option<Batch>) {
-        let mut events = Vec::new();
-        if let Some(Batch {
-            events: batch,
-            source: Source::Memory,
-        }) = in_flight
-        {
-            events.extend(batch);
-        }
-        events.extend(self.memory.drain(..));
-        self.in_flight = 0;
-        if events.is_empty() {
-            return;
-        }
-        let n = events.len();
-        match self.spool.as_mut() {
-            Some(spool) => match spool.prepend(&events) {
-                Ok(dropped) => {
-                    tracing::info!(
-                        events = n,
-                        spooled = spool.len(),
-                        "events not yet delivered saved to the spool for the next start"
-                    );
-                    if dropped > 0 {
-                        tracing::warn!(events = dropped, "event spool full, oldest events dropped");
-                        self.count_dropped(dropped);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, events = n,
-                        "cannot save undelivered events to the spool; they are lost");
-                    self.count_dropped(n as u64);
-                }
-            },
-            None => tracing::warn!(
+    /// Shutdown with events undelivered: they are lost (logged).
+    fn abandon(&mut self, in_flight: Option<Vec<ConnectionEvent>>) {
+        let n = in_flight.map_or(0, |b| b.len()) + self.memory.len();
+        if n > 0 {
+            tracing::warn!(
                 events = n,
-                "event store unreachable at shutdown: events lost"
-            ),
+                "event sink unavailable at shutdown: events lost"
+            );
         }
-        self.stats
-            .spooled
-            .store(self.spool_len(), Ordering::Relaxed);
     }
 }
 
@@ -385,10 +217,9 @@ async fn drain(mut sink: Box<dyn EventSink>, mut rx: mpsc::Receiver<Item>, mut q
             continue;
         };
 
-        // Keep taking events in while the store works on the batch, so sessions never wait
-        // and a long outage spills to the spool instead of filling the intake channel.
+        // Keep taking events in while the sink works on the batch, so sessions never wait.
         let result = {
-            let publish = sink.publish(&batch.events);
+            let publish = sink.publish(&batch);
             tokio::pin!(publish);
             loop {
                 tokio::select! {
@@ -402,18 +233,16 @@ async fn drain(mut sink: Box<dyn EventSink>, mut rx: mpsc::Receiver<Item>, mut q
         };
         match result {
             None => {
-                queue.persist(Some(batch));
+                queue.abandon(Some(batch));
                 return;
             }
             Some(Ok(())) => {
-                queue.store_down = false;
                 backoff = RETRY_MIN;
                 queue.delivered(batch);
             }
             Some(Err(e)) => {
-                queue.store_down = true;
                 tracing::warn!(store = sink.name(), error = %e, retry_in = ?backoff,
-                    events = batch.events.len(), "event store did not take events, retrying");
+                    events = batch.len(), "event sink did not take events, retrying");
                 let pause = tokio::time::sleep(backoff);
                 tokio::pin!(pause);
                 backoff = (backoff * 2).min(RETRY_MAX);
@@ -428,19 +257,19 @@ async fn drain(mut sink: Box<dyn EventSink>, mut rx: mpsc::Receiver<Item>, mut q
                 };
                 queue.retry(batch);
                 if closed {
-                    queue.persist(None);
+                    queue.abandon(None);
                     return;
                 }
             }
         }
     }
-    queue.persist(None);
+    queue.abandon(None);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{DataDir, SinkError};
+    use crate::events::SinkError;
     use async_trait::async_trait;
     use std::sync::Mutex;
 
@@ -501,92 +330,5 @@ mod tests {
             outbox.emit(event(i));
         }
         assert!(outbox.stats().dropped.load(Ordering::Relaxed) >= 15);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn overflow_spills_to_the_spool_and_order_is_kept() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let data = DataDir::open(dir.path()).expect("data dir");
-        let spool = Spool::open(&data, 1 << 20).expect("spool");
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let sink = FlakySink {
-            failures: 5,
-            got: got.clone(),
-        };
-        let (outbox, _task) = Outbox::start_with_spool(Box::new(sink), 4, spool);
-        for i in 0..100 {
-            outbox.emit(event(i));
-            tokio::task::yield_now().await;
-        }
-        assert!(outbox.stats().spooled.load(Ordering::Relaxed) > 0);
-        assert!(outbox.flush(Duration::from_secs(600)).await);
-        let order: Vec<i64> = got.lock().unwrap().iter().map(|e| e.occurred_at).collect();
-        assert_eq!(order, (0..100).collect::<Vec<_>>());
-        assert_eq!(outbox.stats().dropped.load(Ordering::Relaxed), 0);
-        assert_eq!(outbox.stats().spooled.load(Ordering::Relaxed), 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn undelivered_events_survive_a_restart_and_go_first() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let data = DataDir::open(dir.path()).expect("data dir");
-        let down = FlakySink {
-            failures: usize::MAX,
-            got: Arc::new(Mutex::new(Vec::new())),
-        };
-        let spool = Spool::open(&data, 1 << 20).expect("spool");
-        let (outbox, task) = Outbox::start_with_spool(Box::new(down), 4, spool);
-        for i in 0..10 {
-            outbox.emit(event(i));
-            tokio::task::yield_now().await;
-        }
-        assert!(!outbox.flush(Duration::from_secs(1)).await);
-        drop(outbox);
-        task.await.expect("drain task");
-
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let up = FlakySink {
-            failures: 0,
-            got: got.clone(),
-        };
-        let spool = Spool::open(&data, 1 << 20).expect("reopen spool");
-        assert_eq!(spool.len(), 10);
-        let (outbox, _task) = Outbox::start_with_spool(Box::new(up), 4, spool);
-        outbox.emit(event(10));
-        outbox.emit(event(11));
-        assert!(outbox.flush(Duration::from_secs(60)).await);
-        let order: Vec<i64> = got.lock().unwrap().iter().map(|e| e.occurred_at).collect();
-        assert_eq!(order, (0..12).collect::<Vec<_>>());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn during_an_outage_new_events_go_to_disk() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let data = DataDir::open(dir.path()).expect("data dir");
-        let spool = Spool::open(&data, 1 << 20).expect("spool");
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let sink = FlakySink {
-            failures: 3,
-            got: got.clone(),
-        };
-        let (outbox, _task) = Outbox::start_with_spool(Box::new(sink), 1000, spool);
-        outbox.emit(event(0));
-        // The first attempt fails at once; the drain task then waits out its backoff, and the
-        // paused clock does not move while this task keeps yielding.
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        for i in 1..=10 {
-            outbox.emit(event(i));
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(
-            outbox.stats().spooled.load(Ordering::Relaxed),
-            10,
-            "events emitted while the store is down are on disk despite room in memory"
-        );
-        assert!(outbox.flush(Duration::from_secs(60)).await);
-        let order: Vec<i64> = got.lock().unwrap().iter().map(|e| e.occurred_at).collect();
-        assert_eq!(order, (0..=10).collect::<Vec<_>>());
     }
 }

@@ -3,7 +3,7 @@
 //! with the stored message, never copied.
 
 use bytes::Bytes;
-use rumqttd::protocol::{Packet, PubRel, PubRelReason, Publish};
+use rumqttd::protocol::{Packet, PubRel, PubRelReason, Publish, PublishProperties};
 
 use crate::broker::{Delivery, Outgoing};
 
@@ -15,11 +15,7 @@ pub(super) fn packet(outgoing: Outgoing, v5: bool) -> Packet {
             pkid,
             dup,
         } => {
-            let props = if v5 {
-                delivery.message.properties.as_deref().cloned()
-            } else {
-                None
-            };
+            let props = if v5 { properties(&delivery) } else { None };
             Packet::Publish(publish(&delivery, pkid, dup), props)
         }
         Outgoing::Release(pkid) => Packet::PubRel(
@@ -30,6 +26,24 @@ pub(super) fn packet(outgoing: Outgoing, v5: bool) -> Packet {
             None,
         ),
     }
+}
+
+/// The publisher's properties, plus this delivery's subscription identifiers and what is left
+/// of the message expiry interval.
+fn properties(delivery: &Delivery) -> Option<PublishProperties> {
+    let message = &delivery.message;
+    let mut props = message.properties.as_deref().cloned();
+    if !delivery.ids.is_empty() {
+        props
+            .get_or_insert_with(Default::default)
+            .subscription_identifiers = delivery.ids.iter().map(|&id| id as usize).collect();
+    }
+    if let Some(left) = message.remaining_expiry(std::time::Instant::now()) {
+        props
+            .get_or_insert_with(Default::default)
+            .message_expiry_interval = Some(left);
+    }
+    props
 }
 
 /// rumqttd keeps a PUBLISH's QoS, DUP and packet id crate-private; its codec-neutral form sets
@@ -60,6 +74,7 @@ mod tests {
             message: Message::new("a/b".into(), "hi".into(), 2, true, Origin::Bus),
             qos,
             retain,
+            ids: Vec::new(),
         };
         let outgoing = Outgoing::Publish {
             delivery,

@@ -121,6 +121,8 @@ pub(super) struct Accepted {
     pub keep_alive: Option<Duration>,
     /// QoS 1/2 PUBLISHes the device may have unacknowledged from us.
     pub window: usize,
+    /// The MQTT 5 device's Maximum Packet Size.
+    pub device_max_packet: Option<usize>,
 }
 
 /// Authenticates, attaches to the broker session (taking over any connection holding it) and
@@ -274,16 +276,32 @@ where
         .as_ref()
         .and_then(|p| p.receive_maximum)
         .unwrap_or(u16::MAX);
-    let props = (version == ProtocolVersion::V5).then(|| ConnAckProperties {
+    let device_max_packet = props
+        .as_ref()
+        .and_then(|p| p.max_packet_size)
+        .map(|n| n as usize);
+    let v5 = version == ProtocolVersion::V5;
+    // MQTT 5 Server Keep Alive: a device asking for more (or for none) gets the maximum.
+    let keep_alive = match ctx.max_keep_alive {
+        max if v5 && max > 0 && (connect.keep_alive == 0 || connect.keep_alive > max) => max,
+        _ => connect.keep_alive,
+    };
+    let props = v5.then(|| ConnAckProperties {
         assigned_client_identifier: assigned.then(|| live.info.mqtt_client_id.clone()),
         max_packet_size: Some(ctx.max_packet_size as u32),
         receive_max: Some(receive_maximum),
         retain_available: Some(1),
         shared_subscription_available: Some(0),
-        subscription_identifiers_available: Some(0),
+        subscription_identifiers_available: Some(1),
         wildcard_subscription_available: Some(1),
+        topic_alias_max: Some(0),
+        max_qos: None,
+        server_keep_alive: (keep_alive != connect.keep_alive).then_some(keep_alive),
         ..Default::default()
     });
+    // The `connect` is in the event log before the device hears CONNACK, so a crash from here
+    // on finds the session open and closes it with a `disconnect` at the next start.
+    live.announce().await;
     if let Err(e) = write_packet(
         stream,
         &codec,
@@ -292,19 +310,18 @@ where
     .await
     {
         tracing::info!(%peer, error = %e, "CONNACK could not be written");
-        live.end(DisconnectReason::ConnectionLost, false);
+        let _ = live.end(DisconnectReason::ConnectionLost, false);
         return None;
     }
-    live.announce();
     tracing::info!(client_id = %live.info.identity.client_id, mqtt_client_id = %live.info.mqtt_client_id,
         %peer, version = version.as_str(), keep_alive = connect.keep_alive, clean, present, "connected");
-    let keep_alive = (connect.keep_alive > 0)
-        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     Some(Accepted {
         live,
         version,
         keep_alive,
         window: usize::from(receive_maximum.min(device_window)),
+        device_max_packet,
     })
 }
 
@@ -353,6 +370,7 @@ async fn authorize_will(
                 retain: will.retain,
                 properties,
                 origin: Origin::Bus,
+                expires_at: None,
             };
             message.qos = message.qos.min(2);
             Ok(Will { message })

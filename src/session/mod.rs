@@ -32,6 +32,8 @@ pub struct SessionContext {
     pub hooks: Hooks,
     pub connect_timeout: Duration,
     pub max_packet_size: usize,
+    /// MQTT 5 Server Keep Alive in seconds (0: accept what the device asks).
+    pub max_keep_alive: u16,
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
@@ -102,7 +104,7 @@ async fn connected<S>(
             .with_label_values(&[limits::packet_error_kind(end.v5_code)])
             .inc();
     }
-    session.live.end(end.reason, end.publish_will);
+    let disconnect_logged = session.live.end(end.reason, end.publish_will);
     if let (ProtocolVersion::V5, Some(code)) = (session.version, end.v5_code) {
         let mut buf = BytesMut::new();
         let packet = Packet::Disconnect(Disconnect { reason_code: code }, None);
@@ -114,6 +116,9 @@ async fn connected<S>(
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    // The session's teardown completes once its `disconnect` is in the event log (after the
+    // socket is closed, so the device never waits for it).
+    disconnect_logged.await;
     tracing::info!(client_id = %session.live.info.identity.client_id,
         mqtt_client_id = %session.live.info.mqtt_client_id, %peer,
         reason = end.reason.as_str(), detail = %end.detail, "disconnected");
@@ -193,11 +198,15 @@ mod footprint {
             crate::events::Outbox::start(Box::new(crate::events::StdoutSink::new()), 10);
         let ctx = Arc::new(SessionContext {
             broker: Broker::new(crate::broker::BrokerConfig::default()),
-            hooks: Hooks::new(registry.clone(), registry).with_observer(Arc::new(
-                crate::hooks::ConnectionEvents::new(outbox, String::new()),
+            hooks: Hooks::new(registry.clone(), registry).with_events(Arc::new(
+                crate::hooks::ConnectionEvents::new(
+                    crate::events::EventQueue::memory(outbox),
+                    String::new(),
+                ),
             )),
             connect_timeout: Duration::from_secs(1),
             max_packet_size: 1024,
+            max_keep_alive: 0,
             shutdown: CancellationToken::new(),
             metrics: Metrics::new(),
             limits: Limits::unlimited(),

@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, SubAck, Subscribe,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, RetainForwardRule, SubAck,
+    Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -59,6 +59,8 @@ struct Relay<'a> {
     /// Deliveries are ready beyond the last batch.
     more: bool,
     scratch: Vec<Outgoing>,
+    /// The MQTT 5 device's Maximum Packet Size: larger PUBLISHes are not sent to it.
+    device_max_packet: Option<usize>,
 }
 
 pub(super) async fn run<S>(
@@ -85,6 +87,7 @@ where
         window: accepted.window,
         more: true,
         scratch: Vec::new(),
+        device_max_packet: accepted.device_max_packet,
     };
     // A resumed session first completes what the previous connection left in flight.
     for outgoing in relay.session.resend() {
@@ -201,11 +204,39 @@ impl Relay<'_> {
     }
 
     fn write_outgoing(&mut self, outgoing: Outgoing) -> Result<(), End> {
-        if matches!(outgoing, Outgoing::Publish { .. }) {
-            self.ctx.metrics.messages_out.inc();
-        }
+        let pkid = match &outgoing {
+            Outgoing::Publish { pkid, .. } => Some(*pkid),
+            Outgoing::Release(_) => None,
+        };
+        let start = self.wbuf.len();
         let packet = deliver::packet(outgoing, self.v5());
-        self.write(packet)
+        self.write(packet)?;
+        let Some(pkid) = pkid else {
+            return Ok(());
+        };
+        if self
+            .device_max_packet
+            .is_some_and(|max| self.wbuf.len() - start > max)
+        {
+            // MQTT 3.1.2.11.4: not sent, and counted, as if delivered.
+            self.wbuf.truncate(start);
+            if pkid != 0 {
+                self.session.forget(pkid);
+            }
+            let n = self
+                .ctx
+                .broker
+                .stats()
+                .dropped_too_large
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n == 0 || (n + 1).is_power_of_two() {
+                tracing::info!(client_id = %self.info.identity.client_id, mqtt_client_id = %self.info.mqtt_client_id,
+                    "PUBLISH larger than the device's maximum packet size not sent");
+            }
+            return Ok(());
+        }
+        self.ctx.metrics.messages_out.inc();
+        Ok(())
     }
 
     /// Encodes the next batch of deliveries the window allows.
@@ -214,9 +245,17 @@ impl Relay<'_> {
             return Ok(());
         }
         let mut batch = std::mem::take(&mut self.scratch);
-        self.more = self
+        let (more, expired) = self
             .session
             .take_ready(self.window, MAX_WRITE_BATCH, &mut batch);
+        self.more = more;
+        if expired > 0 {
+            self.ctx
+                .broker
+                .stats()
+                .dropped_expired
+                .fetch_add(expired, std::sync::atomic::Ordering::Relaxed);
+        }
         let result = batch.drain(..).try_for_each(|o| self.write_outgoing(o));
         self.scratch = batch;
         if self.scratch.capacity() > MAX_WRITE_BATCH {
@@ -314,7 +353,7 @@ impl Relay<'_> {
                     None,
                 ))
             }
-            Packet::Subscribe(subscribe, _) => self.subscribe(subscribe).await,
+            Packet::Subscribe(subscribe, props) => self.subscribe(subscribe, props).await,
             Packet::Unsubscribe(unsubscribe, _) => self.unsubscribe(unsubscribe),
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
             Packet::PubAck(ack, _) => {
@@ -411,6 +450,7 @@ impl Relay<'_> {
                 "too many unacknowledged QoS 1/2 PUBLISHes",
             ));
         }
+        let expires_at = Message::expiry_of(props.as_ref());
         // One copy of the payload, owned, so the read buffer is never pinned by a queue.
         let message = Arc::new(Message {
             topic: route.topic.clone(),
@@ -423,6 +463,7 @@ impl Relay<'_> {
                 None
             },
             origin: Origin::Session(self.session.id),
+            expires_at,
         });
         let pkid = publish_id.unwrap_or(0);
         match qos {
@@ -517,7 +558,14 @@ impl Relay<'_> {
         }
     }
 
-    async fn subscribe(&mut self, subscribe: Subscribe) -> Result<(), End> {
+    async fn subscribe(
+        &mut self,
+        subscribe: Subscribe,
+        props: Option<SubscribeProperties>,
+    ) -> Result<(), End> {
+        let id = props
+            .and_then(|p| p.id)
+            .and_then(|id| u32::try_from(id).ok());
         let v5 = self.v5();
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut granted = Vec::with_capacity(subscribe.filters.len());
@@ -533,12 +581,25 @@ impl Relay<'_> {
             };
             match decision {
                 TopicDecision::Allow(canonical) => {
-                    let qos = (filter.qos as u8).min(2);
-                    self.ctx
+                    let options = SubOptions {
+                        qos: (filter.qos as u8).min(2),
+                        no_local: v5 && filter.nolocal,
+                        retain_as_published: v5 && filter.preserve_retain,
+                        id: if v5 { id } else { None },
+                    };
+                    let existed = self
+                        .ctx
                         .broker
-                        .subscribe(&self.session, &canonical, SubOptions { qos });
+                        .subscribe(&self.session, &canonical, options);
                     codes.push(SubscribeReasonCode::Success(filter.qos));
-                    granted.push((canonical, qos));
+                    let retained = match filter.retain_forward_rule {
+                        RetainForwardRule::OnEverySubscribe => true,
+                        RetainForwardRule::OnNewSubscribe => !existed,
+                        RetainForwardRule::Never => false,
+                    };
+                    if retained {
+                        granted.push((canonical, options));
+                    }
                 }
                 refused => {
                     tracing::info!(client_id = %self.info.identity.client_id, filter = %filter.path, "subscribe refused");
@@ -560,10 +621,10 @@ impl Relay<'_> {
             None,
         ))?;
         // Retained messages follow the SUBACK.
-        for (filter, qos) in granted {
+        for (filter, options) in granted {
             self.ctx
                 .broker
-                .deliver_retained(&self.session, &filter, qos);
+                .deliver_retained(&self.session, &filter, options);
         }
         self.more = true;
         Ok(())

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::broker::{Attachment, Broker, Message, Origin};
+use crate::events::EventCommit;
 use crate::hooks::{DisconnectReason, PublishRoute, SessionInfo};
 use crate::topic::{self, TopicKind, Usage};
 
@@ -45,18 +46,21 @@ impl LiveSession {
         }
     }
 
-    /// Marks the session accepted (CONNACK sent) and tells the hooks.
-    pub fn announce(&mut self) {
+    /// Marks the session accepted and tells the hooks; from here on it ends with a
+    /// `disconnect`. Await the result before writing CONNACK: the `connect` is then in the
+    /// event log.
+    pub fn announce(&mut self) -> EventCommit {
         self.announced = true;
-        self.ctx.hooks.connected(&self.info);
+        self.ctx.hooks.connected(&self.info)
     }
 
     /// Ends the connection: publishes the will if asked, detaches from the broker session
     /// (discarding it unless it is persistent), emits `disconnect` (if `connect` was emitted),
-    /// then lets a waiting takeover proceed.
-    pub fn end(&mut self, reason: DisconnectReason, publish_will: bool) {
+    /// then lets a waiting takeover proceed. Never waits; awaiting the result waits until the
+    /// `disconnect` is in the event log.
+    pub fn end(&mut self, reason: DisconnectReason, publish_will: bool) -> EventCommit {
         if std::mem::replace(&mut self.ended, true) {
-            return;
+            return EventCommit::done();
         }
         if let Some(will) = self.will.take().filter(|_| publish_will) {
             let mut message = will.message;
@@ -65,10 +69,13 @@ impl LiveSession {
             route_message(&self.ctx, &self.info, &route, Arc::new(message));
         }
         self.ctx.broker.detach(&mut self.attachment);
-        if self.announced {
-            self.ctx.hooks.disconnected(&self.info, reason);
-        }
+        let logged = if self.announced {
+            self.ctx.hooks.disconnected(&self.info, reason)
+        } else {
+            EventCommit::done()
+        };
         Broker::release(&mut self.attachment);
+        logged
     }
 }
 
@@ -98,6 +105,7 @@ pub(super) fn route_of(topic: &bytes::Bytes) -> PublishRoute {
 impl Drop for LiveSession {
     fn drop(&mut self) {
         // Only reached without an explicit end when the session task panicked or was dropped.
-        self.end(DisconnectReason::ProtocolError, true);
+        // The `disconnect` is handed to the event log all the same; nobody is left to await it.
+        let _ = self.end(DisconnectReason::ProtocolError, true);
     }
 }

@@ -242,7 +242,7 @@ impl Adapter {
         let stderr_path = dir.path().join("adapter.stderr");
         let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
         let port = free_port();
-        // A private data directory unless the test names one (to restart on the same spool).
+        // A private data directory unless the test names one (to restart on the same event log).
         let data_dir = dir.path().join("data");
         let data_dir = data_dir.to_string_lossy().into_owned();
         let mut env = vec![("SMQ_MQTT_ADAPTER_DATA_DIR", data_dir.as_str())];

@@ -330,6 +330,21 @@ impl RawClient {
         (client, code)
     }
 
+    /// Like [`RawClient::connect`], but `None` when the adapter cannot be reached or closes
+    /// before answering (it may have been killed).
+    pub async fn try_connect(port: u16, connect: &Connect<'_>) -> Option<(RawClient, u8)> {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        stream.set_nodelay(true).ok()?;
+        let mut client = RawClient {
+            stream,
+            buf: Vec::new(),
+        };
+        client.send(&connect.encode()).await;
+        let ack = client.read_packet(WAIT).await.ok()?;
+        let code = ack.connack_code();
+        Some((client, code))
+    }
+
     /// Like [`RawClient::connect`] but asserts the CONNECT was accepted.
     pub async fn connect_ok(port: u16, connect: &Connect<'_>) -> RawClient {
         let (client, code) = RawClient::connect(port, connect).await;

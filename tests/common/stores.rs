@@ -2,7 +2,8 @@
 //! test owns a clean store it can stop and start again on the same port), and a unique queue on the
 //! machine's RabbitMQ bound to the `events` exchange. Each reads back the stored connection events.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -420,4 +421,45 @@ impl AmqpQueue {
         }
         got
     }
+}
+
+/// A clients file with `n` devices `dev-<i>` (secret `s-<i>`).
+pub fn devices_file(n: usize) -> String {
+    let mut toml = String::new();
+    for i in 0..n {
+        toml.push_str(&format!(
+            "[[clients]]\nid = \"dev-{i}\"\nsecret = \"s-{i}\"\n"
+        ));
+    }
+    toml.push_str("[[clients]]\nid = \"late\"\nsecret = \"sl\"\n");
+    toml
+}
+
+/// At-least-once delivery may repeat an event after a store failure; repeats carry the same
+/// occurred_at, so they are set aside here and every session is then checked exactly once.
+pub fn without_repeats(events: Vec<StoredEvent>) -> Vec<StoredEvent> {
+    let mut seen = BTreeSet::new();
+    events
+        .into_iter()
+        .filter(|e| {
+            seen.insert((
+                e.event.client_id.clone(),
+                e.event.event_type.clone(),
+                e.event.occurred_at,
+            ))
+        })
+        .collect()
+}
+
+pub fn es_env<'a>(url: &'a str, data_dir: &'a str) -> Vec<(&'static str, &'a str)> {
+    vec![
+        ("SMQ_ES_URL", url),
+        ("SMQ_MQTT_ADAPTER_DATA_DIR", data_dir),
+        // The store may be down at shutdown: don't wait long for it.
+        ("SMQ_MQTT_ADAPTER_SHUTDOWN_TIMEOUT", "1"),
+    ]
+}
+
+pub fn path_str(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
 }
