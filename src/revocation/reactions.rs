@@ -241,7 +241,7 @@ mod tests {
         let a2 = broker.attach(key("a", "a2"), CLEAN, meta(), &stop).await;
         let b = broker.attach(key("b", "b1"), CLEAN, meta(), &stop).await;
         let c = broker.attach(key("c", "c1"), CLEAN, meta(), &stop).await;
-        let qos = SubOptions { qos: 1 };
+        let qos = SubOptions::qos(1);
         broker.subscribe(&a1.session, "m/d/c/ch1/#", qos);
         broker.subscribe(&b.session, "m/d/c/ch1/x", qos);
         broker.subscribe(&b.session, "m/d/c/ch2", qos);
