@@ -55,6 +55,12 @@ pub struct Config {
     #[arg(long, env = "SMQ_ES_URL")]
     pub es_url: Option<String>,
 
+    /// The clients service's event store (redis://, nats://, amqp://, as SMQ_ES_URL): disabling a
+    /// client, rotating its secret, disabling a channel or deleting a connection ends the
+    /// affected sessions at once. Unset: off (revocations take effect when caches expire).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_PLATFORM_EVENTS_URL")]
+    pub platform_events_url: Option<String>,
+
     /// Seconds a new socket may take to send its CONNECT before it is closed.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_CONNECT_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub connect_timeout: u64,

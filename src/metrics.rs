@@ -41,6 +41,10 @@ pub struct Metrics {
     pub packet_errors: IntCounterVec,
     /// Times a limit refused or closed a connection, by limit.
     pub limit_hits: IntCounterVec,
+    /// Platform events that took rights away, by operation.
+    pub revocations: IntCounterVec,
+    /// Platform events read from `supermq.clients`, by operation (acted on or not).
+    pub platform_events: IntCounterVec,
     /// Deliveries a subscriber did not get, by reason.
     messages_dropped: IntCounterVec,
     /// Retained PUBLISHes not retained because the store was full.
@@ -157,6 +161,16 @@ impl Metrics {
                 "mqtt_adapter_packet_errors_total",
                 "Sessions closed for a bad packet, by kind",
                 "kind",
+            ),
+            revocations: counter_vec(
+                "mqtt_adapter_revocations_total",
+                "Platform events (or SIGHUP reloads) that revoked rights, by operation",
+                "operation",
+            ),
+            platform_events: counter_vec(
+                "mqtt_adapter_platform_events_total",
+                "Events read from supermq.clients, by operation",
+                "operation",
             ),
             limit_hits: counter_vec(
                 "mqtt_adapter_limit_hits_total",

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,9 +25,10 @@ use crate::events::{
 };
 use crate::hooks::{ConnectionEvents, Hooks};
 use crate::http::{self, Health, Phase};
-use crate::listener::tls::{self, TlsConfigError};
+use crate::listener::tls::{self, ServerIdentity, TlsConfigError};
 use crate::listener::{self, Accepting, ConnectRate, Transport};
 use crate::metrics::{Metrics, TimedAuthenticator};
+use crate::revocation::{self, DecisionCaches, PlatformEventsError, Reactions, RightsEpoch};
 use crate::session::limits::Limits;
 use crate::session::SessionContext;
 
@@ -53,6 +55,8 @@ pub enum StartError {
     Grpc(#[from] GrpcConfigError),
     #[error(transparent)]
     Bridge(#[from] BridgeError),
+    #[error(transparent)]
+    PlatformEvents(#[from] PlatformEventsError),
 }
 
 impl From<EventStartError> for StartError {
@@ -80,6 +84,11 @@ pub struct Server {
     bridge: Option<Bridge>,
     platform_auth_metrics: Option<PlatformAuthMetrics>,
     instance_id: String,
+    /// The static registry and its file, reloaded on SIGHUP.
+    registry: Option<(Arc<StaticRegistry>, PathBuf)>,
+    tls_identity: Option<Arc<ServerIdentity>>,
+    reactions: Arc<Reactions>,
+    platform_events: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
 /// Where each listener ended up (ports may be 0 in the configuration).
@@ -97,10 +106,13 @@ impl Server {
     pub async fn start(config: &Config) -> Result<Server, StartError> {
         let mut demo_registry = false;
         let mut platform_auth_metrics = None;
+        let mut reloadable = None;
+        let mut caches: Option<Arc<dyn DecisionCaches>> = None;
         let (authenticator, authorizer): (Arc<dyn Authenticator>, Arc<dyn Authorizer>) =
             match (&config.auth, &config.clients_file) {
                 (AuthBackend::Static, Some(path)) => {
                     let registry = Arc::new(StaticRegistry::from_file(path)?);
+                    reloadable = Some((registry.clone(), path.clone()));
                     (registry.clone(), registry)
                 }
                 (AuthBackend::Static, None) => {
@@ -111,6 +123,7 @@ impl Server {
                 (AuthBackend::Supermq, _) => {
                     let platform = Arc::new(platform_auth(config)?);
                     platform_auth_metrics = Some(platform.metrics());
+                    caches = Some(platform.clone());
                     (platform.clone(), platform)
                 }
             };
@@ -135,11 +148,13 @@ impl Server {
             }
         };
 
-        let tls = match (&config.server_cert, &config.server_key) {
+        let (tls, tls_identity) = match (&config.server_cert, &config.server_key) {
             (Some(cert), Some(key)) => {
-                Some(tls::acceptor(cert, key, config.client_ca_certs.as_deref())?)
+                let (acceptor, identity) =
+                    tls::acceptor(cert, key, config.client_ca_certs.as_deref())?;
+                (Some(acceptor), Some(identity))
             }
-            (None, None) => None,
+            (None, None) => (None, None),
             _ => return Err(TlsConfigError::Incomplete.into()),
         };
 
@@ -198,6 +213,7 @@ impl Server {
             config.cert_cn_as_username,
         );
 
+        let rights = Arc::new(RightsEpoch::default());
         let ctx = Arc::new(SessionContext {
             broker: broker.clone(),
             hooks,
@@ -207,7 +223,23 @@ impl Server {
             shutdown: CancellationToken::new(),
             metrics: metrics.clone(),
             limits,
+            rights: rights.clone(),
         });
+        let reactions = Arc::new(Reactions::new(
+            broker.clone(),
+            caches,
+            rights,
+            metrics.revocations.clone(),
+            metrics.platform_events.clone(),
+        ));
+        let platform_events = match config.platform_events_url.as_deref() {
+            None | Some("") => None,
+            Some(url) => {
+                let stop = CancellationToken::new();
+                let task = revocation::start(url, reactions.clone(), stop.clone())?;
+                Some((stop, task))
+            }
+        };
         let sessions = TaskTracker::new();
         let accepting = Arc::new(Accepting {
             ctx: ctx.clone(),
@@ -270,7 +302,46 @@ impl Server {
             bridge,
             platform_auth_metrics,
             instance_id,
+            registry: reloadable,
+            tls_identity,
+            reactions,
+            platform_events,
         })
+    }
+
+    /// SIGHUP: reads the clients file (static backend) and the TLS certificate and key again.
+    /// A file that cannot be used is refused (logged with file and line) and the old content
+    /// stays; what a new registry no longer grants is revoked at once, as a platform event would.
+    pub async fn reload(&self) {
+        if let Some((registry, path)) = &self.registry {
+            match registry.reload(path) {
+                Err(e) => tracing::error!(error = %e,
+                    "reload refused: the previous clients registry stays in force"),
+                Ok(lost) => {
+                    self.reactions.forget_session_decisions();
+                    let mut sessions = 0;
+                    for revocation in &lost {
+                        sessions += self.reactions.apply(revocation).await;
+                        self.ctx
+                            .metrics
+                            .revocations
+                            .with_label_values(&["reload"])
+                            .inc();
+                    }
+                    tracing::info!(file = %path.display(), revoked = lost.len(), sessions,
+                        "clients registry reloaded");
+                }
+            }
+        }
+        if let Some(identity) = &self.tls_identity {
+            match identity.reload() {
+                Ok(()) => {
+                    tracing::info!("TLS certificate and key reloaded (new handshakes use them)")
+                }
+                Err(e) => tracing::error!(error = %e,
+                    "TLS reload refused: the previous certificate and key stay in use"),
+            }
+        }
     }
 
     /// Every listener's bound address.
@@ -329,6 +400,10 @@ impl Server {
         }
         self.sessions.close();
         self.ctx.broker.stop();
+        if let Some((stop, task)) = self.platform_events {
+            stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
         let sessions_done = tokio::time::timeout_at(deadline, self.sessions.wait())
             .await
             .is_ok();

@@ -388,3 +388,49 @@ async fn bad_tls_settings_stop_start_up_naming_the_variable() {
         assert!(stderr.contains(var), "stderr does not name {var}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_for_new_handshakes_only() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = TestPki::new(dir.path(), "srv");
+    let mut adapter = start_tls(&pki, false, &[]).await;
+    let port = adapter.ports.mqtts;
+    let mut open =
+        V4Client::connect_with(tls_options(port, "tls-open", "c2", "s2", &pki.ca_pem, None)).await;
+    adapter.expect_connect("c2").await;
+    open.subscribe("m/d1/c/ch1/reload", QoS::AtLeastOnce).await;
+
+    // A broken file is refused and the old pair keeps serving.
+    std::fs::write(&pki.server_cert, "not a certificate").expect("break cert");
+    adapter.signal(libc::SIGHUP);
+    adapter.wait_log("TLS reload refused", WAIT).await;
+    let old =
+        V4Client::connect_with(tls_options(port, "tls-old", "c1", "s1", &pki.ca_pem, None)).await;
+    adapter.expect_connect("c1").await;
+    old.disconnect().await;
+    adapter.expect_disconnect("c1").await;
+
+    // The pair of another CA: new handshakes use it, the open session stays.
+    let next = TestPki::new(dir.path(), "next");
+    std::fs::copy(&next.server_cert, &pki.server_cert).expect("copy cert");
+    std::fs::copy(&next.server_key, &pki.server_key).expect("copy key");
+    adapter.signal(libc::SIGHUP);
+    adapter
+        .wait_log("TLS certificate and key reloaded", WAIT)
+        .await;
+    let refused =
+        V4Client::try_connect(tls_options(port, "tls-x", "c3", "s3", &pki.ca_pem, None)).await;
+    assert!(refused.is_err(), "the old certificate is still served");
+    let mut fresh =
+        V4Client::connect_with(tls_options(port, "tls-new", "c1", "s1", &next.ca_pem, None)).await;
+    adapter.expect_connect("c1").await;
+    fresh
+        .publish("m/d1/c/ch1/reload", QoS::AtLeastOnce, false, b"after")
+        .await;
+    assert_eq!(&open.next_publish().await.payload[..], b"after");
+    fresh.disconnect().await;
+    adapter.expect_disconnect("c1").await;
+    open.disconnect().await;
+    adapter.expect_disconnect("c2").await;
+    adapter.shutdown().await;
+}

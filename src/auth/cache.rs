@@ -102,6 +102,21 @@ where
         self.metrics.clone()
     }
 
+    /// Drops every cached decision `which` selects (a revocation); the next lookup of each asks
+    /// the service again.
+    pub async fn forget(&self, which: impl Fn(&K, &V) -> bool) -> usize {
+        let doomed: Vec<Arc<K>> = self
+            .entries
+            .iter()
+            .filter(|(k, v)| which(k, v))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &doomed {
+            self.entries.invalidate(key.as_ref()).await;
+        }
+        doomed.len()
+    }
+
     /// The cached decision for `key`, or the result of `fetch` (run by at most one of the
     /// concurrent callers asking for the same key). A failed fetch is returned to every caller
     /// that waited on it and is not cached.
@@ -197,6 +212,21 @@ mod tests {
         assert_eq!(cache.metrics.failures.load(Ordering::SeqCst), 1);
         assert_eq!(cache.metrics.misses.load(Ordering::SeqCst), 2);
         assert_eq!(cache.metrics.hits.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn forget_drops_only_the_selected_entries() {
+        let cache: DecisionCache<String, bool> = DecisionCache::new(settings());
+        for key in ["a1", "a2", "b1"] {
+            let _ = cache
+                .get_or_fetch(key.to_owned(), async { Ok::<_, &str>(true) })
+                .await;
+        }
+        assert_eq!(cache.forget(|k, _| k.starts_with('a')).await, 2);
+        let a1 = cache.get_or_fetch("a1".to_owned(), async { Ok::<_, &str>(false) });
+        assert_eq!(a1.await, Ok(false), "asked again");
+        let b1 = cache.get_or_fetch("b1".to_owned(), async { Ok::<_, &str>(false) });
+        assert_eq!(b1.await, Ok(true), "still cached");
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use super::cache::{CacheMetrics, CacheSettings, DecisionCache};
 use super::{Action, AuthError, Authenticator, Authorizer, Credentials, Identity};
+use crate::revocation::DecisionCaches;
 use proto::channels::v1::channels_service_client::ChannelsServiceClient;
 use proto::channels::v1::AuthzReq;
 use proto::clients::v1::clients_service_client::ClientsServiceClient;
@@ -202,6 +203,44 @@ impl PlatformAuth {
     }
 }
 
+/// The username inside an `AuthnReq.token`, if it decodes.
+fn token_username(token: &str) -> Option<String> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(token.strip_prefix("Basic")?)
+        .ok()?;
+    let colon = raw.iter().position(|b| *b == b':')?;
+    String::from_utf8(raw[..colon].to_vec()).ok()
+}
+
+#[async_trait]
+impl DecisionCaches for PlatformAuth {
+    /// Drops the client's authentications (answered with its id, or tried with its username,
+    /// so a denial of the new secret cached before the rotation goes too) and authorizations.
+    async fn forget_client(&self, client_id: &str) {
+        self.authn
+            .forget(|token, id| {
+                id.as_deref() == Some(client_id)
+                    || token_username(token).is_some_and(|u| u == client_id)
+            })
+            .await;
+        self.authz
+            .forget(|access, _| access.client == client_id)
+            .await;
+    }
+
+    async fn forget_channel(&self, channel_id: &str) {
+        self.authz
+            .forget(|access, _| access.channel == channel_id)
+            .await;
+    }
+
+    async fn forget_access(&self, client_id: &str, channel_id: &str) {
+        self.authz
+            .forget(|access, _| access.client == client_id && access.channel == channel_id)
+            .await;
+    }
+}
+
 /// The `AuthnReq.token` for a username and password: `"Basic"` + base64(`user:pass`) (SPEC §3).
 pub fn basic_token(username: &str, password: &[u8]) -> String {
     let mut raw = Vec::with_capacity(username.len() + 1 + password.len());
@@ -310,6 +349,11 @@ mod tests {
     #[test]
     fn token_is_basic_then_base64_of_user_colon_pass() {
         assert_eq!(basic_token("c1", b"s1"), "BasicYzE6czE=");
+        assert_eq!(
+            token_username(&basic_token("c1", b"s:1")).as_deref(),
+            Some("c1")
+        );
+        assert_eq!(token_username("Bearer x"), None);
     }
 
     #[tokio::test]

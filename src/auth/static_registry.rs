@@ -3,12 +3,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use serde::Deserialize;
 use toml::Spanned;
 
 use super::{Action, AuthError, Authenticator, Authorizer, Credentials, Identity};
+use crate::revocation::Revocation;
 
 /// A registry file that cannot be used, with what to change.
 #[derive(Debug, thiserror::Error)]
@@ -88,9 +90,9 @@ impl From<ActionName> for Action {
     }
 }
 
-/// The loaded registry; answers authentication and authorization from memory.
+/// One version of the registry's content; answers authentication and authorization from memory.
 #[derive(Debug, Default)]
-pub struct StaticRegistry {
+pub struct Grants {
     secrets: HashMap<String, String>,
     channels: HashSet<(String, String, String, Action)>,
     plain: HashMap<String, Vec<(String, Action)>>,
@@ -105,7 +107,7 @@ pub const DEMO_CLIENTS: [(&str, &str); 2] = [
     ("demo-app", "demo-app-secret"),
 ];
 
-impl StaticRegistry {
+impl Grants {
     /// Loads and validates a registry file.
     pub fn from_file(path: &Path) -> Result<Self, RegistryError> {
         let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
@@ -127,7 +129,7 @@ impl StaticRegistry {
             message,
         };
 
-        let mut registry = StaticRegistry::default();
+        let mut registry = Grants::default();
         for client in &file.clients {
             let id = client.id.get_ref();
             if id.is_empty() {
@@ -189,7 +191,7 @@ impl StaticRegistry {
 
     /// The demo registry used when no file is given: two clients sharing one channel.
     pub fn demo() -> Self {
-        let mut registry = StaticRegistry::default();
+        let mut registry = Grants::default();
         for (id, secret) in DEMO_CLIENTS {
             registry.secrets.insert(id.into(), secret.into());
             for action in [Action::Publish, Action::Subscribe] {
@@ -202,6 +204,53 @@ impl StaticRegistry {
             }
         }
         registry
+    }
+}
+
+/// The static backend: the registry behind a swappable pointer, so SIGHUP can replace it while
+/// sessions keep asking (each check takes the current version).
+#[derive(Debug)]
+pub struct StaticRegistry {
+    current: RwLock<Arc<Grants>>,
+}
+
+impl StaticRegistry {
+    fn new(grants: Grants) -> Self {
+        StaticRegistry {
+            current: RwLock::new(Arc::new(grants)),
+        }
+    }
+
+    /// Loads and validates a registry file.
+    pub fn from_file(path: &Path) -> Result<Self, RegistryError> {
+        Grants::from_file(path).map(Self::new)
+    }
+
+    /// Parses registry text; `path` only names the source in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, RegistryError> {
+        Grants::from_toml(text, path).map(Self::new)
+    }
+
+    /// The demo registry used when no file is given: two clients sharing one channel.
+    pub fn demo() -> Self {
+        Self::new(Grants::demo())
+    }
+
+    fn current(&self) -> Arc<Grants> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reads the file again and, if it is valid, serves it from now on; returns what the old
+    /// registry granted and the new one does not. An invalid file changes nothing.
+    pub fn reload(&self, path: &Path) -> Result<Vec<Revocation>, RegistryError> {
+        let new = Grants::from_file(path)?;
+        let old = self.current();
+        let lost = old.lost_in(&new);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        Ok(lost)
     }
 
     /// Ready-to-paste client command lines that work against the demo registry.
@@ -219,13 +268,76 @@ impl StaticRegistry {
     }
 }
 
+impl Grants {
+    /// Clients that are gone or have another secret, and (client, channel) connections that lost
+    /// an action, as revocations.
+    fn lost_in(&self, new: &Grants) -> Vec<Revocation> {
+        let mut revoked_clients = HashSet::new();
+        let mut lost = Vec::new();
+        let mut ids: Vec<&String> = self.secrets.keys().collect();
+        ids.sort_unstable();
+        for id in ids {
+            if new.secrets.get(id) != self.secrets.get(id) {
+                revoked_clients.insert(id.as_str());
+                lost.push(Revocation::Client {
+                    client_id: id.clone(),
+                });
+            }
+        }
+        let mut pairs: Vec<(&str, &str)> = self
+            .channels
+            .iter()
+            .filter(|grant| !new.channels.contains(*grant))
+            .map(|(client, _, channel, _)| (client.as_str(), channel.as_str()))
+            .filter(|(client, _)| !revoked_clients.contains(client))
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        lost.extend(
+            pairs
+                .into_iter()
+                .map(|(client, channel)| Revocation::Access {
+                    client_id: client.to_owned(),
+                    channel_id: channel.to_owned(),
+                }),
+        );
+        lost
+    }
+}
+
+#[async_trait]
+impl Authenticator for StaticRegistry {
+    async fn authenticate(&self, credentials: Credentials<'_>) -> Result<Identity, AuthError> {
+        self.current().authenticate(credentials).await
+    }
+}
+
+#[async_trait]
+impl Authorizer for StaticRegistry {
+    async fn authorize_channel(
+        &self,
+        who: &Identity,
+        domain: &str,
+        channel: &str,
+        action: Action,
+    ) -> bool {
+        self.current()
+            .authorize_channel(who, domain, channel, action)
+            .await
+    }
+
+    fn authorize_plain(&self, who: &Identity, topic_or_filter: &str, action: Action) -> bool {
+        self.current().authorize_plain(who, topic_or_filter, action)
+    }
+}
+
 /// Compares secrets without an early exit, so timing does not reveal a matching prefix.
 fn secrets_match(a: &str, b: &[u8]) -> bool {
     super::constant_time_eq(a.as_bytes(), b)
 }
 
 #[async_trait]
-impl Authenticator for StaticRegistry {
+impl Authenticator for Grants {
     async fn authenticate(&self, credentials: Credentials<'_>) -> Result<Identity, AuthError> {
         match credentials.username {
             None | Some("") if self.anonymous.is_some() => Ok(Identity {
@@ -248,7 +360,7 @@ impl Authenticator for StaticRegistry {
 }
 
 #[async_trait]
-impl Authorizer for StaticRegistry {
+impl Authorizer for Grants {
     async fn authorize_channel(
         &self,
         who: &Identity,
@@ -351,6 +463,47 @@ actions = ["subscribe"]
         assert!(r.authorize_plain(&id("c1"), "sensors/+", Action::Subscribe));
         assert!(!r.authorize_plain(&id("c1"), "sensors/t", Action::Publish));
         assert!(!r.authorize_plain(&id("c1"), "#", Action::Subscribe));
+    }
+
+    #[tokio::test]
+    async fn reload_reports_what_is_no_longer_granted_and_keeps_the_old_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clients.toml");
+        let two = format!(
+            "{FILE}\n[[clients]]\nid = \"c2\"\nsecret = \"s2\"\n[[connections]]\nclient = \"c2\"\ndomain = \"d1\"\nchannel = \"ch1\"\nactions = [\"publish\", \"subscribe\"]\n"
+        );
+        std::fs::write(&path, &two).unwrap();
+        let r = StaticRegistry::from_file(&path).unwrap();
+        // c1 loses its channel (keeps its secret), c2 gets a new secret.
+        let next = two
+            .replace("actions = [\"publish\"]\n", "actions = []\n")
+            .replace("secret = \"s2\"", "secret = \"rotated\"");
+        std::fs::write(&path, next).unwrap();
+        let lost = r.reload(&path).unwrap();
+        assert_eq!(
+            lost,
+            [
+                Revocation::Client {
+                    client_id: "c2".into()
+                },
+                Revocation::Access {
+                    client_id: "c1".into(),
+                    channel_id: "ch1".into()
+                }
+            ]
+        );
+        assert!(
+            !r.authorize_channel(&id("c1"), "d1", "ch1", Action::Publish)
+                .await
+        );
+        std::fs::write(&path, "[[clients]]\nid = \"x\"\nbogus = 1\n").unwrap();
+        let err = r.reload(&path).unwrap_err();
+        assert!(err.to_string().contains("line 3"), "{err}");
+        let ok = Credentials {
+            username: Some("c2"),
+            password: Some(b"rotated"),
+        };
+        assert_eq!(r.authenticate(ok).await, Ok(id("c2")), "old registry kept");
     }
 
     #[test]

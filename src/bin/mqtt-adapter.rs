@@ -73,7 +73,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    signals.next().await;
+    while signals.next().await == Signal::Reload {
+        tracing::info!("SIGHUP: reloading the clients file and the TLS certificate");
+        server.reload().await;
+    }
     server.begin_drain();
     let grace = config.drain_grace();
     if !grace.is_zero() {
@@ -81,7 +84,7 @@ async fn main() -> ExitCode {
             seconds = grace.as_secs(),
             "draining: /health is 503; sessions close after the grace period or a second signal"
         );
-        let _ = tokio::time::timeout(grace, signals.next()).await;
+        let _ = tokio::time::timeout(grace, signals.next_stop()).await;
     }
     tracing::info!("shutting down");
     if server.shutdown().await {
@@ -91,10 +94,17 @@ async fn main() -> ExitCode {
     }
 }
 
-/// SIGTERM and SIGINT, either of which starts (or hurries) the shutdown.
+/// SIGTERM and SIGINT, either of which starts (or hurries) the shutdown; SIGHUP, which reloads.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Stop,
+    Reload,
 }
 
 impl Signals {
@@ -103,13 +113,21 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    async fn next(&mut self) {
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
+        }
+    }
+
+    async fn next_stop(&mut self) {
+        while self.next().await == Signal::Reload {
+            tracing::info!("SIGHUP while draining: ignored");
         }
     }
 }

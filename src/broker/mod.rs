@@ -496,6 +496,11 @@ impl Broker {
         controls
     }
 
+    /// Every session held, live and offline.
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.table().values().cloned().collect()
+    }
+
     /// The session `key`, live or offline.
     pub fn session(&self, key: &SessionKey) -> Option<Arc<Session>> {
         self.table().get(key).cloned()

@@ -1,15 +1,18 @@
 //! TLS for the MQTTS and WSS listeners: the rustls server configuration read from PEM files
 //! (with client certificates required and verified when a client CA is given), and the
-//! per-connection handshake that also reads the client certificate's common name.
+//! per-connection handshake that also reads the client certificate's common name. The server's
+//! own certificate and key can be read again while it runs (SIGHUP).
 
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::crypto::ring::sign::any_supported_type;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -40,15 +43,57 @@ pub enum TlsConfigError {
     Incomplete,
 }
 
+/// The server's certificate chain and key, read again from their files on [`reload`]: new
+/// handshakes use the new pair, established sessions keep theirs.
+///
+/// [`reload`]: ServerIdentity::reload
+#[derive(Debug)]
+pub struct ServerIdentity {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ServerIdentity {
+    fn read(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsConfigError> {
+        let chain = read_certs("SMQ_MQTT_ADAPTER_SERVER_CERT", cert)?;
+        let key = read_key(key)?;
+        let signing =
+            any_supported_type(&key).map_err(|e| TlsConfigError::KeyPair(e.to_string()))?;
+        Ok(Arc::new(CertifiedKey::new(chain, signing)))
+    }
+
+    /// Reads the files again; a pair that cannot be used is refused and the old one stays.
+    pub fn reload(&self) -> Result<(), TlsConfigError> {
+        let fresh = Self::read(&self.cert, &self.key)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for ServerIdentity {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
 /// Builds the acceptor from the server certificate chain and key; with `client_ca`, every client
-/// must present a certificate signed by it (mTLS).
+/// must present a certificate signed by it (mTLS). The identity it returns reloads the pair.
 pub fn acceptor(
     cert: &Path,
     key: &Path,
     client_ca: Option<&Path>,
-) -> Result<TlsAcceptor, TlsConfigError> {
-    let chain = read_certs("SMQ_MQTT_ADAPTER_SERVER_CERT", cert)?;
-    let key = read_key(key)?;
+) -> Result<(TlsAcceptor, Arc<ServerIdentity>), TlsConfigError> {
+    let identity = Arc::new(ServerIdentity {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        current: RwLock::new(ServerIdentity::read(cert, key)?),
+    });
     let builder = ServerConfig::builder();
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
@@ -65,10 +110,8 @@ pub fn acceptor(
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsConfigError::KeyPair(e.to_string()))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    let config = builder.with_cert_resolver(identity.clone());
+    Ok((TlsAcceptor::from(Arc::new(config)), identity))
 }
 
 fn open(var: &'static str, path: &Path) -> Result<BufReader<File>, TlsConfigError> {

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::hooks::{DisconnectReason, Hooks};
 use crate::metrics::Metrics;
+use crate::revocation::RightsEpoch;
 use codec::{Codec, ProtocolVersion};
 use limits::{ConnectionInfo, Limits};
 
@@ -36,6 +37,8 @@ pub struct SessionContext {
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// Advances on every revocation: connections forget their own topic decisions then.
+    pub rights: Arc<RightsEpoch>,
 }
 
 /// A device may stall a write this long before it is disconnected.
@@ -207,6 +210,7 @@ mod footprint {
             shutdown: CancellationToken::new(),
             metrics: Metrics::new(),
             limits: Limits::unlimited(),
+            rights: Arc::default(),
         });
         let (a, _b) = tokio::io::duplex(64);
         let fut = serve(ctx, a, "127.0.0.1:1".parse().unwrap());

@@ -51,6 +51,8 @@ struct Relay<'a> {
     session: Arc<Session>,
     wbuf: BytesMut,
     topic_cache: HashMap<Bytes, Result<Arc<PublishRoute>, Refusal>>,
+    /// The rights epoch the topic cache was filled in.
+    rights_epoch: u64,
     publish_rate: Option<PublishRate>,
     /// QoS 1/2 PUBLISHes the device may have unacknowledged from us.
     window: usize,
@@ -80,6 +82,7 @@ where
         session,
         wbuf: BytesMut::new(),
         topic_cache: HashMap::new(),
+        rights_epoch: ctx.rights.current(),
         publish_rate: ctx.limits.publish_rate(),
         window: accepted.window,
         more: true,
@@ -408,6 +411,12 @@ impl Relay<'_> {
                 DisconnectReasonCode::TopicAliasInvalid,
                 "topic aliases are not accepted",
             ));
+        }
+        // A revocation since the cache was filled may have taken any of its answers back.
+        let epoch = self.ctx.rights.current();
+        if epoch != self.rights_epoch {
+            self.topic_cache.clear();
+            self.rights_epoch = epoch;
         }
         let decision = match self.topic_cache.get(&publish.topic) {
             Some(d) => d.clone(),

@@ -166,10 +166,35 @@ pub struct Adapter {
     /// Every event read so far, for the whole-run checks in [`assert_paired`].
     pub seen: Vec<Event>,
     stderr_path: PathBuf,
+    clients_path: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
 impl Adapter {
+    /// The clients file the adapter was started with (to rewrite it before a SIGHUP).
+    pub fn clients_file(&self) -> &std::path::Path {
+        self.clients_path
+            .as_deref()
+            .expect("the adapter was started with a clients file")
+    }
+
+    /// Waits (bounded by `wait`) until the adapter's log holds `needle`; returns the log.
+    pub async fn wait_log(&self, needle: &str, wait: Duration) -> String {
+        let deadline = Instant::now() + wait;
+        loop {
+            let log = self.stderr();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the log did not show {needle:?} within {wait:?}; stderr:\n{}",
+                self.stderr_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Starts the adapter with `clients_toml` as its static clients file and waits until it accepts TCP.
     pub async fn start(clients_toml: &str) -> Adapter {
         Adapter::start_with(clients_toml, &[]).await
@@ -248,6 +273,7 @@ impl Adapter {
             events: rx,
             seen: Vec::new(),
             stderr_path,
+            clients_path: clients_path.clone(),
             _dir: dir,
         };
         adapter.wait_ready().await?;
