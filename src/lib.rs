@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod presence;
 pub mod server;
 pub mod session;
 pub mod topic;
