@@ -38,17 +38,32 @@ pub async fn run(args: &PresenceArgs) -> Result<(), PresenceError> {
         (false, false) if std::io::stdout().is_terminal() => Mode::Table,
         (false, json) => Mode::Lines { json },
     };
+    if let Mode::Once { .. } = mode {
+        return replay(args, mode, &mut None).await;
+    }
+    let mut screen = (mode == Mode::Table).then(Screen::enter);
+    // A signal ends following as a normal exit; dropping the screen then restores the terminal.
+    tokio::select! {
+        result = replay(args, mode, &mut screen) => result,
+        _ = stop_signal() => Ok(()),
+    }
+}
+
+/// Reads the backlog, prints it as `mode` says, then follows (unless `--once`).
+async fn replay(
+    args: &PresenceArgs,
+    mode: Mode,
+    screen: &mut Option<Screen>,
+) -> Result<(), PresenceError> {
     let mut source = source::open(args.es_url.as_deref()).await?;
     let mut presence = Presence::new();
-    let mut screen = (mode == Mode::Table).then(Screen::enter);
-
     let started = Instant::now();
     let mut entries = Vec::new();
     loop {
         entries.clear();
         let done = source.backlog(&mut entries).await?;
         apply(&mut presence, &mut entries);
-        if let Some(screen) = &mut screen {
+        if let Some(screen) = screen.as_mut() {
             screen.draw_throttled(&format!(
                 "reading the stream: {} events…\n",
                 presence.events
@@ -86,13 +101,10 @@ pub async fn run(args: &PresenceArgs) -> Result<(), PresenceError> {
         Mode::Table => {}
     }
     drop(out);
-    presence.record_changes();
-    let follow = follow(&mut *source, &mut presence, mode, &mut screen, &mut entries);
-    tokio::select! {
-        result = follow => result,
-        _ = stop_signal() => Ok(()),
+    if let Mode::Lines { .. } = mode {
+        presence.record_changes();
     }
-    // Dropping the screen restores the terminal.
+    follow(&mut *source, &mut presence, mode, screen, &mut entries).await
 }
 
 async fn follow(
@@ -102,12 +114,15 @@ async fn follow(
     screen: &mut Option<Screen>,
     entries: &mut Vec<Entry>,
 ) -> Result<(), PresenceError> {
+    // Whether the table on screen is older than the state (redraws are throttled).
+    let mut stale = true;
     loop {
-        if let Some(screen) = screen {
-            screen.draw_throttled(&table(presence, TABLE_ROWS))?;
+        if let Some(screen) = screen.as_mut().filter(|_| stale) {
+            stale = !screen.draw_throttled(&table(presence, TABLE_ROWS))?;
         }
         entries.clear();
         source.follow(entries).await?;
+        stale |= !entries.is_empty();
         apply(presence, entries);
         let changes = presence.take_changes();
         if let Mode::Lines { json } = mode {
@@ -161,10 +176,10 @@ impl Screen {
         Screen { last_draw: None }
     }
 
-    /// Redraws in place, at most every [`REDRAW_EVERY`].
-    fn draw_throttled(&mut self, text: &str) -> std::io::Result<()> {
+    /// Redraws in place, at most every [`REDRAW_EVERY`]; `false` if it was too early to.
+    fn draw_throttled(&mut self, text: &str) -> std::io::Result<bool> {
         if self.last_draw.is_some_and(|t| t.elapsed() < REDRAW_EVERY) {
-            return Ok(());
+            return Ok(false);
         }
         self.last_draw = Some(Instant::now());
         let mut frame = String::with_capacity(text.len() + 64);
@@ -177,7 +192,8 @@ impl Screen {
         frame.push_str("\x1b[J");
         let mut out = std::io::stdout().lock();
         out.write_all(frame.as_bytes())?;
-        out.flush()
+        out.flush()?;
+        Ok(true)
     }
 }
 
