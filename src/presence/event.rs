@@ -35,7 +35,7 @@ impl StreamEvent {
 
     /// From a Redis stream entry: `client_id <id> event_type <t> instance <i> occurred_at <ns>`
     /// and optional details, in any order.
-    pub fn from_redis_fields(fields: &[String]) -> Result<StreamEvent, MalformedEvent> {
+    pub fn from_redis_fields(fields: Vec<String>) -> Result<StreamEvent, MalformedEvent> {
         if fields.len() % 2 != 0 {
             return Err(MalformedEvent(format!(
                 "odd number of field/value items: {fields:?}"
@@ -43,22 +43,22 @@ impl StreamEvent {
         }
         let (mut client_id, mut event_type, mut instance, mut occurred_at, mut reason) =
             (None, None, None, None, None);
-        for pair in fields.chunks_exact(2) {
-            let value = &pair[1];
-            match pair[0].as_str() {
-                "client_id" => client_id = Some(value.clone()),
-                "event_type" => event_type = Some(parse_type(value)?),
-                "instance" => instance = Some(value.clone()),
+        let mut items = fields.into_iter();
+        while let (Some(name), Some(value)) = (items.next(), items.next()) {
+            match name.as_str() {
+                "client_id" => client_id = Some(value),
+                "event_type" => event_type = Some(parse_type(&value)?),
+                "instance" => instance = Some(value),
                 "occurred_at" => {
                     occurred_at = Some(value.parse::<i64>().map_err(|_| {
                         MalformedEvent(format!("occurred_at {value:?} is not decimal nanoseconds"))
                     })?)
                 }
-                "reason" => reason = Some(value.clone()),
+                "reason" => reason = Some(value),
                 _ => {}
             }
         }
-        let missing = |name: &str| MalformedEvent(format!("no {name} field in {fields:?}"));
+        let missing = |name: &str| MalformedEvent(format!("the entry has no {name} field"));
         Ok(StreamEvent {
             client_id: client_id.ok_or_else(|| missing("client_id"))?,
             event_type: event_type.ok_or_else(|| missing("event_type"))?,
@@ -116,7 +116,7 @@ mod tests {
             .into_iter()
             .flat_map(|(k, v)| [k.to_owned(), v])
             .collect();
-        let from_redis = StreamEvent::from_redis_fields(&fields).expect("redis entry");
+        let from_redis = StreamEvent::from_redis_fields(fields).expect("redis entry");
         let from_json = StreamEvent::from_json(event.to_json().as_bytes()).expect("json body");
         assert_eq!(from_redis, from_json);
         assert_eq!(from_redis.occurred_at, event.occurred_at);
@@ -129,10 +129,10 @@ mod tests {
     #[test]
     fn bad_entries_say_what_is_wrong() {
         let strings = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let err = StreamEvent::from_redis_fields(&strings(&["client_id", "c1", "event_type"]))
+        let err = StreamEvent::from_redis_fields(strings(&["client_id", "c1", "event_type"]))
             .unwrap_err();
         assert!(err.0.contains("odd"), "{err}");
-        let err = StreamEvent::from_redis_fields(&strings(&[
+        let err = StreamEvent::from_redis_fields(strings(&[
             "client_id",
             "c1",
             "event_type",
@@ -144,7 +144,7 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(err.0.contains("occurred_at"), "{err}");
-        let err = StreamEvent::from_redis_fields(&strings(&["client_id", "c1"])).unwrap_err();
+        let err = StreamEvent::from_redis_fields(strings(&["client_id", "c1"])).unwrap_err();
         assert!(err.0.contains("event_type"), "{err}");
         let err = StreamEvent::from_json(
             br#"{"client_id":"c1","event_type":"leave","instance":"","occurred_at":1}"#,

@@ -139,7 +139,7 @@ impl Presence {
             return;
         }
         let recovery = event.is_crash_recovery();
-        let stats = self.instances.entry(event.instance.clone()).or_default();
+        let stats = self.stats(&event.instance);
         stats.last_event_at = stats.last_event_at.max(event.occurred_at);
         if !recovery && stats.in_recovery {
             // The restart's run of recovery events is over.
@@ -154,28 +154,31 @@ impl Presence {
     }
 
     fn connect(&mut self, event: StreamEvent) {
-        let stats = self.stats(&event.instance);
-        stats.connects += 1;
-        stats.sessions += 1;
         let key = SessionKey {
             instance: event.instance,
             client_id: event.client_id,
         };
-        let online = self.online.entry(key.clone()).or_insert(Online {
-            sessions: 0,
-            since: event.occurred_at,
-        });
-        online.sessions += 1;
-        let sessions = online.sessions;
-        if sessions == 1 {
-            self.stats(&key.instance).online += 1;
-        }
+        let stats = self.stats(&key.instance);
+        stats.connects += 1;
+        stats.sessions += 1;
+        let sessions = self.online.get(&key).map_or(1, |o| o.sessions + 1);
         self.record(|| Change::Sessions {
-            key,
+            key: key.clone(),
             sessions,
             at: event.occurred_at,
             reason: None,
         });
+        match self.online.get_mut(&key) {
+            Some(online) => online.sessions = sessions,
+            None => {
+                self.stats(&key.instance).online += 1;
+                let online = Online {
+                    sessions,
+                    since: event.occurred_at,
+                };
+                self.online.insert(key, online);
+            }
+        }
     }
 
     fn disconnect(&mut self, event: StreamEvent) {
@@ -282,7 +285,7 @@ impl Presence {
     }
 
     fn stats(&mut self, instance: &str) -> &mut InstanceStats {
-        // Every event creates its instance's entry in `apply` before it gets here.
+        // Looked up before inserted: the name is copied once per instance, not once per event.
         if !self.instances.contains_key(instance) {
             self.instances
                 .insert(instance.to_owned(), InstanceStats::default());

@@ -1,12 +1,14 @@
 //! Reads `supermq.mqtt` from Redis: the backlog with `XRANGE` in pages up to the entry that was
 //! last when the source opened (so a busy stream cannot keep `--once` reading forever), then
-//! new entries with a blocking `XREAD`.
+//! new entries with a blocking `XREAD`. A task reads the backlog a few pages ahead, so Redis,
+//! the parsing of its replies and the pairing of events run at the same time.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
+use tokio::sync::mpsc;
 
 use super::{Entry, EventSource, SourceError};
 use crate::events::STREAM;
@@ -16,6 +18,8 @@ use crate::presence::event::StreamEvent;
 const PAGE: usize = 10_000;
 /// How long one `XREAD` waits for new entries, in milliseconds.
 const BLOCK_MS: u64 = 1_000;
+/// Backlog pages read ahead of the pairing.
+const READ_AHEAD: usize = 4;
 /// Connecting, and any one reply (a page of entries, a blocked `XREAD`), must finish within this.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -26,8 +30,8 @@ pub struct RedisStreamSource {
     conn: MultiplexedConnection,
     /// Id of the last entry read; `None` before the first.
     last_id: Option<String>,
-    /// Id of the last entry of the backlog; `None` once it is read (or was empty).
-    backlog_end: Option<String>,
+    /// Decoded backlog pages with the id of each page's last entry; `None` once all are read.
+    backlog: Option<mpsc::Receiver<Result<(Vec<Entry>, String), SourceError>>>,
 }
 
 fn store_error(e: impl std::fmt::Display) -> SourceError {
@@ -59,50 +63,82 @@ impl RedisStreamSource {
             .query_async(&mut conn)
             .await
             .map_err(store_error)?;
+        let backlog = last.into_iter().next().map(|(end, _)| {
+            let (pages, receiver) = mpsc::channel(READ_AHEAD);
+            tokio::spawn(read_backlog(conn.clone(), end, pages));
+            receiver
+        });
         Ok(RedisStreamSource {
             conn,
             last_id: None,
-            backlog_end: last.into_iter().next().map(|(id, _)| id),
+            backlog,
         })
     }
+}
 
-    fn push(&mut self, entries: Vec<RawEntry>, out: &mut Vec<Entry>) {
-        out.reserve(entries.len());
-        for (id, fields) in entries {
-            out.push(StreamEvent::from_redis_fields(&fields));
-            self.last_id = Some(id);
+/// Pages through the stream from its first entry to `end`, decoding each page; stops after
+/// `end`, at an error, or when the source is dropped.
+async fn read_backlog(
+    mut conn: MultiplexedConnection,
+    end: String,
+    pages: mpsc::Sender<Result<(Vec<Entry>, String), SourceError>>,
+) {
+    let mut start = "-".to_owned();
+    loop {
+        let result: Result<Vec<RawEntry>, _> = redis::cmd("XRANGE")
+            .arg(STREAM)
+            .arg(&start)
+            .arg(&end)
+            .arg("COUNT")
+            .arg(PAGE)
+            .query_async(&mut conn)
+            .await;
+        let entries = match result {
+            Ok(entries) => entries,
+            Err(e) => {
+                let _ = pages.send(Err(store_error(e))).await;
+                return;
+            }
+        };
+        // A short page is the last: the end entry, or the stream was trimmed past it meanwhile.
+        let Some(last) = entries.last().map(|(id, _)| id.clone()) else {
+            return;
+        };
+        let done = entries.len() < PAGE || last == end;
+        let decoded = decode(entries);
+        if pages.send(Ok((decoded, last.clone()))).await.is_err() || done {
+            return;
         }
+        // `(id` is exclusive: the next page starts after this one's last entry.
+        start = format!("({last}");
     }
+}
+
+fn decode(entries: Vec<RawEntry>) -> Vec<Entry> {
+    entries
+        .into_iter()
+        .map(|(_, fields)| StreamEvent::from_redis_fields(fields))
+        .collect()
 }
 
 #[async_trait]
 impl EventSource for RedisStreamSource {
     async fn backlog(&mut self, out: &mut Vec<Entry>) -> Result<bool, SourceError> {
-        let Some(end) = self.backlog_end.clone() else {
+        let Some(pages) = &mut self.backlog else {
             return Ok(true);
         };
-        // `(id` is exclusive: the page starts after the last entry read.
-        let start = match &self.last_id {
-            Some(id) => format!("({id}"),
-            None => "-".to_owned(),
-        };
-        let entries: Vec<RawEntry> = redis::cmd("XRANGE")
-            .arg(STREAM)
-            .arg(start)
-            .arg(&end)
-            .arg("COUNT")
-            .arg(PAGE)
-            .query_async(&mut self.conn)
-            .await
-            .map_err(store_error)?;
-        let short = entries.len() < PAGE;
-        self.push(entries, out);
-        // Done at the end entry, or when a short page shows it was trimmed away meanwhile.
-        let done = short || self.last_id.as_deref() == Some(end.as_str());
-        if done {
-            self.backlog_end = None;
+        match pages.recv().await {
+            Some(Ok((entries, last))) => {
+                out.extend(entries);
+                self.last_id = Some(last);
+                Ok(false)
+            }
+            Some(Err(e)) => Err(e),
+            None => {
+                self.backlog = None;
+                Ok(true)
+            }
         }
-        Ok(done)
     }
 
     async fn follow(&mut self, out: &mut Vec<Entry>) -> Result<(), SourceError> {
@@ -119,7 +155,10 @@ impl EventSource for RedisStreamSource {
             .await
             .map_err(store_error)?;
         for (_stream, entries) in reply.unwrap_or_default() {
-            self.push(entries, out);
+            if let Some((last, _)) = entries.last() {
+                self.last_id = Some(last.clone());
+            }
+            out.extend(decode(entries));
         }
         Ok(())
     }
