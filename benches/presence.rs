@@ -5,6 +5,9 @@
 //! as the adapter writes it (details on); the result is checked against a model of the same mix.
 //!
 //! Under `cargo test` it runs once with 2,000 events, so the program stays working.
+//! `BENCH_EVENTS` and `BENCH_RUNS` override the size and the number of replays per store;
+//! `BENCH_PRESENCE_BIN` replays with another build of the binary (e.g. `target/release/…` from a
+//! debug-built bench, which skips building the dev-dependencies in release).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -82,8 +85,10 @@ async fn fill(store: &StoreServer, events: &[ConnectionEvent]) {
     match store.kind {
         StoreKind::Redis => {
             let client = redis::Client::open(store.url()).expect("redis url");
+            // A 10,000-command pipeline takes longer than the client's default reply timeout.
+            let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
             let mut conn = client
-                .get_multiplexed_async_connection()
+                .get_multiplexed_async_connection_with_config(&config)
                 .await
                 .expect("connect to redis");
             for chunk in events.chunks(WRITE_BATCH) {
@@ -128,8 +133,10 @@ async fn fill(store: &StoreServer, events: &[ConnectionEvent]) {
 
 /// Runs `presence --once --json`; returns seconds and the parsed output.
 fn replay(url: &str) -> (f64, serde_json::Value) {
+    let binary = std::env::var("BENCH_PRESENCE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_mqtt-adapter").to_owned());
     let started = Instant::now();
-    let output = Command::new(env!("CARGO_BIN_EXE_mqtt-adapter"))
+    let output = Command::new(binary)
         .args(["presence", "--once", "--json"])
         .env("SMQ_ES_URL", url)
         .output()
@@ -160,7 +167,11 @@ async fn main() {
         Err(_) if benchmarking => 1_000_000,
         Err(_) => 2_000,
     };
-    let runs = if benchmarking { 3 } else { 1 };
+    let runs: usize = match std::env::var("BENCH_RUNS") {
+        Ok(v) => v.parse().expect("BENCH_RUNS is a number"),
+        Err(_) if benchmarking => 3,
+        Err(_) => 1,
+    };
     let (events, online) = workload(n);
     println!("presence --once --json over {n} events ({online} client ids online at the end)");
     for kind in [StoreKind::Redis, StoreKind::Nats] {

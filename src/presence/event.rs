@@ -36,7 +36,7 @@ impl StreamEvent {
     /// From a Redis stream entry: `client_id <id> event_type <t> instance <i> occurred_at <ns>`
     /// and optional details, in any order.
     pub fn from_redis_fields(fields: Vec<String>) -> Result<StreamEvent, MalformedEvent> {
-        if fields.len() % 2 != 0 {
+        if !fields.len().is_multiple_of(2) {
             return Err(MalformedEvent(format!(
                 "odd number of field/value items: {fields:?}"
             )));

@@ -25,13 +25,15 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A stream entry as Redis returns it: its id and its flat field/value list.
 type RawEntry = (String, Vec<String>);
+/// A decoded backlog page and the id of its last entry, or why reading stopped.
+type Page = Result<(Vec<Entry>, String), SourceError>;
 
 pub struct RedisStreamSource {
     conn: MultiplexedConnection,
     /// Id of the last entry read; `None` before the first.
     last_id: Option<String>,
     /// Decoded backlog pages with the id of each page's last entry; `None` once all are read.
-    backlog: Option<mpsc::Receiver<Result<(Vec<Entry>, String), SourceError>>>,
+    backlog: Option<mpsc::Receiver<Page>>,
 }
 
 fn store_error(e: impl std::fmt::Display) -> SourceError {
@@ -78,11 +80,7 @@ impl RedisStreamSource {
 
 /// Pages through the stream from its first entry to `end`, decoding each page; stops after
 /// `end`, at an error, or when the source is dropped.
-async fn read_backlog(
-    mut conn: MultiplexedConnection,
-    end: String,
-    pages: mpsc::Sender<Result<(Vec<Entry>, String), SourceError>>,
-) {
+async fn read_backlog(mut conn: MultiplexedConnection, end: String, pages: mpsc::Sender<Page>) {
     let mut start = "-".to_owned();
     loop {
         let result: Result<Vec<RawEntry>, _> = redis::cmd("XRANGE")
