@@ -21,8 +21,10 @@ use mqtt_adapter::events::{ConnectionEvent, EventDetails, EventType};
 
 const CLIENTS: u64 = 50_000;
 const INSTANCES: u64 = 4;
-/// Events written per pipeline (Redis) or per window of outstanding acks (NATS).
+/// Events written per Redis pipeline.
 const WRITE_BATCH: usize = 10_000;
+/// JetStream publishes sent before their acks are awaited.
+const ACK_WINDOW: usize = 1_000;
 
 /// A small deterministic generator (xorshift64*), so every run writes the same stream.
 struct Rng(u64);
@@ -114,7 +116,9 @@ async fn fill(store: &StoreServer, events: &[ConnectionEvent]) {
             })
             .await
             .expect("create stream events");
-            for chunk in events.chunks(WRITE_BATCH) {
+            // The client holds at most a few thousand unacknowledged publishes (and then waits
+            // for acks), so collect them in smaller windows.
+            for chunk in events.chunks(ACK_WINDOW) {
                 let mut acks = Vec::with_capacity(chunk.len());
                 for event in chunk {
                     acks.push(
