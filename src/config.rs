@@ -1,5 +1,6 @@
 //! Start-up configuration: every setting is an environment variable with the SuperMQ name and a
-//! command-line flag of the same meaning; `--help` lists them with their defaults.
+//! command-line flag of the same meaning; `--help` lists them with their defaults. The binary's
+//! tool subcommands (`presence`) have their own arguments and ignore the adapter's.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -24,7 +25,9 @@ pub enum AuthBackend {
 #[command(
     name = "mqtt-adapter",
     version,
-    about = "MQTT adapter for SuperMQ-family IoT platforms"
+    about = "MQTT adapter for SuperMQ-family IoT platforms",
+    after_help = "Subcommands:\n  presence  who is online, rebuilt from the event stream \
+                  (mqtt-adapter presence --help)"
 )]
 pub struct Config {
     /// Address the listeners bind to.
@@ -292,6 +295,64 @@ impl Config {
     }
 }
 
+/// Arguments of `mqtt-adapter presence`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "mqtt-adapter presence",
+    version,
+    about = "Who is online, rebuilt from the connection events of every adapter instance \
+             writing to the event stream",
+    long_about = None
+)]
+pub struct PresenceArgs {
+    /// Event store to read from its start: redis:// (stream supermq.mqtt) or nats:// (JetStream
+    /// subject events.supermq.mqtt).
+    #[arg(long, env = "SMQ_ES_URL")]
+    pub es_url: Option<String>,
+
+    /// Print who is online now and exit, instead of following the stream.
+    #[arg(long)]
+    pub once: bool,
+
+    /// JSON: with --once one object {"online": [...], "instances": {...}}; else one object per
+    /// change, a line each.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone)]
+pub enum Invocation {
+    /// No subcommand: run the adapter.
+    Adapter(Box<Config>),
+    Presence(PresenceArgs),
+}
+
+impl Invocation {
+    /// Reads the process's arguments and environment. A subcommand is the first argument; the
+    /// adapter's settings (flags and `SMQ_*` variables) are read only when there is none, so a
+    /// tool never fails on an adapter variable it does not use.
+    pub fn from_env_and_args() -> Result<Invocation, clap::Error> {
+        Self::parse_from(std::env::args_os())
+    }
+
+    pub fn parse_from<I, T>(args: I) -> Result<Invocation, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        if args.get(1).is_some_and(|a| a == "presence") {
+            let rest = std::iter::once(std::ffi::OsString::from("mqtt-adapter presence"))
+                .chain(args.into_iter().skip(2));
+            return PresenceArgs::try_parse_from(rest).map(Invocation::Presence);
+        }
+        Config::try_parse_from(args)
+            .map(|c| Invocation::Adapter(Box::new(c)))
+            .map_err(name_the_variable)
+    }
+}
+
 fn name_the_variable(err: clap::Error) -> clap::Error {
     if !matches!(
         err.kind(),
@@ -375,6 +436,28 @@ mod tests {
         assert_eq!(config.auth_cache_allow_ttl, Duration::from_secs(10));
         assert_eq!(config.auth_cache_deny_ttl, Duration::from_secs(2));
         assert_eq!(config.message_broker_url, None);
+    }
+
+    #[test]
+    fn presence_is_a_subcommand_and_no_subcommand_runs_the_adapter() {
+        let adapter = Invocation::parse_from(["mqtt-adapter", "--mqtt-port", "1884"]).unwrap();
+        assert!(matches!(adapter, Invocation::Adapter(c) if c.mqtt_port == 1884));
+        let presence = Invocation::parse_from([
+            "mqtt-adapter",
+            "presence",
+            "--es-url",
+            "redis://h:1",
+            "--once",
+            "--json",
+        ])
+        .unwrap();
+        let Invocation::Presence(args) = presence else {
+            panic!("not presence: {presence:?}");
+        };
+        assert_eq!(args.es_url.as_deref(), Some("redis://h:1"));
+        assert!(args.once && args.json);
+        // Adapter flags belong to the adapter.
+        assert!(Invocation::parse_from(["mqtt-adapter", "presence", "--mqtt-port", "1"]).is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod hooks;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod presence;
 pub mod revocation;
 pub mod server;
 pub mod session;

@@ -1,9 +1,11 @@
 //! The adapter binary: reads the configuration, serves until SIGTERM/SIGINT, then drains.
+//! `mqtt-adapter presence` instead shows who is online, from the event stream.
 
 use std::process::ExitCode;
 
 use mqtt_adapter::auth::StaticRegistry;
-use mqtt_adapter::{Config, Server};
+use mqtt_adapter::config::{Invocation, PresenceArgs};
+use mqtt_adapter::Server;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
@@ -15,8 +17,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Config::from_env_and_args() {
-        Ok(config) => config,
+    let config = match Invocation::from_env_and_args() {
+        Ok(Invocation::Adapter(config)) => config,
+        Ok(Invocation::Presence(args)) => return presence(args).await,
         Err(e) => e.exit(),
     };
     // The router logs every link at info; keep it quiet unless asked for by name.
@@ -91,6 +94,27 @@ async fn main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+/// `mqtt-adapter presence`: warnings to stderr, the state to stdout.
+async fn presence(args: PresenceArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .init();
+    match mqtt_adapter::presence::run(&args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        // A reader that went away (`| head`) is a normal end.
+        Err(mqtt_adapter::presence::PresenceError::Output(e))
+            if e.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
