@@ -4,7 +4,8 @@
 //!
 //! - `record.rs`: the on-disk record (length, checksum, JSON payload);
 //! - `recovery.rs`: opening the log, cutting a torn tail, finding the sessions left open;
-//! - `writer.rs`: the writer thread (group commit, fsync modes, segments, size limit);
+//! - `writer.rs`: writing (group commit, by the session or the writer thread; fsync modes,
+//!   segments, size limit);
 //! - `delivery.rs`: the task that reads the log and hands batches to the store.
 //!
 //! A position is a byte offset in the whole log; each segment file (`events-<position>.log`)
