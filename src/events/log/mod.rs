@@ -4,7 +4,8 @@
 //!
 //! - `record.rs`: the on-disk record (length, checksum, JSON payload);
 //! - `recovery.rs`: opening the log, cutting a torn tail, finding the sessions left open;
-//! - `writer.rs`: the writer thread (group commit, fsync modes, segments, size limit);
+//! - `writer.rs`: writing (group commit, by the session or the writer thread; fsync modes,
+//!   segments, size limit);
 //! - `delivery.rs`: the task that reads the log and hands batches to the store.
 //!
 //! A position is a byte offset in the whole log; each segment file (`events-<position>.log`)
@@ -136,6 +137,8 @@ struct Shared {
     delivered: watch::Sender<u64>,
     clock: EventClock,
     stats: Arc<OutboxStats>,
+    /// The writing side (file, open sessions); held by whoever writes a group.
+    writer: Mutex<writer::Writer>,
 }
 
 impl Shared {
@@ -214,7 +217,9 @@ impl EventLog {
             synced: found.end,
             ..Committed::default()
         };
+        let writer = writer::Writer::resume(&path, &found, committed)?;
         let shared = Arc::new(Shared {
+            writer: Mutex::new(writer),
             dir: path.clone(),
             settings,
             intake: Mutex::new(Intake::default()),
@@ -228,11 +233,10 @@ impl EventLog {
             clock,
             stats,
         });
-        let writer = writer::Writer::resume(&shared, &found, committed)?;
         let thread_shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name("event-log-writer".into())
-            .spawn(move || writer.run(&thread_shared))
+            .spawn(move || writer::Writer::thread(&thread_shared))
             .map_err(|e| DataDirError::io(&path, e))?;
         let log = EventLog {
             writer: Arc::new(WriterThread {
@@ -261,15 +265,13 @@ impl EventLog {
         let ticket = intake.tickets;
         event.occurred_at = shared.clock.now();
         intake.entries.push(Entry { session, event });
-        let first = intake.entries.len() == 1;
         drop(intake);
         shared.stats.pending.fetch_add(1, Ordering::Relaxed);
-        if first {
-            shared.wake.notify_one();
-        }
+        let committed = shared.committed.subscribe();
+        writer::Writer::write_inline_or_wake(shared);
         let synced = shared.settings.fsync == FsyncMode::Always;
         LogTicket {
-            wait: Some((shared.committed.subscribe(), ticket, synced)),
+            wait: Some((committed, ticket, synced)),
         }
     }
 

@@ -1,12 +1,15 @@
-//! The writer thread: takes everything sessions handed over since its last write and writes it
-//! with one `write` call (so a connect storm costs one system call per group, not per event),
-//! fsyncs as the mode says, then resolves the group's tickets. It also starts a new segment
-//! (beginning with the open sessions) when one is full, and drops the oldest segments when the
-//! log is over its size limit.
+//! Writing the log: everything sessions handed over since the last write goes out with one
+//! `write` call (so a connect storm costs one system call per group, not per event), then the
+//! group's tickets resolve. Without fsync (`off`, `interval`) the session that hands over an
+//! event writes the group itself when no one else is writing (no thread hop on the CONNACK
+//! path); otherwise, and for fsyncs, segment starts and `always` mode, the writer thread does.
+//! A new segment begins (with the open sessions) when one is full; the oldest segments are
+//! dropped when the log is over its size limit.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -32,16 +35,12 @@ pub(super) struct Writer {
 
 impl Writer {
     /// Continues the last kept segment.
-    pub fn resume(
-        shared: &Shared,
-        found: &Found,
-        committed: Committed,
-    ) -> Result<Writer, DataDirError> {
+    pub fn resume(dir: &Path, found: &Found, committed: Committed) -> Result<Writer, DataDirError> {
         let base = *found
             .bases
             .last()
             .expect("the scan keeps at least one segment");
-        let path = segment_path(&shared.dir, base);
+        let path = segment_path(dir, base);
         let file = OpenOptions::new()
             .append(true)
             .open(&path)
@@ -57,57 +56,89 @@ impl Writer {
         })
     }
 
-    pub fn run(mut self, shared: &Shared) {
-        let mode = shared.settings.fsync;
-        let interval = shared.settings.fsync_interval;
-        let mut buf = Vec::new();
+    /// Whether the next write starts a new segment (left to the writer thread: it writes the
+    /// snapshot of every open session).
+    fn roll_due(&self, shared: &Shared) -> bool {
+        self.len - self.snapshot_len >= shared.settings.segment_bytes()
+    }
+
+    /// Writes everything handed over until none is left, resolving written tickets. Returns
+    /// whether the log is closed and drained.
+    fn write_pending(&mut self, shared: &Shared, buf: &mut Vec<u8>) -> bool {
         loop {
             let (entries, ticket, closed) = {
                 let mut intake = lock(&shared.intake);
-                loop {
-                    if !intake.entries.is_empty() || intake.closed {
-                        break;
-                    }
-                    let unsynced = self.committed.synced < self.committed.written;
-                    if mode == FsyncMode::Interval && unsynced {
-                        let due = self.last_sync + interval;
-                        let now = Instant::now();
-                        if now >= due {
-                            break;
-                        }
-                        intake = shared
-                            .wake
-                            .wait_timeout(intake, due - now)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0;
-                    } else {
-                        intake = shared.wake.wait(intake).unwrap_or_else(|p| p.into_inner());
-                    }
-                }
                 (
                     std::mem::take(&mut intake.entries),
                     intake.tickets,
                     intake.closed,
                 )
             };
+            if entries.is_empty() && ticket == self.committed.written_ticket {
+                return closed;
+            }
             if !entries.is_empty() {
                 buf.clear();
-                self.write_group(shared, entries, &mut buf);
+                self.write_group(shared, entries, buf);
             }
             self.committed.written_ticket = ticket;
-            match mode {
-                // Nothing is fsynced: `synced` stays where the last run's log ended.
-                FsyncMode::Off => {}
-                FsyncMode::Always => self.sync(ticket),
-                FsyncMode::Interval => {
-                    if closed || self.last_sync.elapsed() >= interval {
-                        self.sync(ticket);
-                    }
-                }
+            if shared.settings.fsync == FsyncMode::Always {
+                self.sync(ticket);
             }
             shared.committed.send_replace(self.committed);
             self.enforce_limit(shared);
-            if closed && lock(&shared.intake).entries.is_empty() {
+        }
+    }
+
+    /// Called by a session right after handing over an event: writes the group itself when
+    /// that needs no fsync and no one else is writing; otherwise wakes the writer thread.
+    pub fn write_inline_or_wake(shared: &Shared) {
+        if shared.settings.fsync != FsyncMode::Always {
+            if let Ok(mut writer) = shared.writer.try_lock() {
+                if !writer.roll_due(shared) {
+                    let mut buf = Vec::new();
+                    writer.write_pending(shared, &mut buf);
+                    return;
+                }
+            }
+        }
+        // Whoever holds the writer may have looked at the intake before this event arrived.
+        shared.wake.notify_one();
+    }
+
+    /// The writer thread: writes what sessions left to it, fsyncs as the mode says, and ends
+    /// once the log is closed and everything is written (and, unless `off`, fsynced).
+    pub fn thread(shared: &Shared) {
+        let mode = shared.settings.fsync;
+        let interval = shared.settings.fsync_interval;
+        let mut buf = Vec::new();
+        loop {
+            {
+                let intake = lock(&shared.intake);
+                if intake.entries.is_empty() && !intake.closed {
+                    // With `interval`, wake at least every interval to fsync what sessions wrote.
+                    let _unused = if mode == FsyncMode::Interval {
+                        shared
+                            .wake
+                            .wait_timeout(intake, interval)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    } else {
+                        shared.wake.wait(intake).unwrap_or_else(|p| p.into_inner())
+                    };
+                }
+            }
+            let mut writer = lock(&shared.writer);
+            let closed = writer.write_pending(shared, &mut buf);
+            if mode == FsyncMode::Interval
+                && (closed || writer.last_sync.elapsed() >= interval)
+                && writer.committed.synced < writer.committed.written
+            {
+                let ticket = writer.committed.written_ticket;
+                writer.sync(ticket);
+                shared.committed.send_replace(writer.committed);
+            }
+            if closed {
                 return;
             }
         }
