@@ -190,27 +190,22 @@ async fn close_crashed_sessions(log: &EventLog, recovery: &Recovery, settings: &
             .then(|| DisconnectReason::CrashRecovery.as_str().to_owned()),
         ..EventDetails::default()
     };
-    let mut last: Option<super::LogTicket> = None;
-    for (i, open) in recovery.open_sessions.iter().enumerate() {
-        // In steps, so the writer's intake limit is never reached.
-        if i % 10_000 == 9_999 {
-            if let Some(ticket) = last.take() {
-                ticket.wait().await;
-            }
-        }
-        last = Some(log.append(
-            open.session.clone(),
-            ConnectionEvent {
-                client_id: open.client_id.clone(),
-                event_type: EventType::Disconnect,
-                instance: settings.instance.to_owned(),
-                occurred_at: 0,
-                details: details.clone(),
-            },
-        ));
-    }
-    if let Some(ticket) = last {
-        ticket.wait().await;
+    // In steps, so the writer's intake limit is never reached.
+    for chunk in recovery.open_sessions.chunks(10_000) {
+        let events = chunk
+            .iter()
+            .map(|open| {
+                let event = ConnectionEvent {
+                    client_id: open.client_id.clone(),
+                    event_type: EventType::Disconnect,
+                    instance: settings.instance.to_owned(),
+                    occurred_at: 0,
+                    details: details.clone(),
+                };
+                (open.session.clone(), event)
+            })
+            .collect();
+        log.append_all(events).wait().await;
     }
     tracing::warn!(
         sessions = recovery.open_sessions.len(),

@@ -251,22 +251,40 @@ impl EventLog {
     /// Hands an event over for writing; never blocks on the store or the disk. Its
     /// `occurred_at` is stamped here: strictly increasing in log order, across restarts too.
     /// `session` keys the session among the open ones (same key on `connect` and `disconnect`).
-    pub fn append(&self, session: String, mut event: ConnectionEvent) -> LogTicket {
+    pub fn append(&self, session: String, event: ConnectionEvent) -> LogTicket {
+        self.append_all(vec![(session, event)])
+    }
+
+    /// Like [`EventLog::append`] for several events at once (one group, e.g. the crash
+    /// recovery's `disconnect`s); the ticket resolves once all are written.
+    pub fn append_all(&self, events: Vec<(String, ConnectionEvent)>) -> LogTicket {
         let shared = &self.shared;
         let mut intake = lock(&shared.intake);
-        if intake.closed || intake.entries.len() >= shared.settings.max_pending {
+        let room = shared
+            .settings
+            .max_pending
+            .saturating_sub(intake.entries.len());
+        if intake.closed || room < events.len() {
             drop(intake);
-            shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(client_id = %event.client_id, event_type = event.event_type.as_str(),
-                "event log closed or its writer behind: event dropped");
+            shared
+                .stats
+                .dropped
+                .fetch_add(events.len() as u64, Ordering::Relaxed);
+            for (_, event) in &events {
+                tracing::warn!(client_id = %event.client_id, event_type = event.event_type.as_str(),
+                    "event log closed or its writer behind: event dropped");
+            }
             return LogTicket { wait: None };
+        }
+        let n = events.len() as u64;
+        for (session, mut event) in events {
+            event.occurred_at = shared.clock.now();
+            intake.entries.push(Entry { session, event });
         }
         intake.tickets += 1;
         let ticket = intake.tickets;
-        event.occurred_at = shared.clock.now();
-        intake.entries.push(Entry { session, event });
         drop(intake);
-        shared.stats.pending.fetch_add(1, Ordering::Relaxed);
+        shared.stats.pending.fetch_add(n, Ordering::Relaxed);
         let committed = shared.committed.subscribe();
         writer::Writer::write_inline_or_wake(shared);
         let synced = shared.settings.fsync == FsyncMode::Always;
