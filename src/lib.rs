@@ -8,6 +8,7 @@ pub mod auth;
 pub mod bench;
 pub mod bridge;
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod events;
 pub mod hooks;

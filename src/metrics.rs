@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use prometheus::{
@@ -283,9 +283,7 @@ impl Metrics {
                     .set(i64::try_from(stats.log_bytes.load(Relaxed)).unwrap_or(i64::MAX));
                 let oldest = stats.oldest_undelivered_ns.load(Relaxed);
                 let age = if oldest > 0 {
-                    let now = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map_or(0, |d| d.as_nanos() as i64);
+                    let now = crate::clock::unix_nanos();
                     (now - oldest).max(0) as f64 / 1e9
                 } else {
                     0.0

@@ -7,7 +7,6 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use futures_util::StreamExt;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
@@ -30,12 +29,8 @@ pub(super) async fn receive(
     shutdown: CancellationToken,
 ) {
     loop {
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            next = subscriber.next() => match next {
-                Some(m) => m,
-                None => break,
-            },
+        let Some(message) = super::next_message(&mut subscriber, &shutdown).await else {
+            break;
         };
         let header = |name: &str| {
             message

@@ -187,3 +187,15 @@ impl Bridge {
         done
     }
 }
+
+/// The subscription's next message; `None` once it ends or the server shuts down.
+async fn next_message(
+    subscriber: &mut async_nats::Subscriber,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<async_nats::Message> {
+    use futures_util::StreamExt;
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        next = subscriber.next() => next,
+    }
+}

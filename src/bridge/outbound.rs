@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -37,13 +37,6 @@ impl BusPublisher {
     }
 }
 
-fn unix_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 impl SessionObserver for BusPublisher {
     fn on_publish(&self, session: &SessionInfo, route: &PublishRoute, message: &CoreMessage) {
         // `hc/` and plain ACL topics stay local.
@@ -58,7 +51,7 @@ impl SessionObserver for BusPublisher {
             publisher: session.identity.client_id.clone(),
             protocol: PROTOCOL.to_owned(),
             payload: message.payload.clone(),
-            created: unix_nanos(),
+            created: crate::clock::unix_nanos(),
             client_id: session.mqtt_client_id.clone(),
         };
         let outgoing = Outgoing {

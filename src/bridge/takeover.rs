@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -127,12 +126,8 @@ async fn listen(
     shutdown: CancellationToken,
 ) {
     loop {
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            next = subscriber.next() => match next {
-                Some(m) => m,
-                None => break,
-            },
+        let Some(message) = super::next_message(&mut subscriber, &shutdown).await else {
+            break;
         };
         let Ok(a) = serde_json::from_slice::<Announcement>(&message.payload) else {
             tracing::warn!(

@@ -135,7 +135,9 @@ async fn connection(
             .listener_connections
             .with_label_values(&[name]),
     );
-    let handshake = async {
+    // Boxed: a TLS or WebSocket handshake's state is freed once it is done, not held by the
+    // connection's task for the whole session.
+    let handshake = Box::pin(async {
         match transport {
             Transport::Tcp => {
                 let conn = ConnectionInfo {
@@ -162,7 +164,7 @@ async fn connection(
                 Ok(session::serve_with(shared.ctx.clone(), ws, peer, conn).boxed())
             }
         }
-    };
+    });
     let handshake = tokio::select! {
         _ = shared.ctx.shutdown.cancelled() => None,
         r = tokio::time::timeout(shared.handshake_timeout, handshake) => Some(r),
@@ -206,5 +208,26 @@ impl OpenSocket {
 impl Drop for OpenSocket {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod footprint {
+    use super::*;
+
+    fn future_size<A, F>(_: &impl Fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// The task every accepted socket holds for its whole life (debug build: largest).
+    #[test]
+    fn a_connection_task_is_small() {
+        type Args = (Arc<Accepting>, Transport, TcpStream, SocketAddr);
+        let connection = future_size(&|(a, t, s, p): Args| connection(a, t, s, p));
+        // The TLS / WebSocket handshake's state is boxed and freed once it is done.
+        assert!(
+            connection <= 512,
+            "connection future grew to {connection} bytes"
+        );
     }
 }

@@ -253,10 +253,7 @@ where
         },
         protocol_version: version.as_str(),
         keep_alive: connect.keep_alive,
-        connected_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-            .unwrap_or(0),
+        connected_at: u64::try_from(crate::clock::unix_nanos()).unwrap_or(0),
     };
     let attachment = ctx.broker.attach(key, request, meta, &ctx.shutdown).await;
     let info = SessionInfo {

@@ -102,7 +102,7 @@ where
 
     // Bytes after the CONNECT in the first read are the device's next packets.
     if !rbuf.is_empty() {
-        if let Err(end) = relay.input(&mut rbuf).await {
+        if let Err(end) = Box::pin(relay.input(&mut rbuf)).await {
             return end;
         }
     }
@@ -140,7 +140,8 @@ where
                 Err(e) => Err(End::lost(format!("read error: {e}"))),
                 Ok(_) => {
                     last_read = Instant::now();
-                    relay.input(&mut rbuf).await
+                    // Boxed: an idle connection holds no room for handling a packet.
+                    Box::pin(relay.input(&mut rbuf)).await
                 }
             },
             _ = relay.session.delivery_ready(), if !relay.more => {
@@ -353,7 +354,8 @@ impl Relay<'_> {
                     None,
                 ))
             }
-            Packet::Subscribe(subscribe, props) => self.subscribe(subscribe, props).await,
+            // Boxed (as below): an idle connection's future keeps no room for the rare await.
+            Packet::Subscribe(subscribe, props) => Box::pin(self.subscribe(subscribe, props)).await,
             Packet::Unsubscribe(unsubscribe, _) => self.unsubscribe(unsubscribe),
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
             Packet::PubAck(ack, _) => {
@@ -421,7 +423,7 @@ impl Relay<'_> {
         let decision = match self.topic_cache.get(&publish.topic) {
             Some(d) => d.clone(),
             None => {
-                let d = self.decide_publish(&publish.topic).await;
+                let d = Box::pin(self.decide_publish(&publish.topic)).await;
                 if self.topic_cache.len() >= TOPIC_CACHE_SIZE {
                     self.topic_cache.clear();
                 }
@@ -653,5 +655,36 @@ impl Relay<'_> {
             },
             None,
         ))
+    }
+}
+
+#[cfg(test)]
+mod footprint {
+    use super::*;
+    use tokio::net::TcpStream;
+
+    /// Size of the future a closure returns, without calling it.
+    fn future_size<A, F>(_: &impl Fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn an_idle_connection_holds_small_futures() {
+        type Args = (
+            &'static SessionContext,
+            &'static mut Accepted,
+            &'static mut TcpStream,
+            BytesMut,
+            Codec,
+        );
+        let run = future_size(&|(c, a, s, b, k): Args| run(c, a, s, b, k));
+        let input =
+            future_size(&|(r, b): (&'static mut Relay<'static>, &'static mut BytesMut)| r.input(b));
+        // Handling a packet is boxed per read: an idle connection does not hold its room.
+        assert!(run <= 1024, "relay future grew to {run} bytes");
+        assert!(
+            input > run / 2,
+            "the packet handling is what the box keeps out"
+        );
     }
 }
