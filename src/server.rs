@@ -220,6 +220,7 @@ impl Server {
             connect_timeout: config.connect_timeout(),
             max_packet_size: config.max_packet_size as usize,
             max_keep_alive: config.max_keep_alive,
+            topic_alias_maximum: config.topic_alias_maximum,
             shutdown: CancellationToken::new(),
             metrics: metrics.clone(),
             limits,
