@@ -411,6 +411,12 @@ impl Server {
         if !sessions_done {
             tracing::warn!("sessions still open at the shutdown deadline");
         }
+        // Every session ends with the process: wills still delayed go out now, before the
+        // bridge closes, so the bus gets them.
+        let wills = self.ctx.broker.publish_pending_wills();
+        if wills > 0 {
+            tracing::info!(wills, "delayed wills published at shutdown");
+        }
         let bridged = match self.bridge {
             None => true,
             Some(bridge) => {

@@ -651,3 +651,47 @@ async fn paho_will_delay_resume_and_expiry() {
         paho_scenario(scenario).await;
     }
 }
+
+/// The next message on the bus subscription, decoded.
+async fn next_bus(sub: &mut async_nats::Subscriber) -> mqtt_adapter::bridge::message::Message {
+    use futures_util::StreamExt;
+    use prost::Message as _;
+    let m = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("no bus message within the wait")
+        .expect("NATS subscription ended");
+    mqtt_adapter::bridge::message::Message::decode(m.payload).expect("messaging.Message")
+}
+
+#[tokio::test]
+async fn a_will_still_delayed_at_shutdown_is_published_to_the_bus() {
+    let nats = common::nats::NatsServer::start().await;
+    let mut adapter =
+        Adapter::start_with(CLIENTS, &[("SMQ_MESSAGE_BROKER_URL", &nats.url())]).await;
+    let bus = nats.client().await;
+    let mut sub = bus.subscribe("m.d1.c.ch1.will.>").await.expect("subscribe");
+    bus.flush().await.expect("flush");
+    // Once a device message reached the bus, the bridge is up.
+    let mut probe = V5Client::connect(adapter.port, "wsd-probe", "c2", "s2").await;
+    probe
+        .publish(
+            "m/d1/c/ch1/will/ready",
+            QoS::AtLeastOnce,
+            false,
+            b"ready",
+            &[],
+        )
+        .await;
+    assert_eq!(&next_bus(&mut sub).await.payload[..], b"ready");
+    adapter.expect_connect("c2").await;
+    let topic = "m/d1/c/ch1/will/shutdown";
+    drop(V5Client::connect_with(will_options(adapter.port, "wsd-dev", topic, 600, 600)).await);
+    adapter.expect_connect("c1").await;
+    adapter.expect_disconnect("c1").await;
+    adapter.terminate();
+    let will = next_bus(&mut sub).await;
+    assert_eq!(
+        (will.subtopic.as_str(), &will.payload[..]),
+        ("will.shutdown", &b"gone"[..])
+    );
+}

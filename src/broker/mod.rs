@@ -693,6 +693,21 @@ impl Broker {
     pub fn stop(&self) {
         self.stop.cancel();
     }
+
+    /// Publishes every will still waiting for its delay (server shutdown: the sessions holding
+    /// them end with the process); returns how many.
+    pub fn publish_pending_wills(&self) -> usize {
+        let wills: Vec<DeferredWill> = self
+            .sessions()
+            .iter()
+            .filter_map(|s| s.lock().will.take())
+            .collect();
+        let n = wills.len();
+        for will in wills {
+            (will.publish)(will.message);
+        }
+        n
+    }
 }
 
 #[cfg(test)]
@@ -1013,16 +1028,29 @@ mod tests {
         (will, rx)
     }
 
+    /// Attaches `mqtt` (client c1) and ends its connection with a will on `topic` delayed by
+    /// `delay`; returns where the will shows up when published.
+    async fn offline_with_will(
+        broker: &Broker,
+        mqtt: &str,
+        request: AttachRequest,
+        topic: &'static str,
+        delay: Duration,
+    ) -> std::sync::mpsc::Receiver<Arc<Message>> {
+        let stop = CancellationToken::new();
+        let mut a = broker.attach(key("c1", mqtt), request, meta(), &stop).await;
+        let (will, published) = recording_will(topic);
+        broker.detach_with_will(&mut a, Some((will, delay)));
+        Broker::release(&mut a);
+        published
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_delayed_will_waits_and_a_resume_cancels_it() {
         let broker = Broker::new(BrokerConfig::default());
         let stop = CancellationToken::new();
-        let mut a = broker
-            .attach(key("c1", "w"), PERSISTENT, meta(), &stop)
-            .await;
-        let (will, published) = recording_will("w/1");
-        broker.detach_with_will(&mut a, Some((will, Duration::from_secs(5))));
-        Broker::release(&mut a);
+        let published =
+            offline_with_will(&broker, "w", PERSISTENT, "w/1", Duration::from_secs(5)).await;
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert!(published.try_recv().is_err(), "not before the delay");
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1031,12 +1059,8 @@ mod tests {
             Ok("w/1".into())
         );
 
-        let mut b = broker
-            .attach(key("c1", "w"), PERSISTENT, meta(), &stop)
-            .await;
-        let (will, published) = recording_will("w/2");
-        broker.detach_with_will(&mut b, Some((will, Duration::from_secs(5))));
-        Broker::release(&mut b);
+        let published =
+            offline_with_will(&broker, "w", PERSISTENT, "w/2", Duration::from_secs(5)).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let _resumed = broker
             .attach(key("c1", "w"), PERSISTENT, meta(), &stop)
@@ -1049,25 +1073,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn delayed_wills_go_out_at_shutdown() {
+        let broker = Broker::new(BrokerConfig::default());
+        let published =
+            offline_with_will(&broker, "w", PERSISTENT, "w/1", Duration::from_secs(60)).await;
+        broker.stop();
+        assert!(published.try_recv().is_err());
+        assert_eq!(broker.publish_pending_wills(), 1);
+        assert!(published.try_recv().is_ok());
+        assert_eq!(broker.publish_pending_wills(), 0, "once");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_delayed_will_goes_out_when_the_session_ends_sooner() {
         let broker = Broker::new(BrokerConfig::default());
-        let stop = CancellationToken::new();
         let expiring = AttachRequest {
             clean_start: false,
             expiry: Expiry::After(Duration::from_secs(2)),
         };
-        let mut a = broker.attach(key("c1", "w"), expiring, meta(), &stop).await;
-        let (will, published) = recording_will("w/1");
-        broker.detach_with_will(&mut a, Some((will, Duration::from_secs(60))));
-        Broker::release(&mut a);
+        let minute = Duration::from_secs(60);
+        let published = offline_with_will(&broker, "w", expiring, "w/1", minute).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(broker.session_count(), 0);
         assert!(published.try_recv().is_ok(), "published at session expiry");
 
         // A session that ends with its connection publishes at once, whatever the delay.
-        let mut b = broker.attach(key("c1", "x"), CLEAN, meta(), &stop).await;
-        let (will, published) = recording_will("w/2");
-        broker.detach_with_will(&mut b, Some((will, Duration::from_secs(60))));
+        let published = offline_with_will(&broker, "x", CLEAN, "w/2", minute).await;
         assert!(published.try_recv().is_ok());
     }
 
