@@ -491,9 +491,18 @@ fn raw_aliased_publish(topic: &str, alias: u16) -> Vec<u8> {
     raw::packet(0x30, &body)
 }
 
+/// The reason code of the DISCONNECT the adapter sends, which also carries a Reason String
+/// (0x1F) and is the last thing on the connection.
 async fn expect_disconnect_reason(client: &mut RawClient) -> u8 {
     let packet = client.expect_packet().await;
     assert_eq!(packet.kind, 14, "expected DISCONNECT, got {packet:?}");
+    assert_eq!(packet.body.get(2), Some(&0x1F), "reason string: {packet:?}");
+    let after = client.read_packet(WAIT).await;
+    assert_eq!(
+        after.err(),
+        Some(raw::ReadEnd::Closed),
+        "nothing after DISCONNECT"
+    );
     packet.body[0]
 }
 
@@ -694,4 +703,19 @@ async fn a_will_still_delayed_at_shutdown_is_published_to_the_bus() {
         (will.subtopic.as_str(), &will.payload[..]),
         ("will.shutdown", &b"gone"[..])
     );
+}
+
+#[tokio::test]
+async fn enhanced_authentication_is_refused_with_0x8c() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let mut connect = Connect::new(V5, "auth-method", "c1", "s1");
+    // Authentication Method (0x15) "SCRAM-SHA-1".
+    connect.properties = [0x15]
+        .into_iter()
+        .chain(raw::string("SCRAM-SHA-1"))
+        .collect();
+    let (_, code) = RawClient::connect(adapter.port, &connect).await;
+    assert_eq!(code, 0x8C, "bad authentication method");
+    // Refused before any session: no event; the next one is this sentinel's.
+    common::assert_next_event_is_sentinel(&mut adapter).await;
 }
