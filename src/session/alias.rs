@@ -1,7 +1,8 @@
 //! MQTT 5 topic aliases of one connection (§3.3.2.3.4), in both directions: those the device
 //! sets up on its PUBLISHes (up to the Topic Alias Maximum we advertise) and those we set up on
-//! PUBLISHes to a device that asked for them (up to its own maximum). Both maps start empty and
-//! unallocated, and die with the connection: a reconnect starts afresh.
+//! PUBLISHes to a device that asked for them (up to its own maximum). The maps are allocated on
+//! the first alias (an idle connection carries two numbers), and die with the connection: a
+//! reconnect starts afresh.
 
 use std::collections::HashMap;
 
@@ -23,12 +24,17 @@ pub(super) enum AliasError {
 
 #[derive(Debug, Default)]
 pub(super) struct TopicAliases {
+    inbound_max: u16,
+    outbound_max: u16,
+    maps: Option<Box<AliasMaps>>,
+}
+
+#[derive(Debug, Default)]
+struct AliasMaps {
     /// Aliases the device set up, 1..=`inbound_max`.
     inbound: HashMap<u16, Bytes>,
-    inbound_max: u16,
     /// Aliases set up towards the device, by topic; numbered 1..=`outbound_max` in order.
     outbound: HashMap<Bytes, u16>,
-    outbound_max: u16,
 }
 
 impl TopicAliases {
@@ -37,8 +43,12 @@ impl TopicAliases {
         TopicAliases {
             inbound_max,
             outbound_max,
-            ..Default::default()
+            maps: None,
         }
+    }
+
+    fn maps(&mut self) -> &mut AliasMaps {
+        self.maps.get_or_insert_with(Box::default)
     }
 
     /// The topic of a device's PUBLISH: a non-empty topic with an alias (re)defines the alias;
@@ -59,6 +69,7 @@ impl TopicAliases {
         }
         if topic.is_empty() {
             return self
+                .maps()
                 .inbound
                 .get(&alias)
                 .cloned()
@@ -66,7 +77,7 @@ impl TopicAliases {
         }
         // A copy: the frame's bytes would pin the read buffer they came in.
         let owned = Bytes::copy_from_slice(topic);
-        self.inbound.insert(alias, owned.clone());
+        self.maps().inbound.insert(alias, owned.clone());
         Ok(owned)
     }
 
@@ -81,23 +92,27 @@ impl TopicAliases {
         let Packet::Publish(publish, props) = packet else {
             return None;
         };
-        if let Some(&alias) = self.outbound.get(&publish.topic) {
+        let max = self.outbound_max;
+        let outbound = &mut self.maps().outbound;
+        if let Some(&alias) = outbound.get(&publish.topic) {
             props.get_or_insert_with(Default::default).topic_alias = Some(alias);
             publish.topic = Bytes::new();
             return None;
         }
-        let next = u16::try_from(self.outbound.len() + 1).ok()?;
-        if next > self.outbound_max {
+        let next = u16::try_from(outbound.len() + 1).ok()?;
+        if next > max {
             return None;
         }
-        self.outbound.insert(publish.topic.clone(), next);
+        outbound.insert(publish.topic.clone(), next);
         props.get_or_insert_with(Default::default).topic_alias = Some(next);
         Some(publish.topic.clone())
     }
 
     /// Takes back the alias just assigned to `topic` (its PUBLISH was not sent).
     pub fn unassign(&mut self, topic: &Bytes) {
-        self.outbound.remove(topic);
+        if let Some(maps) = &mut self.maps {
+            maps.outbound.remove(topic);
+        }
     }
 }
 
@@ -136,6 +151,14 @@ mod tests {
             ),
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn an_idle_connection_holds_no_alias_maps() {
+        assert!(std::mem::size_of::<TopicAliases>() <= 16);
+        let mut a = TopicAliases::new(64, 0);
+        a.apply(&mut publish("a"));
+        assert!(a.maps.is_none(), "nothing allocated without aliases in use");
     }
 
     #[test]
