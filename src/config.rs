@@ -175,6 +175,15 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_KEEP_ALIVE", default_value_t = 0)]
     pub max_keep_alive: u16,
 
+    /// MQTT 5 Topic Alias Maximum advertised to devices: topic aliases a device may set up per
+    /// connection (1..=this); 0 advertises none and refuses every alias.
+    #[arg(
+        long,
+        env = "SMQ_MQTT_ADAPTER_TOPIC_ALIAS_MAXIMUM",
+        default_value_t = 64
+    )]
+    pub topic_alias_maximum: u16,
+
     /// Bearer token of the admin API (`GET /clients`, `GET/DELETE /clients/{mqtt_client_id}` on
     /// the HTTP port); unset: those endpoints answer 404.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_ADMIN_TOKEN", hide_env_values = true)]

@@ -220,6 +220,7 @@ impl Server {
             connect_timeout: config.connect_timeout(),
             max_packet_size: config.max_packet_size as usize,
             max_keep_alive: config.max_keep_alive,
+            topic_alias_maximum: config.topic_alias_maximum,
             shutdown: CancellationToken::new(),
             metrics: metrics.clone(),
             limits,
@@ -409,6 +410,12 @@ impl Server {
             .is_ok();
         if !sessions_done {
             tracing::warn!("sessions still open at the shutdown deadline");
+        }
+        // Every session ends with the process: wills still delayed go out now, before the
+        // bridge closes, so the bus gets them.
+        let wills = self.ctx.broker.publish_pending_wills();
+        if wills > 0 {
+            tracing::info!(wills, "delayed wills published at shutdown");
         }
         let bridged = match self.bridge {
             None => true,

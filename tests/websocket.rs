@@ -77,23 +77,10 @@ async fn websocket_round_trip_for_mqtt_311_and_5() {
 }
 
 async fn paho(port: u16, version: &str, id: &str, user: &str, pass: &str, topic: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ws_paho.py");
-    let out = tokio::time::timeout(
-        WAIT * 3,
-        tokio::process::Command::new("python3")
-            .args([script, &port.to_string(), version, id, user, pass, topic])
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("paho client did not finish")
-    .expect("run python3");
-    assert!(
-        out.status.success(),
-        "paho-mqtt over WebSocket (MQTT {version}) failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let port = port.to_string();
+    let args = [port.as_str(), version, id, user, pass, topic];
+    let what = format!("over WebSocket (MQTT {version})");
+    run_paho("ws_paho.py", &args, WAIT * 3, &what).await;
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ pub mod message;
 pub mod queue;
 pub mod retained;
 pub mod session;
+pub mod shared;
 pub mod trie;
 
 use std::collections::HashMap;
@@ -24,8 +25,10 @@ pub use message::{Message, Origin};
 pub use queue::{Delivery, Outgoing, QueueLimits};
 use retained::{Retained, RetainedStore};
 pub use session::{
-    Attachment, ConnectionControl, ConnectionMeta, Expiry, Kick, Session, SessionKey, SubOptions,
+    Attachment, ConnectionControl, ConnectionMeta, DeferredWill, Expiry, Kick, Session, SessionKey,
+    SubOptions,
 };
+use shared::SharedGroup;
 use trie::Trie;
 
 /// Sizing of the broker core.
@@ -71,6 +74,14 @@ struct Subscriber {
     options: SubOptions,
 }
 
+/// A trie entry: one session's subscription, or a shared subscription group (one member of
+/// which gets each message).
+#[derive(Debug)]
+enum Route {
+    Direct(Subscriber),
+    Shared(Arc<SharedGroup>),
+}
+
 /// How a CONNECT wants its session.
 #[derive(Debug, Clone, Copy)]
 pub struct AttachRequest {
@@ -87,6 +98,9 @@ pub struct LiveClient {
     pub subscriptions: Vec<String>,
 }
 
+/// A share group's name and filter.
+type GroupKey = (Box<str>, Box<str>);
+
 /// A takeover waits this long for the previous connection to end before replacing it anyway.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 /// Subscriptions removed per write lock when a session is discarded, so a session with very
@@ -95,7 +109,9 @@ const REMOVE_CHUNK: usize = 1024;
 
 pub struct Broker {
     config: BrokerConfig,
-    trie: RwLock<Trie<u64, Subscriber>>,
+    trie: RwLock<Trie<u64, Route>>,
+    /// Shared subscription groups by (share name, filter). Taken before the trie.
+    groups: Mutex<HashMap<GroupKey, Arc<SharedGroup>>>,
     retained: RwLock<RetainedStore>,
     sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
     next_id: AtomicU64,
@@ -110,6 +126,7 @@ impl Broker {
         Arc::new_cyclic(|me| Broker {
             config,
             trie: RwLock::new(Trie::default()),
+            groups: Mutex::default(),
             retained: RwLock::new(RetainedStore::new(config.max_retained)),
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -195,6 +212,8 @@ impl Broker {
             state.attached = Some(attached);
             state.expiry = request.expiry;
             state.generation += 1;
+            // Resumed before its delay ran out: the will is not published (MQTT 3.1.3.2.2).
+            state.will = None;
         }
         Attachment {
             session,
@@ -210,7 +229,18 @@ impl Broker {
     /// resumed or its expiry interval passes. Dropping the attachment afterwards completes the
     /// connection's end.
     pub fn detach(&self, attachment: &mut Attachment) {
+        self.detach_with_will(attachment, None);
+    }
+
+    /// [`Broker::detach`] with a will to publish after `delay` (MQTT 5 Will Delay Interval), or
+    /// when the session ends if that is sooner; not at all if the session is resumed first.
+    pub fn detach_with_will(
+        &self,
+        attachment: &mut Attachment,
+        will: Option<(DeferredWill, Duration)>,
+    ) {
         let session = attachment.session.clone();
+        let mut will = will;
         let discard = {
             let mut table = self.table();
             let mut state = session.lock();
@@ -223,6 +253,16 @@ impl Broker {
                 return;
             }
             state.attached = None;
+            if let Some((deferred, delay)) = will.take() {
+                match state.expiry {
+                    Expiry::WithConnection => will = Some((deferred, delay)),
+                    Expiry::After(after) if after <= delay => state.will = Some(deferred),
+                    Expiry::After(_) | Expiry::Never => {
+                        state.will = Some(deferred);
+                        self.schedule_will(&session, state.generation, delay);
+                    }
+                }
+            }
             match state.expiry {
                 Expiry::WithConnection => {
                     if table
@@ -240,8 +280,34 @@ impl Broker {
                 Expiry::Never => false,
             }
         };
+        if let Some((deferred, _)) = will {
+            // The session ends with its connection: that is sooner than any delay.
+            (deferred.publish)(deferred.message);
+        }
         if discard {
             self.discard(&session);
+        }
+    }
+
+    fn schedule_will(&self, session: &Arc<Session>, generation: u64, delay: Duration) {
+        let (key, id) = (session.key.clone(), session.id);
+        self.after(delay, move |broker| broker.will_due(&key, id, generation));
+    }
+
+    /// Publishes the will of an offline session whose will delay passed, unless the session was
+    /// resumed (or replaced) since.
+    fn will_due(&self, key: &SessionKey, id: u64, generation: u64) {
+        let will = self.session(key).and_then(|s| {
+            let mut state = s.lock();
+            let same = s.id == id && state.generation == generation;
+            (same && state.attached.is_none())
+                .then(|| state.will.take())
+                .flatten()
+        });
+        if let Some(will) = will {
+            tracing::info!(client_id = %key.client_id, mqtt_client_id = %key.mqtt_client_id,
+                "will delay interval passed: will published");
+            (will.publish)(will.message);
         }
     }
 
@@ -251,20 +317,24 @@ impl Broker {
     }
 
     fn schedule_expiry(&self, session: &Arc<Session>, generation: u64, after: Duration) {
+        let (key, id) = (session.key.clone(), session.id);
+        self.after(after, move |broker| broker.expire(&key, id, generation));
+    }
+
+    /// Runs `then` after `delay` on a timer task, unless the broker stops first.
+    fn after(&self, delay: Duration, then: impl FnOnce(&Broker) + Send + 'static) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let broker = self.me.clone();
-        let key = session.key.clone();
-        let id = session.id;
         let stop = self.stop.clone();
         runtime.spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(after) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
             if let Some(broker) = broker.upgrade() {
-                broker.expire(&key, id, generation);
+                then(&broker);
             }
         });
     }
@@ -300,12 +370,16 @@ impl Broker {
     }
 
     fn discard_subscriptions_only(&self, session: &Session) {
-        let filters: Vec<Box<str>> = {
+        let (shared, filters): (Vec<Box<str>>, Vec<Box<str>>) = {
             let mut state = session.lock();
             std::mem::take(&mut state.subscriptions)
                 .into_keys()
-                .collect()
+                .partition(|f| matches!(shared::split(f), Some(Ok(_))))
         };
+        for filter in &shared {
+            // What the device never acknowledged goes to the group's other members.
+            self.leave_group(session, filter, true);
+        }
         for chunk in filters.chunks(REMOVE_CHUNK) {
             let mut trie = self.trie.write().unwrap_or_else(|p| p.into_inner());
             for filter in chunk {
@@ -314,14 +388,21 @@ impl Broker {
         }
     }
 
-    /// Removes every subscription of the session and drops what it had queued (counted).
+    /// Removes every subscription of the session, drops what it had queued (counted) and
+    /// publishes a will still waiting for its delay: the session has ended.
     fn discard(&self, session: &Session) {
         self.discard_subscriptions_only(session);
         let mut state = session.lock();
         let (queued, inflight) = (state.mailbox.queued(), state.mailbox.inflight());
         state.mailbox = Default::default();
         state.incoming = HashMap::new();
+        let will = state.will.take();
         drop(state);
+        if let Some(will) = will {
+            tracing::info!(client_id = %session.key.client_id, mqtt_client_id = %session.key.mqtt_client_id,
+                "session ended before its will delay: will published");
+            (will.publish)(will.message);
+        }
         let lost = (queued + inflight) as u64;
         if lost > 0 {
             self.stats
@@ -330,34 +411,105 @@ impl Broker {
         }
     }
 
+    fn trie_mut(&self) -> std::sync::RwLockWriteGuard<'_, Trie<u64, Route>> {
+        self.trie.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Adds (or replaces) the session's subscription to `filter`; returns whether it existed.
+    /// A `$share/<group>/<filter>` filter (validated by the caller) joins that share group.
     pub fn subscribe(&self, session: &Arc<Session>, filter: &str, options: SubOptions) -> bool {
         let existed = session
             .lock()
             .subscriptions
             .insert(filter.into(), options)
             .is_some();
+        if let Some(Ok((name, inner))) = shared::split(filter) {
+            let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+            let group = groups
+                .entry((name.into(), inner.into()))
+                .or_insert_with(|| {
+                    let group = Arc::new(SharedGroup::new(
+                        self.next_id.fetch_add(1, Ordering::Relaxed),
+                    ));
+                    self.trie_mut()
+                        .insert(inner, group.id, Route::Shared(group.clone()));
+                    group
+                });
+            group.join(session, options);
+            return existed;
+        }
         let subscriber = Subscriber {
             session: session.clone(),
             options,
         };
-        self.trie
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(filter, session.id, subscriber);
+        self.trie_mut()
+            .insert(filter, session.id, Route::Direct(subscriber));
         existed
     }
 
-    /// Removes the session's subscription to `filter`; returns whether it existed.
+    /// Removes the session's subscription to `filter`; returns whether it existed. Leaving a
+    /// share group hands the group's messages still queued for the session to other members.
     pub fn unsubscribe(&self, session: &Session, filter: &str) -> bool {
         let existed = session.lock().subscriptions.remove(filter).is_some();
         if existed {
-            self.trie
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(filter, session.id);
+            if matches!(shared::split(filter), Some(Ok(_))) {
+                self.leave_group(session, filter, false);
+            } else {
+                self.trie_mut().remove(filter, session.id);
+            }
         }
         existed
+    }
+
+    /// Takes the session out of the share group of `filter` (dropping the group when it was the
+    /// last member), then hands the group's QoS 1/2 messages it had not delivered (and, with
+    /// `unacked`, those its device never acknowledged) to the remaining members.
+    fn leave_group(&self, session: &Session, filter: &str, unacked: bool) {
+        let Some(Ok((name, inner))) = shared::split(filter) else {
+            return;
+        };
+        let group = {
+            let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+            let key = (Box::<str>::from(name), Box::<str>::from(inner));
+            let Some(group) = groups.get(&key).cloned() else {
+                return;
+            };
+            if group.leave(session.id) {
+                groups.remove(&key);
+                self.trie_mut().remove(inner, group.id);
+            }
+            group
+        };
+        let orphans = session.lock().mailbox.take_shared(group.id, unacked);
+        let mut lost = 0;
+        for delivery in orphans {
+            if !self.deliver_shared(&group, &delivery.message) {
+                lost += 1;
+            }
+        }
+        if lost > 0 {
+            self.stats
+                .dropped_session_ended
+                .fetch_add(lost, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues a message for the share group's next member; false if it has none or that
+    /// member's queue refused it (counted).
+    fn deliver_shared(&self, group: &SharedGroup, message: &Arc<Message>) -> bool {
+        let Some((session, options)) = group.pick() else {
+            return false;
+        };
+        let delivery = Delivery {
+            message: message.clone(),
+            qos: message.qos.min(options.qos),
+            retain: message.retain && options.retain_as_published,
+            ids: options.id.into_iter().collect(),
+            shared: Some(group.id),
+        };
+        let pushed = session.deliver(delivery, self.config.queue);
+        self.count(&session, pushed);
+        pushed.queued
     }
 
     /// Queues the retained messages `filter` matches for the session (after its SUBSCRIBE),
@@ -374,6 +526,7 @@ impl Broker {
                 message,
                 retain: true,
                 ids: options.id.into_iter().collect(),
+                shared: None,
             };
             self.count(session, session.deliver(delivery, self.config.queue));
         }
@@ -399,19 +552,29 @@ impl Broker {
         }
         let trie = self.trie.read().unwrap_or_else(|p| p.into_inner());
         let mut targets: Vec<&Subscriber> = Vec::new();
-        trie.for_each_match(message.topic_str(), |_, s| {
+        let mut groups: Vec<&SharedGroup> = Vec::new();
+        trie.for_each_match(message.topic_str(), |_, route| match route {
             // No Local: a session's own message does not come back through this subscription.
-            if !(s.options.no_local && message.origin == Origin::Session(s.session.id)) {
-                targets.push(s);
+            Route::Direct(s)
+                if !(s.options.no_local && message.origin == Origin::Session(s.session.id)) =>
+            {
+                targets.push(s)
             }
+            Route::Direct(_) => {}
+            Route::Shared(group) => groups.push(group),
         });
+        // Each share group is a subscriber of its own: one of its members gets the message,
+        // whatever other subscriptions that member has.
+        let mut queued = groups
+            .into_iter()
+            .filter(|g| self.deliver_shared(g, &message))
+            .count();
         if targets.len() > 1 {
             // Overlapping subscriptions of one session deliver once, at the highest QoS.
             targets.sort_unstable_by(|a, b| {
                 (a.session.id, b.options.qos).cmp(&(b.session.id, a.options.qos))
             });
         }
-        let mut queued = 0;
         let mut rest = &targets[..];
         while let Some(first) = rest.first() {
             let same = rest
@@ -425,6 +588,7 @@ impl Broker {
                 qos: message.qos.min(first.options.qos),
                 retain: message.retain && group.iter().any(|s| s.options.retain_as_published),
                 ids: group.iter().filter_map(|s| s.options.id).collect(),
+                shared: None,
             };
             let pushed = first.session.deliver(delivery, self.config.queue);
             queued += usize::from(pushed.queued);
@@ -528,6 +692,21 @@ impl Broker {
     /// Stops expiry timers (server shutdown).
     pub fn stop(&self) {
         self.stop.cancel();
+    }
+
+    /// Publishes every will still waiting for its delay (server shutdown: the sessions holding
+    /// them end with the process); returns how many.
+    pub fn publish_pending_wills(&self) -> usize {
+        let wills: Vec<DeferredWill> = self
+            .sessions()
+            .iter()
+            .filter_map(|s| s.lock().will.take())
+            .collect();
+        let n = wills.len();
+        for will in wills {
+            (will.publish)(will.message);
+        }
+        n
     }
 }
 
@@ -755,6 +934,172 @@ mod tests {
         assert_eq!(got, [(1, true), (1, true)]);
         broker.publish(Message::new("r/1".into(), "".into(), 0, true, Origin::Bus));
         assert_eq!(broker.retained_count(), 1);
+    }
+
+    fn payloads(session: &Session) -> Vec<String> {
+        let mut out = Vec::new();
+        session.take_ready(usize::MAX, usize::MAX, &mut out);
+        out.into_iter()
+            .filter_map(|o| match o {
+                Outgoing::Publish { delivery, .. } => {
+                    Some(String::from_utf8_lossy(&delivery.message.payload).into_owned())
+                }
+                Outgoing::Release(_) => None,
+            })
+            .collect()
+    }
+
+    fn numbered(i: usize) -> Arc<Message> {
+        Message::new("s/t".into(), i.to_string().into(), 1, false, Origin::Bus)
+    }
+
+    #[tokio::test]
+    async fn a_share_group_gets_each_message_once_round_robin() {
+        let broker = Broker::new(BrokerConfig::default());
+        let stop = CancellationToken::new();
+        let mut members = Vec::new();
+        for m in ["a", "b", "c"] {
+            let a = broker.attach(key("c1", m), CLEAN, meta(), &stop).await;
+            broker.subscribe(&a.session, "$share/g/s/+", SubOptions::qos(1));
+            members.push(a);
+        }
+        // Another group and a plain subscription each get every message.
+        let other = broker.attach(key("c1", "o"), CLEAN, meta(), &stop).await;
+        broker.subscribe(&other.session, "$share/h/s/#", SubOptions::qos(1));
+        broker.subscribe(&other.session, "s/t", SubOptions::qos(1));
+        assert_eq!(broker.subscription_count().0, 3, "two groups, one plain");
+        for i in 0..9 {
+            assert_eq!(broker.publish(numbered(i)), 3);
+        }
+        let got: Vec<Vec<String>> = members.iter().map(|m| payloads(&m.session)).collect();
+        assert!(got.iter().all(|g| g.len() == 3), "{got:?}");
+        let mut all: Vec<String> = got.concat();
+        all.sort_unstable_by_key(|p| p.parse::<u32>().unwrap_or(0));
+        let expected: Vec<String> = (0..9).map(|i| i.to_string()).collect();
+        assert_eq!(all, expected);
+        assert_eq!(payloads(&other.session).len(), 18);
+    }
+
+    #[tokio::test]
+    async fn a_leaving_member_hands_its_undelivered_messages_to_the_others() {
+        let broker = Broker::new(BrokerConfig::default());
+        let stop = CancellationToken::new();
+        let mut a = broker.attach(key("c1", "a"), CLEAN, meta(), &stop).await;
+        let b = broker.attach(key("c1", "b"), CLEAN, meta(), &stop).await;
+        let c = broker.attach(key("c1", "c"), CLEAN, meta(), &stop).await;
+        for s in [&a, &b, &c] {
+            broker.subscribe(&s.session, "$share/g/s/t", SubOptions::qos(1));
+        }
+        for i in 0..6 {
+            broker.publish(numbered(i));
+        }
+        // `b` unsubscribes with two queued; `a` ends with one written (unacknowledged) and one
+        // queued. Everything reaches `c`, and nothing is counted as lost.
+        assert!(broker.unsubscribe(&b.session, "$share/g/s/t"));
+        assert_eq!(b.session.queued(), (0, 0));
+        let mut written = Vec::new();
+        a.session.take_ready(usize::MAX, 1, &mut written);
+        assert_eq!(a.session.queued().1, 1, "one written, not acknowledged");
+        broker.detach(&mut a);
+        Broker::release(&mut a);
+        let mut got = payloads(&c.session);
+        got.sort_unstable();
+        assert_eq!(got, ["0", "1", "2", "3", "4", "5"]);
+        assert_eq!(
+            broker.stats.dropped_session_ended.load(Ordering::Relaxed),
+            0
+        );
+        // The last member leaving removes the group from the trie.
+        assert!(broker.unsubscribe(&c.session, "$share/g/s/t"));
+        assert_eq!(broker.subscription_count(), (0, 0));
+        assert_eq!(broker.publish(numbered(9)), 0);
+    }
+
+    fn recording_will(
+        topic: &'static str,
+    ) -> (DeferredWill, std::sync::mpsc::Receiver<Arc<Message>>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let will = DeferredWill {
+            message: Message::new(topic.into(), "gone".into(), 1, false, Origin::Bus),
+            publish: Box::new(move |m| {
+                let _ = tx.send(m);
+            }),
+        };
+        (will, rx)
+    }
+
+    /// Attaches `mqtt` (client c1) and ends its connection with a will on `topic` delayed by
+    /// `delay`; returns where the will shows up when published.
+    async fn offline_with_will(
+        broker: &Broker,
+        mqtt: &str,
+        request: AttachRequest,
+        topic: &'static str,
+        delay: Duration,
+    ) -> std::sync::mpsc::Receiver<Arc<Message>> {
+        let stop = CancellationToken::new();
+        let mut a = broker.attach(key("c1", mqtt), request, meta(), &stop).await;
+        let (will, published) = recording_will(topic);
+        broker.detach_with_will(&mut a, Some((will, delay)));
+        Broker::release(&mut a);
+        published
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delayed_will_waits_and_a_resume_cancels_it() {
+        let broker = Broker::new(BrokerConfig::default());
+        let stop = CancellationToken::new();
+        let published =
+            offline_with_will(&broker, "w", PERSISTENT, "w/1", Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(published.try_recv().is_err(), "not before the delay");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            published.try_recv().map(|m| m.topic.clone()),
+            Ok("w/1".into())
+        );
+
+        let published =
+            offline_with_will(&broker, "w", PERSISTENT, "w/2", Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let _resumed = broker
+            .attach(key("c1", "w"), PERSISTENT, meta(), &stop)
+            .await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            published.try_recv().is_err(),
+            "a resumed session sends no will"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delayed_wills_go_out_at_shutdown() {
+        let broker = Broker::new(BrokerConfig::default());
+        let published =
+            offline_with_will(&broker, "w", PERSISTENT, "w/1", Duration::from_secs(60)).await;
+        broker.stop();
+        assert!(published.try_recv().is_err());
+        assert_eq!(broker.publish_pending_wills(), 1);
+        assert!(published.try_recv().is_ok());
+        assert_eq!(broker.publish_pending_wills(), 0, "once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delayed_will_goes_out_when_the_session_ends_sooner() {
+        let broker = Broker::new(BrokerConfig::default());
+        let expiring = AttachRequest {
+            clean_start: false,
+            expiry: Expiry::After(Duration::from_secs(2)),
+        };
+        let minute = Duration::from_secs(60);
+        let published = offline_with_will(&broker, "w", expiring, "w/1", minute).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(broker.session_count(), 0);
+        assert!(published.try_recv().is_ok(), "published at session expiry");
+
+        // A session that ends with its connection publishes at once, whatever the delay.
+        let published = offline_with_will(&broker, "x", CLEAN, "w/2", minute).await;
+        assert!(published.try_recv().is_ok());
     }
 
     #[tokio::test(start_paused = true)]

@@ -25,6 +25,9 @@ pub struct Delivery {
     pub retain: bool,
     /// MQTT 5 subscription identifiers of the matching subscriptions (usually none).
     pub ids: Vec<u32>,
+    /// The shared subscription group it came through, if any: handed to another member if this
+    /// session leaves the group before the device has it.
+    pub shared: Option<u64>,
 }
 
 /// What to write to the device next.
@@ -251,6 +254,36 @@ impl Mailbox {
             .collect()
     }
 
+    /// Takes out the QoS 1/2 deliveries of shared group `group` that the device does not have
+    /// yet: those queued, and (`unacked`) those written but not acknowledged. The packet ids of
+    /// the latter are free again.
+    pub fn take_shared(&mut self, group: u64, unacked: bool) -> Vec<Delivery> {
+        let ours = |d: &Delivery| d.qos > 0 && d.shared == Some(group);
+        let mut taken = Vec::new();
+        if unacked {
+            self.inflight.retain(|f| match &f.flight {
+                Flight::Unacked(d) if ours(d) => {
+                    taken.push(d.clone());
+                    false
+                }
+                _ => true,
+            });
+        }
+        if self.queue.iter().any(ours) {
+            let mut kept = VecDeque::with_capacity(self.queue.len());
+            for d in self.queue.drain(..) {
+                if ours(&d) {
+                    self.bytes -= d.message.size();
+                    taken.push(d);
+                } else {
+                    kept.push_back(d);
+                }
+            }
+            self.queue = kept;
+        }
+        taken
+    }
+
     /// Deliveries waiting in the queue.
     pub fn queued(&self) -> usize {
         self.queue.len()
@@ -289,6 +322,7 @@ mod tests {
             qos,
             retain: false,
             ids: Vec::new(),
+            shared: None,
         }
     }
 
@@ -386,6 +420,31 @@ mod tests {
         assert!(m.pubcomp(ids[0]));
         assert!(m.puback(ids[1]));
         assert_eq!(m.inflight(), 0);
+    }
+
+    #[test]
+    fn a_shared_groups_undelivered_messages_are_taken_out() {
+        let mut m = Mailbox::default();
+        let tagged = |p, qos, group| Delivery {
+            shared: group,
+            ..delivery(p, qos)
+        };
+        m.push(tagged("sent", 1, Some(7)), LIMITS);
+        assert!(m.next(10).is_some());
+        m.push(tagged("queued", 2, Some(7)), LIMITS);
+        m.push(tagged("other group", 1, Some(8)), LIMITS);
+        m.push(tagged("qos0", 0, Some(7)), LIMITS);
+        let names = |v: Vec<Delivery>| -> Vec<String> {
+            v.iter()
+                .map(|d| String::from_utf8_lossy(&d.message.payload).into_owned())
+                .collect()
+        };
+        assert_eq!(names(m.take_shared(7, false)), ["queued"]);
+        assert_eq!(m.inflight(), 1);
+        assert_eq!(names(m.take_shared(7, true)), ["sent"]);
+        assert_eq!(m.inflight(), 0);
+        assert_eq!(m.queued_bytes(), "tother group".len() + "tqos0".len());
+        assert_eq!(payloads(&mut m), ["other group", "qos0"]);
     }
 
     #[test]

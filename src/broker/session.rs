@@ -124,6 +124,22 @@ pub enum Expiry {
     Never,
 }
 
+/// A will whose connection has ended, waiting for its MQTT 5 Will Delay Interval.
+pub struct DeferredWill {
+    pub message: Arc<Message>,
+    /// Publishes it as the session layer does (bridge, then broker core), which the core does
+    /// not know.
+    pub publish: Box<dyn FnOnce(Arc<Message>) + Send>,
+}
+
+impl std::fmt::Debug for DeferredWill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeferredWill")
+            .field("topic", &self.message.topic_str())
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct State {
     pub mailbox: Mailbox,
@@ -135,6 +151,8 @@ pub(super) struct State {
     pub expiry: Expiry,
     /// Bumped by every attach, so an expiry timer set by an older connection is recognised.
     pub generation: u64,
+    /// The will of the last connection while its delay runs (offline sessions only).
+    pub will: Option<DeferredWill>,
 }
 
 /// One session. Shared by the connection attached to it and by the subscriptions that deliver
@@ -159,6 +177,7 @@ impl Session {
                 attached: None,
                 expiry,
                 generation: 0,
+                will: None,
             }),
             wake: Notify::new(),
         }
@@ -179,6 +198,11 @@ impl Session {
             self.wake.notify_one();
         }
         pushed
+    }
+
+    /// Whether a connection is attached now.
+    pub fn is_attached(&self) -> bool {
+        self.lock().attached.is_some()
     }
 
     /// Resolves when a delivery arrives in an empty queue (or one is already pending).

@@ -139,7 +139,7 @@ impl Reactions {
                 continue;
             }
             for (filter, _) in session.subscriptions() {
-                if filter_channel(&filter) == Some(channel_id) {
+                if filter_channel(crate::broker::shared::inner(&filter)) == Some(channel_id) {
                     self.broker.unsubscribe(&session, &filter);
                     affected.insert(session.key.clone());
                 }

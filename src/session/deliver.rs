@@ -75,6 +75,7 @@ mod tests {
             qos,
             retain,
             ids: Vec::new(),
+            shared: None,
         };
         let outgoing = Outgoing::Publish {
             delivery,

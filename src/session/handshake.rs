@@ -123,6 +123,8 @@ pub(super) struct Accepted {
     pub window: usize,
     /// The MQTT 5 device's Maximum Packet Size.
     pub device_max_packet: Option<usize>,
+    /// The MQTT 5 device's Topic Alias Maximum (0: send it no aliases).
+    pub device_alias_max: u16,
 }
 
 /// Authenticates, attaches to the broker session (taking over any connection holding it) and
@@ -182,6 +184,16 @@ where
     }
     if props.as_ref().and_then(|p| p.receive_maximum) == Some(0) {
         let p = refuse(ConnectReturnCode::ProtocolError, "receive maximum 0");
+        let _ = write_packet(stream, &codec, p).await;
+        return None;
+    }
+    if props
+        .as_ref()
+        .is_some_and(|p| p.authentication_method.is_some())
+    {
+        // Enhanced authentication (AUTH) is not offered (MQTT 4.12).
+        let code = ConnectReturnCode::BadAuthenticationMethod;
+        let p = refuse(code, "enhanced authentication is not supported");
         let _ = write_packet(stream, &codec, p).await;
         return None;
     }
@@ -277,6 +289,7 @@ where
         .as_ref()
         .and_then(|p| p.max_packet_size)
         .map(|n| n as usize);
+    let device_alias_max = props.as_ref().and_then(|p| p.topic_alias_max).unwrap_or(0);
     let v5 = version == ProtocolVersion::V5;
     // MQTT 5 Server Keep Alive: a device asking for more (or for none) gets the maximum.
     let keep_alive = match ctx.max_keep_alive {
@@ -288,10 +301,11 @@ where
         max_packet_size: Some(ctx.max_packet_size as u32),
         receive_max: Some(receive_maximum),
         retain_available: Some(1),
-        shared_subscription_available: Some(0),
+        shared_subscription_available: Some(1),
         subscription_identifiers_available: Some(1),
         wildcard_subscription_available: Some(1),
-        topic_alias_max: Some(0),
+        // Absent means 0 (MQTT 3.2.2.3.8).
+        topic_alias_max: (ctx.topic_alias_maximum > 0).then_some(ctx.topic_alias_maximum),
         max_qos: None,
         server_keep_alive: (keep_alive != connect.keep_alive).then_some(keep_alive),
         ..Default::default()
@@ -319,6 +333,7 @@ where
         keep_alive,
         window: usize::from(receive_maximum.min(device_window)),
         device_max_packet,
+        device_alias_max,
     })
 }
 
@@ -346,6 +361,7 @@ async fn authorize_will(
     let topic = String::from_utf8_lossy(&will.topic).into_owned();
     match ctx.hooks.authorize(identity, &topic, Usage::Publish).await {
         TopicDecision::Allow(canonical) => {
+            let delay = props.as_ref().and_then(|p| p.delay_interval);
             let properties = props.and_then(|p| {
                 crate::broker::message::forwarded_properties(Some(
                     rumqttd::protocol::PublishProperties {
@@ -370,7 +386,8 @@ async fn authorize_will(
                 expires_at: None,
             };
             message.qos = message.qos.min(2);
-            Ok(Will { message })
+            let delay = Duration::from_secs(u64::from(delay.unwrap_or(0)));
+            Ok(Will { message, delay })
         }
         _ => Err(topic),
     }
@@ -384,9 +401,10 @@ async fn reauthorize(
     session: &Arc<crate::broker::Session>,
 ) {
     for (filter, _) in session.subscriptions() {
+        let inner = crate::broker::shared::inner(&filter);
         let still = matches!(
-            ctx.hooks.authorize(&info.identity, &filter, Usage::Subscribe).await,
-            TopicDecision::Allow(ref canonical) if *canonical == filter
+            ctx.hooks.authorize(&info.identity, inner, Usage::Subscribe).await,
+            TopicDecision::Allow(ref canonical) if canonical == inner
         );
         if !still {
             ctx.broker.unsubscribe(session, &filter);

@@ -2,6 +2,7 @@
 //! authentication, attaching to its broker session, CONNACK), then the relay between the device
 //! and the broker core (`relay.rs`), until the session ends exactly once (`teardown.rs`).
 
+mod alias;
 pub mod codec;
 mod deliver;
 pub mod frame;
@@ -15,8 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rumqttd::protocol::{ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use rumqttd::protocol::{
+    ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode, Packet,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
@@ -34,6 +37,8 @@ pub struct SessionContext {
     pub max_packet_size: usize,
     /// MQTT 5 Server Keep Alive in seconds (0: accept what the device asks).
     pub max_keep_alive: u16,
+    /// MQTT 5 Topic Alias Maximum offered to devices (0: none).
+    pub topic_alias_maximum: u16,
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
@@ -121,24 +126,78 @@ async fn connected<S>(
             .with_label_values(&[limits::packet_error_kind(end.v5_code)])
             .inc();
     }
+    // Boxed: the relay's idle state does not keep room for the closing steps.
+    Box::pin(close(&mut stream, &mut session, end, peer)).await;
+}
+
+/// Ends the session (will, `disconnect` event), tells an MQTT 5 device why, closes the socket.
+async fn close<S>(stream: &mut S, session: &mut handshake::Accepted, end: End, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let disconnect_logged = session.live.end(end.reason, end.publish_will);
+    let mut told = false;
     if let (ProtocolVersion::V5, Some(code)) = (session.version, end.v5_code) {
         let mut buf = BytesMut::new();
-        let packet = Packet::Disconnect(Disconnect { reason_code: code }, None);
+        // With a reason string: rumqttd encodes a property-less DISCONNECT with a remaining
+        // length one byte short, which clients read as a stray packet.
+        let props = DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: Some(reason_string(&end.detail)),
+            user_properties: Vec::new(),
+            server_reference: None,
+        };
+        let packet = Packet::Disconnect(Disconnect { reason_code: code }, Some(props));
         if Codec::new(ProtocolVersion::V5, usize::MAX)
             .write(packet, &mut buf)
             .is_ok()
         {
-            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
+            told = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf))
+                .await
+                .is_ok_and(|r| r.is_ok());
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    if told {
+        // Closing with unread input resets the connection, and a reset can discard the
+        // DISCONNECT before the device reads its reason: read on until the device closes.
+        let _ = tokio::time::timeout(LINGER, discard_input(stream)).await;
+    }
     // The session's teardown completes once its `disconnect` is in the event log (after the
     // socket is closed, so the device never waits for it).
     disconnect_logged.await;
     tracing::info!(client_id = %session.live.info.identity.client_id,
         mqtt_client_id = %session.live.info.mqtt_client_id, %peer,
         reason = end.reason.as_str(), detail = %end.detail, "disconnected");
+}
+
+/// The MQTT 5 Reason String of a DISCONNECT: the detail logged, kept short.
+fn reason_string(detail: &str) -> String {
+    const MAX: usize = 128;
+    if detail.len() <= MAX {
+        return if detail.is_empty() {
+            "disconnected".into()
+        } else {
+            detail.into()
+        };
+    }
+    let mut end = MAX;
+    while !detail.is_char_boundary(end) {
+        end -= 1;
+    }
+    detail[..end].into()
+}
+
+/// How long a device told why it is disconnected may take to close its end.
+const LINGER: Duration = Duration::from_secs(1);
+
+async fn discard_input<S: AsyncRead + Unpin>(stream: &mut S) {
+    let mut scratch = [0u8; 512];
+    while let Ok(n) = stream.read(&mut scratch).await {
+        if n == 0 {
+            return;
+        }
+    }
 }
 
 /// Why the session loop stopped.

@@ -16,6 +16,7 @@ use rumqttd::protocol::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use super::alias::TopicAliases;
 use super::codec::{Codec, ProtocolVersion};
 use super::frame::{self, FrameError};
 use super::handshake::Accepted;
@@ -23,7 +24,7 @@ use super::limits::PublishRate;
 use super::teardown::{route_message, route_of};
 use super::{deliver, End, SessionContext, WRITE_TIMEOUT};
 use crate::auth::TopicDecision;
-use crate::broker::{message, Kick, Message, Origin, Outgoing, Session, SubOptions};
+use crate::broker::{message, shared, Kick, Message, Origin, Outgoing, Session, SubOptions};
 use crate::hooks::{DisconnectReason, PublishRoute, SessionInfo};
 use crate::topic::{self, TopicKind, Usage};
 
@@ -61,6 +62,7 @@ struct Relay<'a> {
     scratch: Vec<Outgoing>,
     /// The MQTT 5 device's Maximum Packet Size: larger PUBLISHes are not sent to it.
     device_max_packet: Option<usize>,
+    aliases: TopicAliases,
 }
 
 pub(super) async fn run<S>(
@@ -88,6 +90,7 @@ where
         more: true,
         scratch: Vec::new(),
         device_max_packet: accepted.device_max_packet,
+        aliases: TopicAliases::new(ctx.topic_alias_maximum, accepted.device_alias_max),
     };
     // A resumed session first completes what the previous connection left in flight.
     for outgoing in relay.session.resend() {
@@ -210,7 +213,8 @@ impl Relay<'_> {
             Outgoing::Release(_) => None,
         };
         let start = self.wbuf.len();
-        let packet = deliver::packet(outgoing, self.v5());
+        let mut packet = deliver::packet(outgoing, self.v5());
+        let aliased = self.aliases.apply(&mut packet);
         self.write(packet)?;
         let Some(pkid) = pkid else {
             return Ok(());
@@ -221,6 +225,9 @@ impl Relay<'_> {
         {
             // MQTT 3.1.2.11.4: not sent, and counted, as if delivered.
             self.wbuf.truncate(start);
+            if let Some(topic) = aliased {
+                self.aliases.unassign(&topic);
+            }
             if pkid != 0 {
                 self.session.forget(pkid);
             }
@@ -391,7 +398,7 @@ impl Relay<'_> {
 
     async fn publish(
         &mut self,
-        publish: Publish,
+        mut publish: Publish,
         props: Option<PublishProperties>,
         qos: u8,
         publish_id: Option<u16>,
@@ -408,11 +415,15 @@ impl Relay<'_> {
                 "publish rate limit exceeded",
             ));
         }
-        if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
-            return Err(End::protocol(
-                DisconnectReasonCode::TopicAliasInvalid,
-                "topic aliases are not accepted",
-            ));
+        if self.v5() {
+            let alias = props.as_ref().and_then(|p| p.topic_alias);
+            publish.topic = self.aliases.resolve(&publish.topic, alias).map_err(|e| {
+                let code = match e {
+                    super::alias::AliasError::NoTopic => DisconnectReasonCode::ProtocolError,
+                    _ => DisconnectReasonCode::TopicAliasInvalid,
+                };
+                End::protocol(code, e.to_string())
+            })?;
         }
         // A revocation since the cache was filled may have taken any of its answers back.
         let epoch = self.ctx.rights.current();
@@ -572,17 +583,34 @@ impl Relay<'_> {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut granted = Vec::with_capacity(subscribe.filters.len());
         for filter in subscribe.filters {
-            // `$` filters (including `$share`) are not offered.
-            let decision = if filter.path.starts_with('$') {
+            // `$share/<group>/<filter>` is authorized as its inner filter; other `$` filters
+            // are not offered.
+            let shared = shared::split(&filter.path);
+            if v5 && filter.nolocal && shared.is_some() {
+                return Err(End::protocol(
+                    DisconnectReasonCode::ProtocolError,
+                    "No Local on a shared subscription",
+                ));
+            }
+            let group = match shared {
+                Some(Ok((group, inner))) if !inner.starts_with('$') => Some((group, inner)),
+                _ => None,
+            };
+            let path = group.map_or(filter.path.as_str(), |(_, inner)| inner);
+            let decision = if group.is_none() && filter.path.starts_with('$') {
                 TopicDecision::Invalid(topic::TopicError::BadFilter)
             } else {
                 self.ctx
                     .hooks
-                    .authorize(&self.info.identity, &filter.path, Usage::Subscribe)
+                    .authorize(&self.info.identity, path, Usage::Subscribe)
                     .await
             };
             match decision {
                 TopicDecision::Allow(canonical) => {
+                    let canonical = match group {
+                        Some((group, _)) => shared::join(group, &canonical),
+                        None => canonical,
+                    };
                     let options = SubOptions {
                         qos: (filter.qos as u8).min(2),
                         no_local: v5 && filter.nolocal,
@@ -595,6 +623,8 @@ impl Relay<'_> {
                         .subscribe(&self.session, &canonical, options);
                     codes.push(SubscribeReasonCode::Success(filter.qos));
                     let retained = match filter.retain_forward_rule {
+                        // Never on a shared subscription (MQTT 4.8.2).
+                        _ if group.is_some() => false,
                         RetainForwardRule::OnEverySubscribe => true,
                         RetainForwardRule::OnNewSubscribe => !existed,
                         RetainForwardRule::Never => false,
@@ -637,9 +667,13 @@ impl Relay<'_> {
             .filters
             .iter()
             .map(|filter| {
-                let canonical = match topic::parse(filter, Usage::Subscribe) {
+                let canonical_of = |f: &str| match topic::parse(f, Usage::Subscribe) {
                     Ok(TopicKind::Channel(c)) => c.canonical(),
-                    _ => filter.clone(),
+                    _ => f.to_string(),
+                };
+                let canonical = match shared::split(filter) {
+                    Some(Ok((group, inner))) => shared::join(group, &canonical_of(inner)),
+                    _ => canonical_of(filter),
                 };
                 if self.ctx.broker.unsubscribe(&self.session, &canonical) {
                     UnsubAckReason::Success

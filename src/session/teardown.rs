@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::broker::{Attachment, Broker, Message, Origin};
+use crate::broker::{Attachment, Broker, DeferredWill, Message, Origin};
 use crate::events::EventCommit;
 use crate::hooks::{DisconnectReason, PublishRoute, SessionInfo};
 use crate::topic::{self, TopicKind, Usage};
@@ -15,6 +15,9 @@ use super::SessionContext;
 /// A will authorized at CONNECT, ready to be published.
 pub(super) struct Will {
     pub message: Message,
+    /// MQTT 5 Will Delay Interval: published this long after the connection ends (or when the
+    /// session ends, if sooner), unless the session is resumed first.
+    pub delay: std::time::Duration,
 }
 
 pub(super) struct LiveSession {
@@ -62,13 +65,26 @@ impl LiveSession {
         if std::mem::replace(&mut self.ended, true) {
             return EventCommit::done();
         }
+        let mut deferred = None;
         if let Some(will) = self.will.take().filter(|_| publish_will) {
             let mut message = will.message;
             message.origin = Origin::Session(self.attachment.session.id);
-            let route = route_of(&message.topic);
-            route_message(&self.ctx, &self.info, &route, Arc::new(message));
+            let message = Arc::new(message);
+            if will.delay.is_zero() {
+                let route = route_of(&message.topic);
+                route_message(&self.ctx, &self.info, &route, message);
+            } else {
+                let (ctx, info) = (self.ctx.clone(), self.info.clone());
+                let publish = Box::new(move |message: Arc<Message>| {
+                    let route = route_of(&message.topic);
+                    route_message(&ctx, &info, &route, message);
+                });
+                deferred = Some((DeferredWill { message, publish }, will.delay));
+            }
         }
-        self.ctx.broker.detach(&mut self.attachment);
+        self.ctx
+            .broker
+            .detach_with_will(&mut self.attachment, deferred);
         let logged = if self.announced {
             self.ctx.hooks.disconnected(&self.info, reason)
         } else {

@@ -495,3 +495,26 @@ pub async fn mosquitto_pub(
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs the paho-mqtt (Python) script `tests/<script>` with `args`, within `wait`, and asserts
+/// it succeeded; `what` names it in the failure, with the script's output.
+pub async fn run_paho(script: &str, args: &[&str], wait: std::time::Duration, what: &str) {
+    let path = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::time::timeout(
+        wait,
+        tokio::process::Command::new("python3")
+            .arg(&path)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("paho-mqtt {what}: did not finish within {wait:?}"))
+    .expect("run python3");
+    assert!(
+        out.status.success(),
+        "paho-mqtt {what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -12,7 +12,9 @@ pub mod stores;
 pub use adapter::{
     adapter_command, assert_paired, assert_session, free_port, run_to_exit, Adapter, Event, WAIT,
 };
-pub use clients::{mosquitto_pub, v4_options, v5_options, MosquittoSub, V4Client, V5Client};
+pub use clients::{
+    mosquitto_pub, run_paho, v4_options, v5_options, MosquittoSub, V4Client, V5Client,
+};
 pub use ops::{http_get, metric, TestPki};
 pub use raw::{Connect, RawClient, V311, V5};
 
