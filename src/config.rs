@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser, ValueEnum};
 
-pub use crate::events::FsyncMode;
+pub use crate::events::{EventLayout, FsyncMode};
 
 /// Which backend authenticates CONNECTs and authorizes channel access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -106,6 +106,12 @@ pub struct Config {
     /// `mqtt_client_id` to `connect` events (off: exactly the seed's four fields).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_DETAILS", default_value_t = false, action = clap::ArgAction::Set)]
     pub event_details: bool,
+
+    /// How events are written to the store: `seed` (stream supermq.mqtt, four fields) or
+    /// `supermq` (SuperMQ's MQTT adapter layout: streams supermq.mqtt.client_connect,
+    /// …client_disconnect, …client_subscribe; a JSON `data` field / protobuf body).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_LAYOUT", value_enum, default_value_t = EventLayout::Seed)]
+    pub event_layout: EventLayout,
 
     /// MQTT over TLS port (opened only when the server certificate and key are set).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MQTTS_PORT", default_value_t = 8883)]
@@ -237,6 +243,28 @@ pub struct Config {
     /// CA certificates (PEM) that sign the channels service (Authorize)'s certificate; unset: the system roots.
     #[arg(long, env = "SMQ_CHANNELS_GRPC_CLIENT_CA_CERTS")]
     pub channels_grpc_client_ca_certs: Option<PathBuf>,
+
+    /// URL of the platform's domains service (RetrieveIDByRoute), e.g. http://domains:7003; set
+    /// with `--auth supermq`: a topic's non-UUID domain or channel is a route, resolved to its id
+    /// (channel routes through the channels service). Unset: topics name ids only.
+    #[arg(long, env = "SMQ_DOMAINS_GRPC_URL")]
+    pub domains_grpc_url: Option<String>,
+
+    /// Deadline of one call to the domains service (RetrieveIDByRoute) (`1s`, `500ms`).
+    #[arg(long, env = "SMQ_DOMAINS_GRPC_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub domains_grpc_timeout: Duration,
+
+    /// Client certificate (PEM) for mTLS to the domains service.
+    #[arg(long, env = "SMQ_DOMAINS_GRPC_CLIENT_CERT")]
+    pub domains_grpc_client_cert: Option<PathBuf>,
+
+    /// Client key (PEM) for mTLS to the domains service.
+    #[arg(long, env = "SMQ_DOMAINS_GRPC_CLIENT_KEY")]
+    pub domains_grpc_client_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign the domains service's certificate; unset: the system roots.
+    #[arg(long, env = "SMQ_DOMAINS_GRPC_CLIENT_CA_CERTS")]
+    pub domains_grpc_client_ca_certs: Option<PathBuf>,
 
     /// How long a positive answer of the platform's auth services is cached (`10s`).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_AUTH_CACHE_ALLOW_TTL", default_value = "10s", value_parser = parse_duration)]

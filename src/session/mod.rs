@@ -195,7 +195,7 @@ mod footprint {
     async fn a_socket_before_connect_holds_a_small_future() {
         let registry = Arc::new(crate::auth::StaticRegistry::demo());
         let (outbox, _t) =
-            crate::events::Outbox::start(Box::new(crate::events::StdoutSink::new()), 10);
+            crate::events::Outbox::start(Box::new(crate::events::StdoutSink::default()), 10);
         let ctx = Arc::new(SessionContext {
             broker: Broker::new(crate::broker::BrokerConfig::default()),
             hooks: Hooks::new(registry.clone(), registry).with_events(Arc::new(

@@ -354,7 +354,7 @@ impl Relay<'_> {
                 ))
             }
             Packet::Subscribe(subscribe, props) => self.subscribe(subscribe, props).await,
-            Packet::Unsubscribe(unsubscribe, _) => self.unsubscribe(unsubscribe),
+            Packet::Unsubscribe(unsubscribe, _) => self.unsubscribe(unsubscribe).await,
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
             Packet::PubAck(ack, _) => {
                 self.session.puback(ack.pkid);
@@ -569,6 +569,7 @@ impl Relay<'_> {
         let v5 = self.v5();
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut granted = Vec::with_capacity(subscribe.filters.len());
+        let mut channels = Vec::new();
         for filter in subscribe.filters {
             // `$` filters (including `$share`) are not offered.
             let decision = if filter.path.starts_with('$') {
@@ -592,6 +593,11 @@ impl Relay<'_> {
                         .broker
                         .subscribe(&self.session, &canonical, options);
                     codes.push(SubscribeReasonCode::Success(filter.qos));
+                    if let Ok(TopicKind::Channel(channel)) =
+                        topic::parse(&canonical, Usage::Subscribe)
+                    {
+                        channels.push(channel);
+                    }
                     let retained = match filter.retain_forward_rule {
                         RetainForwardRule::OnEverySubscribe => true,
                         RetainForwardRule::OnNewSubscribe => !existed,
@@ -620,6 +626,7 @@ impl Relay<'_> {
             },
             None,
         ))?;
+        self.ctx.hooks.subscribed(&self.info, &channels);
         // Retained messages follow the SUBACK.
         for (filter, options) in granted {
             self.ctx
@@ -630,22 +637,16 @@ impl Relay<'_> {
         Ok(())
     }
 
-    fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), End> {
-        let reasons = unsubscribe
-            .filters
-            .iter()
-            .map(|filter| {
-                let canonical = match topic::parse(filter, Usage::Subscribe) {
-                    Ok(TopicKind::Channel(c)) => c.canonical(),
-                    _ => filter.clone(),
-                };
-                if self.ctx.broker.unsubscribe(&self.session, &canonical) {
-                    UnsubAckReason::Success
-                } else {
-                    UnsubAckReason::NoSubscriptionExisted
-                }
-            })
-            .collect();
+    async fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), End> {
+        let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        for filter in &unsubscribe.filters {
+            let canonical = self.ctx.hooks.canonical_filter(filter).await;
+            reasons.push(if self.ctx.broker.unsubscribe(&self.session, &canonical) {
+                UnsubAckReason::Success
+            } else {
+                UnsubAckReason::NoSubscriptionExisted
+            });
+        }
         self.write(Packet::UnsubAck(
             UnsubAck {
                 pkid: unsubscribe.pkid,
