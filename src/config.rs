@@ -288,6 +288,45 @@ pub struct Config {
     pub bridge_buffer: u64,
 }
 
+/// Variables of SuperMQ's Go MQTT adapter that this adapter reads under another name, and that
+/// name: an env file ported unchanged would otherwise lose TLS settings without a word.
+pub const RENAMED_SUPERMQ_VARS: [(&str, &str); 7] = [
+    (
+        "SMQ_MQTT_ADAPTER_CERT_FILE",
+        "SMQ_MQTT_ADAPTER_SERVER_CERT (TLS is served on SMQ_MQTT_ADAPTER_MQTTS_PORT)",
+    ),
+    ("SMQ_MQTT_ADAPTER_KEY_FILE", "SMQ_MQTT_ADAPTER_SERVER_KEY"),
+    (
+        "SMQ_MQTT_ADAPTER_CLIENT_CA_FILE",
+        "SMQ_MQTT_ADAPTER_CLIENT_CA_CERTS",
+    ),
+    (
+        "SMQ_MQTT_ADAPTER_SERVER_CA_FILE",
+        "SMQ_MQTT_ADAPTER_SERVER_CERT (append the intermediate CAs to the chain)",
+    ),
+    (
+        "SMQ_CLIENTS_GRPC_SERVER_CA_CERTS",
+        "SMQ_CLIENTS_GRPC_CLIENT_CA_CERTS",
+    ),
+    (
+        "SMQ_CHANNELS_GRPC_SERVER_CA_CERTS",
+        "SMQ_CHANNELS_GRPC_CLIENT_CA_CERTS",
+    ),
+    (
+        "SMQ_DOMAINS_GRPC_SERVER_CA_CERTS",
+        "SMQ_DOMAINS_GRPC_CLIENT_CA_CERTS",
+    ),
+];
+
+/// The renamed SuperMQ variables `is_set` reports as set, with the name to use instead.
+pub fn renamed_supermq_vars(
+    is_set: impl Fn(&str) -> bool,
+) -> impl Iterator<Item = (&'static str, &'static str)> {
+    RENAMED_SUPERMQ_VARS
+        .into_iter()
+        .filter(move |(old, _)| is_set(old))
+}
+
 /// Parses a duration written as SuperMQ writes them (`1s`, `500ms`, `2m`).
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
@@ -427,6 +466,27 @@ fn name_the_variable(err: clap::Error) -> clap::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renamed_supermq_variables_are_named_with_their_replacement() {
+        let set = [
+            "SMQ_MQTT_ADAPTER_CERT_FILE",
+            "SMQ_CLIENTS_GRPC_SERVER_CA_CERTS",
+        ];
+        let found: Vec<(&str, &str)> = renamed_supermq_vars(|name| set.contains(&name)).collect();
+        assert_eq!(found.len(), 2);
+        assert!(found[0].1.starts_with("SMQ_MQTT_ADAPTER_SERVER_CERT"));
+        assert_eq!(found[1].1, "SMQ_CLIENTS_GRPC_CLIENT_CA_CERTS");
+        assert_eq!(renamed_supermq_vars(|_| false).count(), 0);
+    }
+
+    #[test]
+    fn event_layout_defaults_to_seed_and_takes_supermq() {
+        assert_eq!(Config::defaults().event_layout, EventLayout::Seed);
+        let config = Config::parse_from(["mqtt-adapter", "--event-layout", "supermq"]);
+        assert_eq!(config.event_layout, EventLayout::Supermq);
+        assert!(Config::try_parse_from(["mqtt-adapter", "--event-layout", "journal"]).is_err());
+    }
 
     #[test]
     fn grpc_timeouts_take_go_style_durations() {

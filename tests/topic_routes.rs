@@ -1,13 +1,18 @@
 //! Topic routes with the `supermq` backend (a real tonic stand-in answering
 //! `DomainsService`/`ChannelsService` `RetrieveIDByRoute`): a device publishing by route reaches
-//! a subscriber by id and the other way round, an unknown route is refused exactly like an
-//! unknown channel, and the route cache makes one lookup per route for 100 publishes.
+//! a subscriber by id and the other way round, the bus bridge sees ids only, an unknown route is
+//! refused exactly like an unknown channel, and the route cache makes one lookup per route for
+//! 100 publishes.
 
 mod common;
 
+use common::nats::NatsServer;
 use common::platform::{Platform, PUBLISH, SUBSCRIBE};
 use common::raw::{self, PUBACK};
-use common::{Adapter, Connect, RawClient, V311, V5};
+use common::{Adapter, Connect, RawClient, V311, V5, WAIT};
+use futures_util::StreamExt;
+use mqtt_adapter::bridge::message::Message;
+use prost::Message as _;
 
 const DOMAIN: &str = "6a1f0b2c-3d4e-4f50-8a61-b7c8d9e0f1a2";
 const CHANNEL: &str = "0c9b8a7d-6e5f-4a3b-9c2d-1e0f9a8b7c6d";
@@ -15,6 +20,10 @@ const CHANNEL: &str = "0c9b8a7d-6e5f-4a3b-9c2d-1e0f9a8b7c6d";
 const UNKNOWN_CHANNEL: &str = "11111111-2222-4333-8444-555555555555";
 
 async fn routed_adapter() -> (Platform, Adapter) {
+    routed_adapter_with(&[]).await
+}
+
+async fn routed_adapter_with(extra: &[(&str, &str)]) -> (Platform, Adapter) {
     let platform = Platform::start().await;
     let s = &platform.state;
     s.client("dev", "secret");
@@ -23,7 +32,8 @@ async fn routed_adapter() -> (Platform, Adapter) {
     s.domain_route("home", DOMAIN);
     s.channel_route(DOMAIN, "kitchen", CHANNEL);
     let env = platform.adapter_env_with_routes();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    env.extend_from_slice(extra);
     let adapter = Adapter::start_without_clients_file(&env).await;
     (platform, adapter)
 }
@@ -174,5 +184,35 @@ async fn one_route_lookup_for_a_hundred_publishes() {
         platform.state.authz_calls(),
         2,
         "one publish and one subscribe decision"
+    );
+}
+
+#[tokio::test]
+async fn the_bridge_publishes_a_routed_message_under_its_ids() {
+    let nats = NatsServer::start().await;
+    let bus = nats.client().await;
+    let mut sub = bus.subscribe("m.>").await.expect("subscribe");
+    bus.flush().await.expect("flush");
+    let url = nats.url();
+    let (_platform, mut adapter) = routed_adapter_with(&[("SMQ_MESSAGE_BROKER_URL", &url)]).await;
+    let mut dev =
+        RawClient::connect_ok(adapter.port, &Connect::new(V5, "bridged", "dev", "secret")).await;
+    adapter.expect_connect("dev").await;
+    dev.send(&raw::publish(V5, "m/home/c/kitchen/a/b", 1, 1, b"x", &[]))
+        .await;
+    assert_eq!(dev.expect_kind(PUBACK).await.puback_reason(), 0);
+    let got = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("no NATS message within the wait")
+        .expect("NATS subscription ended");
+    assert_eq!(got.subject.as_str(), format!("m.{DOMAIN}.c.{CHANNEL}.a.b"));
+    let message = Message::decode(got.payload.as_ref()).expect("messaging.Message");
+    assert_eq!(
+        (
+            message.domain.as_str(),
+            message.channel.as_str(),
+            message.subtopic.as_str()
+        ),
+        (DOMAIN, CHANNEL, "a.b")
     );
 }
