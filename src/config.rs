@@ -377,6 +377,11 @@ pub struct PresenceArgs {
     #[arg(long, env = "SMQ_ES_URL")]
     pub es_url: Option<String>,
 
+    /// The layout the adapters write (`seed` or `supermq`: then the streams
+    /// supermq.mqtt.client_connect and …client_disconnect are read).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_LAYOUT", value_enum, default_value_t = EventLayout::Seed)]
+    pub event_layout: EventLayout,
+
     /// Print who is online now and exit, instead of following the stream.
     #[arg(long)]
     pub once: bool,
