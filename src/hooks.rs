@@ -13,7 +13,7 @@ use crate::auth::{
 };
 use crate::broker::Message;
 use crate::events::{
-    ConnectionEvent, EventCommit, EventDetails, EventLayout, EventQueue, EventType,
+    ConnectionEvent, EventCommit, EventDetails, EventLayout, EventQueue, EventType, Subscription,
 };
 use crate::session::codec::ProtocolVersion;
 use crate::topic::{ChannelTopic, Usage};
@@ -256,15 +256,15 @@ impl ConnectionEvents {
             return;
         }
         let subscription = EventDetails {
-            domain_id: Some(channel.domain.clone()),
-            channel_id: Some(channel.channel.clone()),
-            // SuperMQ's form of a subscribe subtopic: `.` between levels, NATS wildcards.
-            subtopic: Some(
-                channel
+            subscription: Some(Box::new(Subscription {
+                domain_id: channel.domain.clone(),
+                channel_id: channel.channel.clone(),
+                // SuperMQ's form of a subscribe subtopic: `.` between levels, NATS wildcards.
+                subtopic: channel
                     .dotted_subtopic()
                     .replace('+', "*")
                     .replace('#', ">"),
-            ),
+            })),
             ..EventDetails::default()
         };
         // A subscribe is not a session boundary: nothing waits for it to reach the log.

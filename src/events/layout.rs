@@ -112,9 +112,10 @@ fn supermq_json(event: &ConnectionEvent) -> String {
     };
     pairs.push(("operation", Value::String(operation.to_owned())));
     if event.event_type == EventType::Subscribe {
-        pairs.push(("domainID", text(&details.domain_id)));
-        pairs.push(("channel_id", text(&details.channel_id)));
-        pairs.push(("subtopic", text(&details.subtopic)));
+        let subscription = details.subscription.as_deref().cloned().unwrap_or_default();
+        pairs.push(("domainID", Value::String(subscription.domain_id)));
+        pairs.push(("channel_id", Value::String(subscription.channel_id)));
+        pairs.push(("subtopic", Value::String(subscription.subtopic)));
     } else {
         pairs.push(("instance", Value::String(event.instance.clone())));
     }
@@ -126,7 +127,7 @@ fn supermq_json(event: &ConnectionEvent) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::EventDetails;
+    use crate::events::{EventDetails, Subscription};
 
     fn event(event_type: EventType) -> ConnectionEvent {
         ConnectionEvent {
@@ -159,9 +160,11 @@ mod tests {
     #[test]
     fn supermq_subscribe_json_has_their_spelling_and_no_instance() {
         let mut e = event(EventType::Subscribe);
-        e.details.domain_id = Some("d1".into());
-        e.details.channel_id = Some("ch1".into());
-        e.details.subtopic = Some("a.*".into());
+        e.details.subscription = Some(Box::new(Subscription {
+            domain_id: "d1".into(),
+            channel_id: "ch1".into(),
+            subtopic: "a.*".into(),
+        }));
         assert_eq!(
             supermq_json(&e),
             r#"{"channel_id":"ch1","client_id":"c1","domainID":"d1","occurred_at":1696852656381976408,"operation":"mqtt.client_subscribe","subscriber_id":"dev-1","subtopic":"a.*"}"#

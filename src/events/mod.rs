@@ -84,16 +84,19 @@ pub struct EventDetails {
     /// it is `subscriber_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt_client_id: Option<String>,
-    /// The subscribed channel's domain id (`subscribe` only).
+    /// What was subscribed (`subscribe` only); boxed, as most events have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub domain_id: Option<String>,
-    /// The subscribed channel id (`subscribe` only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub channel_id: Option<String>,
-    /// The subscribed subtopic as SuperMQ writes it: `.` between levels, `*` and `>` for the
-    /// MQTT wildcards (`subscribe` only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subtopic: Option<String>,
+    pub subscription: Option<Box<Subscription>>,
+}
+
+/// The channel filter a `subscribe` event reports, with resolved ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    pub domain_id: String,
+    pub channel_id: String,
+    /// The subtopic as SuperMQ writes it: `.` between levels, `*` and `>` for the MQTT
+    /// wildcards, empty when none.
+    pub subtopic: String,
 }
 
 impl EventDetails {

@@ -99,25 +99,22 @@ impl PlatformState {
             .count()
     }
 
-    /// The answer to a RetrieveIDByRoute: the entity, or NotFound as the platform answers.
+    /// Records a RetrieveIDByRoute and answers it: the entity, or `None` (NotFound, as the
+    /// platform answers an unknown route).
     fn route_answer(
         &self,
         request: RetrieveIdByRouteReq,
         id: Option<String>,
-    ) -> Result<Response<RetrieveEntityRes>, Status> {
+    ) -> Option<RetrieveEntityRes> {
         let domain_id = request.domain_id.clone();
-        let route = request.route.clone();
         self.route_requests.lock().unwrap().push(request);
-        match id {
-            Some(id) => Ok(Response::new(RetrieveEntityRes {
-                entity: Some(EntityBasic {
-                    id,
-                    domain_id,
-                    ..EntityBasic::default()
-                }),
-            })),
-            None => Err(Status::not_found(format!("no entity with route {route:?}"))),
-        }
+        id.map(|id| RetrieveEntityRes {
+            entity: Some(EntityBasic {
+                id,
+                domain_id,
+                ..EntityBasic::default()
+            }),
+        })
     }
 
     /// Every answer waits this long first.
@@ -160,7 +157,10 @@ impl DomainsService for Domains {
             .unwrap()
             .get(&req.route)
             .cloned();
-        self.0.route_answer(req, id)
+        self.0
+            .route_answer(req, id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found("no domain with this route"))
     }
 }
 
@@ -218,7 +218,10 @@ impl ChannelsService for Channels {
         let req = request.into_inner();
         let key = (req.domain_id.clone(), req.route.clone());
         let id = self.0.channel_routes.lock().unwrap().get(&key).cloned();
-        self.0.route_answer(req, id)
+        self.0
+            .route_answer(req, id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found("no channel with this route"))
     }
 }
 
