@@ -289,3 +289,23 @@ impl ConnectionEvents {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_session_key_gives_back_the_mqtt_client_id() {
+        let session = SessionInfo {
+            identity: Identity {
+                client_id: "c1".into(),
+                anonymous: false,
+            },
+            mqtt_client_id: "box 7".into(),
+            version: ProtocolVersion::V5,
+            peer: "[::1]:40000".parse().expect("socket address"),
+        };
+        let key = ConnectionEvents::session_key(&session);
+        assert_eq!(ConnectionEvents::mqtt_client_id_of(&key), Some("box 7"));
+    }
+}
