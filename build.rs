@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/clients/v1/clients.proto",
         "proto/channels/v1/channels.proto",
+        "proto/common/v1/common.proto",
+        "proto/domains/v1/domains.proto",
         "proto/messaging/messaging.proto",
     ];
     for proto in protos {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser, ValueEnum};
 
-pub use crate::events::FsyncMode;
+pub use crate::events::{EventLayout, FsyncMode};
 
 /// Which backend authenticates CONNECTs and authorizes channel access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -106,6 +106,12 @@ pub struct Config {
     /// `mqtt_client_id` to `connect` events (off: exactly the seed's four fields).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_DETAILS", default_value_t = false, action = clap::ArgAction::Set)]
     pub event_details: bool,
+
+    /// How events are written to the store: `seed` (stream supermq.mqtt, four fields) or
+    /// `supermq` (SuperMQ's MQTT adapter layout: streams supermq.mqtt.client_connect,
+    /// …client_disconnect, …client_subscribe; a JSON `data` field / protobuf body).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_LAYOUT", value_enum, default_value_t = EventLayout::Seed)]
+    pub event_layout: EventLayout,
 
     /// MQTT over TLS port (opened only when the server certificate and key are set).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MQTTS_PORT", default_value_t = 8883)]
@@ -247,6 +253,28 @@ pub struct Config {
     #[arg(long, env = "SMQ_CHANNELS_GRPC_CLIENT_CA_CERTS")]
     pub channels_grpc_client_ca_certs: Option<PathBuf>,
 
+    /// URL of the platform's domains service (RetrieveIDByRoute), e.g. http://domains:7003; set
+    /// with `--auth supermq`: a topic's non-UUID domain or channel is a route, resolved to its id
+    /// (channel routes through the channels service). Unset: topics name ids only.
+    #[arg(long, env = "SMQ_DOMAINS_GRPC_URL")]
+    pub domains_grpc_url: Option<String>,
+
+    /// Deadline of one call to the domains service (RetrieveIDByRoute) (`1s`, `500ms`).
+    #[arg(long, env = "SMQ_DOMAINS_GRPC_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub domains_grpc_timeout: Duration,
+
+    /// Client certificate (PEM) for mTLS to the domains service.
+    #[arg(long, env = "SMQ_DOMAINS_GRPC_CLIENT_CERT")]
+    pub domains_grpc_client_cert: Option<PathBuf>,
+
+    /// Client key (PEM) for mTLS to the domains service.
+    #[arg(long, env = "SMQ_DOMAINS_GRPC_CLIENT_KEY")]
+    pub domains_grpc_client_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign the domains service's certificate; unset: the system roots.
+    #[arg(long, env = "SMQ_DOMAINS_GRPC_CLIENT_CA_CERTS")]
+    pub domains_grpc_client_ca_certs: Option<PathBuf>,
+
     /// How long a positive answer of the platform's auth services is cached (`10s`).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_AUTH_CACHE_ALLOW_TTL", default_value = "10s", value_parser = parse_duration)]
     pub auth_cache_allow_ttl: Duration,
@@ -267,6 +295,45 @@ pub struct Config {
     /// they are counted as dropped.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_BRIDGE_BUFFER", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub bridge_buffer: u64,
+}
+
+/// Variables of SuperMQ's Go MQTT adapter that this adapter reads under another name, and that
+/// name: an env file ported unchanged would otherwise lose TLS settings without a word.
+pub const RENAMED_SUPERMQ_VARS: [(&str, &str); 7] = [
+    (
+        "SMQ_MQTT_ADAPTER_CERT_FILE",
+        "SMQ_MQTT_ADAPTER_SERVER_CERT (TLS is served on SMQ_MQTT_ADAPTER_MQTTS_PORT)",
+    ),
+    ("SMQ_MQTT_ADAPTER_KEY_FILE", "SMQ_MQTT_ADAPTER_SERVER_KEY"),
+    (
+        "SMQ_MQTT_ADAPTER_CLIENT_CA_FILE",
+        "SMQ_MQTT_ADAPTER_CLIENT_CA_CERTS",
+    ),
+    (
+        "SMQ_MQTT_ADAPTER_SERVER_CA_FILE",
+        "SMQ_MQTT_ADAPTER_SERVER_CERT (append the intermediate CAs to the chain)",
+    ),
+    (
+        "SMQ_CLIENTS_GRPC_SERVER_CA_CERTS",
+        "SMQ_CLIENTS_GRPC_CLIENT_CA_CERTS",
+    ),
+    (
+        "SMQ_CHANNELS_GRPC_SERVER_CA_CERTS",
+        "SMQ_CHANNELS_GRPC_CLIENT_CA_CERTS",
+    ),
+    (
+        "SMQ_DOMAINS_GRPC_SERVER_CA_CERTS",
+        "SMQ_DOMAINS_GRPC_CLIENT_CA_CERTS",
+    ),
+];
+
+/// The renamed SuperMQ variables `is_set` reports as set, with the name to use instead.
+pub fn renamed_supermq_vars(
+    is_set: impl Fn(&str) -> bool,
+) -> impl Iterator<Item = (&'static str, &'static str)> {
+    RENAMED_SUPERMQ_VARS
+        .into_iter()
+        .filter(move |(old, _)| is_set(old))
 }
 
 /// Parses a duration written as SuperMQ writes them (`1s`, `500ms`, `2m`).
@@ -318,6 +385,11 @@ pub struct PresenceArgs {
     /// subject events.supermq.mqtt).
     #[arg(long, env = "SMQ_ES_URL")]
     pub es_url: Option<String>,
+
+    /// The layout the adapters write (`seed` or `supermq`: then the streams
+    /// supermq.mqtt.client_connect and …client_disconnect are read).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_LAYOUT", value_enum, default_value_t = EventLayout::Seed)]
+    pub event_layout: EventLayout,
 
     /// Print who is online now and exit, instead of following the stream.
     #[arg(long)]
@@ -408,6 +480,27 @@ fn name_the_variable(err: clap::Error) -> clap::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renamed_supermq_variables_are_named_with_their_replacement() {
+        let set = [
+            "SMQ_MQTT_ADAPTER_CERT_FILE",
+            "SMQ_CLIENTS_GRPC_SERVER_CA_CERTS",
+        ];
+        let found: Vec<(&str, &str)> = renamed_supermq_vars(|name| set.contains(&name)).collect();
+        assert_eq!(found.len(), 2);
+        assert!(found[0].1.starts_with("SMQ_MQTT_ADAPTER_SERVER_CERT"));
+        assert_eq!(found[1].1, "SMQ_CLIENTS_GRPC_CLIENT_CA_CERTS");
+        assert_eq!(renamed_supermq_vars(|_| false).count(), 0);
+    }
+
+    #[test]
+    fn event_layout_defaults_to_seed_and_takes_supermq() {
+        assert_eq!(Config::defaults().event_layout, EventLayout::Seed);
+        let config = Config::parse_from(["mqtt-adapter", "--event-layout", "supermq"]);
+        assert_eq!(config.event_layout, EventLayout::Supermq);
+        assert!(Config::try_parse_from(["mqtt-adapter", "--event-layout", "journal"]).is_err());
+    }
 
     #[test]
     fn grpc_timeouts_take_go_style_durations() {

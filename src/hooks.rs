@@ -12,7 +12,9 @@ use crate::auth::{
     self, AuthError, Authenticator, Authorizer, Credentials, Identity, TopicDecision,
 };
 use crate::broker::Message;
-use crate::events::{ConnectionEvent, EventCommit, EventDetails, EventQueue, EventType};
+use crate::events::{
+    ConnectionEvent, EventCommit, EventDetails, EventLayout, EventQueue, EventType, Subscription,
+};
 use crate::session::codec::ProtocolVersion;
 use crate::topic::{ChannelTopic, Usage};
 
@@ -113,6 +115,11 @@ impl Hooks {
         auth::authorize_topic(self.authorizer.as_ref(), who, topic, usage).await
     }
 
+    /// The stored form of a filter being unsubscribed (routes resolved to ids).
+    pub async fn canonical_filter(&self, filter: &str) -> String {
+        auth::canonical_filter(self.authorizer.as_ref(), filter).await
+    }
+
     /// The session is accepted: emits `connect` and tells the observers. Await the result
     /// before writing CONNACK: it resolves once the `connect` is in the event log.
     pub fn connected(&self, session: &SessionInfo) -> EventCommit {
@@ -124,6 +131,16 @@ impl Hooks {
             o.on_connected(session);
         }
         commit
+    }
+
+    /// SUBACK granted these SuperMQ channel filters (resolved ids): emits one `subscribe` event
+    /// each in the `supermq` layout.
+    pub fn subscribed(&self, session: &SessionInfo, channels: &[ChannelTopic]) {
+        if let Some(events) = &self.events {
+            for channel in channels {
+                events.subscribed(session, channel);
+            }
+        }
     }
 
     pub fn published(&self, session: &SessionInfo, route: &PublishRoute, message: &Message) {
@@ -153,6 +170,7 @@ pub struct ConnectionEvents {
     queue: EventQueue,
     instance: String,
     details: bool,
+    layout: EventLayout,
 }
 
 impl ConnectionEvents {
@@ -161,7 +179,15 @@ impl ConnectionEvents {
             queue,
             instance,
             details: false,
+            layout: EventLayout::Seed,
         }
+    }
+
+    /// The layout the sinks write (`SMQ_MQTT_ADAPTER_EVENT_LAYOUT`): `supermq` adds the MQTT
+    /// client identifier to every event and emits `subscribe` events.
+    pub fn with_layout(mut self, layout: EventLayout) -> Self {
+        self.layout = layout;
+        self
     }
 
     /// Adds the optional detail fields (`SMQ_MQTT_ADAPTER_EVENT_DETAILS`).
@@ -177,12 +203,25 @@ impl ConnectionEvents {
         format!("{} {}", session.peer, session.mqtt_client_id)
     }
 
+    /// The MQTT client identifier inside a [`ConnectionEvents::session_key`] (a socket address
+    /// holds no space).
+    pub fn mqtt_client_id_of(session_key: &str) -> Option<&str> {
+        session_key.split_once(' ').map(|(_, id)| id)
+    }
+
+    /// Queues an event; `details` are the opt-in ones, `always` what the event needs in every
+    /// case (subscribe fields).
     fn emit(
         &self,
         session: &SessionInfo,
         event_type: EventType,
         details: EventDetails,
+        always: EventDetails,
     ) -> EventCommit {
+        let mut details = if self.details { details } else { always };
+        if self.layout == EventLayout::Supermq {
+            details.mqtt_client_id = Some(session.mqtt_client_id.clone());
+        }
         self.queue.push(
             Self::session_key(session),
             ConnectionEvent {
@@ -191,11 +230,7 @@ impl ConnectionEvents {
                 instance: self.instance.clone(),
                 // Stamped by the queue, in queue order.
                 occurred_at: 0,
-                details: if self.details {
-                    details
-                } else {
-                    EventDetails::default()
-                },
+                details,
             },
         )
     }
@@ -207,7 +242,38 @@ impl ConnectionEvents {
             mqtt_client_id: Some(session.mqtt_client_id.clone()),
             ..EventDetails::default()
         };
-        self.emit(session, EventType::Connect, details)
+        self.emit(
+            session,
+            EventType::Connect,
+            details,
+            EventDetails::default(),
+        )
+    }
+
+    /// One granted channel filter; nothing in the seed layout, which has no subscribe events.
+    pub fn subscribed(&self, session: &SessionInfo, channel: &ChannelTopic) {
+        if self.layout != EventLayout::Supermq {
+            return;
+        }
+        let subscription = EventDetails {
+            subscription: Some(Box::new(Subscription {
+                domain_id: channel.domain.clone(),
+                channel_id: channel.channel.clone(),
+                // SuperMQ's form of a subscribe subtopic: `.` between levels, NATS wildcards.
+                subtopic: channel
+                    .dotted_subtopic()
+                    .replace('+', "*")
+                    .replace('#', ">"),
+            })),
+            ..EventDetails::default()
+        };
+        // A subscribe is not a session boundary: nothing waits for it to reach the log.
+        drop(self.emit(
+            session,
+            EventType::Subscribe,
+            subscription.clone(),
+            subscription,
+        ));
     }
 
     pub fn disconnected(&self, session: &SessionInfo, reason: DisconnectReason) -> EventCommit {
@@ -215,6 +281,31 @@ impl ConnectionEvents {
             reason: Some(reason.as_str().to_owned()),
             ..EventDetails::default()
         };
-        self.emit(session, EventType::Disconnect, details)
+        self.emit(
+            session,
+            EventType::Disconnect,
+            details,
+            EventDetails::default(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_session_key_gives_back_the_mqtt_client_id() {
+        let session = SessionInfo {
+            identity: Identity {
+                client_id: "c1".into(),
+                anonymous: false,
+            },
+            mqtt_client_id: "box 7".into(),
+            version: ProtocolVersion::V5,
+            peer: "[::1]:40000".parse().expect("socket address"),
+        };
+        let key = ConnectionEvents::session_key(&session);
+        assert_eq!(ConnectionEvents::mqtt_client_id_of(&key), Some("box 7"));
     }
 }

@@ -172,6 +172,7 @@ impl Server {
             },
             instance: &config.instance,
             details: config.event_details,
+            layout: config.event_layout,
         })
         .await?;
         metrics.watch_outbox(events.store, events.stats());
@@ -180,7 +181,8 @@ impl Server {
         let mut hooks = Hooks::new(authenticator, authorizer)
             .with_events(Arc::new(
                 ConnectionEvents::new(events.queue(), config.instance.clone())
-                    .with_details(config.event_details),
+                    .with_details(config.event_details)
+                    .with_layout(config.event_layout),
             ))
             .with_observer(metrics.clone());
         if let Some(bridge) = &bridge {
@@ -479,5 +481,13 @@ fn platform_auth(config: &Config) -> Result<PlatformAuth, StartError> {
         deny_ttl: config.auth_cache_deny_ttl,
         max_entries: config.auth_cache_size,
     };
-    Ok(PlatformAuth::new(&clients, &channels, cache)?)
+    let domains = GrpcService {
+        var_prefix: "SMQ_DOMAINS_GRPC",
+        url: config.domains_grpc_url.clone(),
+        timeout: config.domains_grpc_timeout,
+        client_cert: config.domains_grpc_client_cert.clone(),
+        client_key: config.domains_grpc_client_key.clone(),
+        ca_certs: config.domains_grpc_client_ca_certs.clone(),
+    };
+    Ok(PlatformAuth::new(&clients, &channels, &domains, cache)?)
 }

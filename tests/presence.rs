@@ -304,3 +304,102 @@ async fn presence_without_a_usable_store_says_what_to_set() {
     assert!(!status.success());
     assert!(stderr.contains("redis:// or nats://"), "{stderr}");
 }
+
+/// `dev-1` may subscribe on `d/ch` (so its session has a subscribe event), `dev-2` has no channel.
+const SUPERMQ_DEVICES: &str = r#"
+[[clients]]
+id = "dev-1"
+secret = "s-1"
+[[clients]]
+id = "dev-2"
+secret = "s-2"
+[[connections]]
+client = "dev-1"
+domain = "d"
+channel = "ch"
+actions = ["subscribe"]
+"#;
+
+/// With the `supermq` layout presence reads the connect and disconnect streams (subjects) merged,
+/// skips subscribe events, and follows both.
+async fn follows_the_supermq_layout(kind: StoreKind) {
+    let store = StoreServer::start(kind).await;
+    let url = store.url();
+    let adapter = Adapter::start_with(
+        SUPERMQ_DEVICES,
+        &[
+            ("SMQ_ES_URL", url.as_str()),
+            ("SMQ_MQTT_ADAPTER_INSTANCE", "edge-s"),
+            ("SMQ_MQTT_ADAPTER_EVENT_LAYOUT", "supermq"),
+        ],
+    )
+    .await;
+    let mut one = device(&adapter, 1, "", V311).await;
+    assert_eq!(one.subscribe(V311, 1, &[("m/d/c/ch/#", 0)]).await, vec![0]);
+    let mut two = device(&adapter, 2, "", V5).await;
+    two.send(&raw::disconnect(V5)).await;
+    two.expect_closed().await;
+    common::supermq_events::wait_store_entries(&store, 4).await;
+
+    let supermq = |mut cmd: Command| {
+        cmd.env("SMQ_MQTT_ADAPTER_EVENT_LAYOUT", "supermq");
+        cmd
+    };
+    let (status, stdout, stderr) =
+        run_to_exit(supermq(presence_command(&url, &["--once", "--json"]))).await;
+    assert!(status.success(), "presence failed: {status}\n{stderr}");
+    let now: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(online_set(&now), set(&[("edge-s", "dev-1", 1)]), "{now}");
+    assert_eq!(now["events"]["malformed"], 0, "{now}");
+    assert_eq!(
+        now["events"]["read"], 3,
+        "connects and disconnects only: {now}"
+    );
+
+    let mut child = supermq(presence_command(&url, &["--json"]))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn presence");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = next_json(&mut lines).await;
+    assert_eq!(
+        (&first["change"], &first["client_id"]),
+        (&"online".into(), &"dev-1".into())
+    );
+    one.send(&raw::disconnect(V311)).await;
+    one.expect_closed().await;
+    let offline = next_json(&mut lines).await;
+    assert_eq!(
+        (&offline["change"], &offline["client_id"]),
+        (&"offline".into(), &"dev-1".into())
+    );
+    let _back = device(&adapter, 2, "-again", V311).await;
+    let online = next_json(&mut lines).await;
+    assert_eq!(
+        (&online["change"], &online["client_id"]),
+        (&"online".into(), &"dev-2".into())
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test]
+async fn follows_the_supermq_layout_on_redis() {
+    follows_the_supermq_layout(StoreKind::Redis).await;
+}
+
+#[tokio::test]
+async fn follows_the_supermq_layout_on_nats() {
+    follows_the_supermq_layout(StoreKind::Nats).await;
+}

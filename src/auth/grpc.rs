@@ -1,6 +1,8 @@
 //! The `supermq` auth backend: the platform's `clients.v1.ClientsService/Authenticate` decides
 //! who may connect, `channels.v1.ChannelsService/Authorize` who may publish or subscribe on a
-//! channel. Both answers go through a [`DecisionCache`]; a service that is down or slower than
+//! channel, and (with the domains service configured) `domains.v1.DomainsService` and
+//! `channels.v1.ChannelsService` `RetrieveIDByRoute` turn a non-UUID domain or channel of a
+//! topic (a route) into its id. Every answer goes through a [`DecisionCache`]; a service that is down or slower than
 //! its timeout makes CONNECT fail as "unavailable" and channel access be refused, never hang.
 
 use std::path::{Path, PathBuf};
@@ -18,6 +20,8 @@ use proto::channels::v1::channels_service_client::ChannelsServiceClient;
 use proto::channels::v1::AuthzReq;
 use proto::clients::v1::clients_service_client::ClientsServiceClient;
 use proto::clients::v1::AuthnReq;
+use proto::common::v1::{RetrieveEntityRes, RetrieveIdByRouteReq};
+use proto::domains::v1::domains_service_client::DomainsServiceClient;
 
 /// Code generated from `proto/` (clients and servers, so tests can stand in for the platform).
 pub mod proto {
@@ -29,6 +33,16 @@ pub mod proto {
     pub mod channels {
         pub mod v1 {
             tonic::include_proto!("channels.v1");
+        }
+    }
+    pub mod common {
+        pub mod v1 {
+            tonic::include_proto!("common.v1");
+        }
+    }
+    pub mod domains {
+        pub mod v1 {
+            tonic::include_proto!("domains.v1");
         }
     }
 }
@@ -161,14 +175,32 @@ struct ChannelAccess {
     action: Action,
 }
 
-/// The platform's clients and channels services behind one decision cache each.
+/// A route to resolve: a domain's, or a channel's within a domain (by id).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Route {
+    Domain(String),
+    Channel { domain_id: String, route: String },
+}
+
+/// Whether a topic level is an id rather than a route: SuperMQ ids are UUIDs in their
+/// canonical form (lowercase, hyphenated); anything else is looked up as a route.
+pub fn is_uuid(level: &str) -> bool {
+    uuid::Uuid::try_parse(level).is_ok_and(|id| id.hyphenated().to_string() == level)
+}
+
+/// The platform's clients and channels services (and, for routes, domains) behind one decision
+/// cache each.
 pub struct PlatformAuth {
     clients: ClientsServiceClient<Channel>,
     clients_timeout: Duration,
     channels: ChannelsServiceClient<Channel>,
     channels_timeout: Duration,
+    /// Set with `SMQ_DOMAINS_GRPC_URL`: routes are resolved; unset, every name is an id.
+    domains: Option<(DomainsServiceClient<Channel>, Duration)>,
     authn: DecisionCache<String, Option<String>>,
     authz: DecisionCache<ChannelAccess, bool>,
+    /// Route -> id (`None`: unknown route, cached as a denial).
+    routes: DecisionCache<Route, Option<String>>,
 }
 
 /// Hit/miss counters of both caches.
@@ -176,22 +208,34 @@ pub struct PlatformAuth {
 pub struct PlatformAuthMetrics {
     pub authenticate: Arc<CacheMetrics>,
     pub authorize: Arc<CacheMetrics>,
+    pub routes: Arc<CacheMetrics>,
 }
 
 impl PlatformAuth {
     /// Builds the clients (no connection is made yet). Must run inside the tokio runtime.
+    /// `domains` with a URL turns route resolution on.
     pub fn new(
         clients: &GrpcService,
         channels: &GrpcService,
+        domains: &GrpcService,
         cache: CacheSettings,
     ) -> Result<PlatformAuth, GrpcConfigError> {
+        let domains = match domains.url.as_deref().filter(|u| !u.is_empty()) {
+            Some(_) => Some((
+                DomainsServiceClient::new(domains.channel()?),
+                domains.timeout,
+            )),
+            None => None,
+        };
         Ok(PlatformAuth {
             clients: ClientsServiceClient::new(clients.channel()?),
             clients_timeout: clients.timeout,
             channels: ChannelsServiceClient::new(channels.channel()?),
             channels_timeout: channels.timeout,
+            domains,
             authn: DecisionCache::new(cache),
             authz: DecisionCache::new(cache),
+            routes: DecisionCache::new(cache),
         })
     }
 
@@ -199,8 +243,52 @@ impl PlatformAuth {
         PlatformAuthMetrics {
             authenticate: self.authn.metrics(),
             authorize: self.authz.metrics(),
+            routes: self.routes.metrics(),
         }
     }
+
+    /// The id behind `route` (cached); `None` for an unknown route, and for a service that does
+    /// not answer (logged, not cached: the next topic asks again).
+    async fn resolve(&self, route: Route) -> Option<String> {
+        let domains = self.domains.clone();
+        let mut channels = self.channels.clone();
+        let channels_timeout = self.channels_timeout;
+        let key = route.clone();
+        let fetch = async move {
+            let answer = match route {
+                Route::Domain(route) => {
+                    let Some((mut client, timeout)) = domains else {
+                        return Ok(Some(route));
+                    };
+                    let request = RetrieveIdByRouteReq {
+                        route,
+                        domain_id: String::new(),
+                    };
+                    call(timeout, client.retrieve_id_by_route(request)).await?
+                }
+                Route::Channel { domain_id, route } => {
+                    let request = RetrieveIdByRouteReq { route, domain_id };
+                    call(channels_timeout, channels.retrieve_id_by_route(request)).await?
+                }
+            };
+            Ok::<_, CallError>(entity_id(answer))
+        };
+        match self.routes.get_or_fetch(key.clone(), fetch).await {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(route = ?key, error = %e, "route lookup failed: topic refused");
+                None
+            }
+        }
+    }
+}
+
+/// The id in a `RetrieveEntityRes`; an empty one is no answer.
+fn entity_id(answer: Option<RetrieveEntityRes>) -> Option<String> {
+    answer
+        .and_then(|res| res.entity)
+        .map(|entity| entity.id)
+        .filter(|id| !id.is_empty())
 }
 
 /// The username inside an `AuthnReq.token`, if it decodes.
@@ -329,6 +417,24 @@ impl Authorizer for PlatformAuth {
     fn authorize_plain(&self, _who: &Identity, _topic_or_filter: &str, _action: Action) -> bool {
         false
     }
+
+    async fn resolve_domain(&self, domain: &str) -> Option<String> {
+        if self.domains.is_none() || is_uuid(domain) {
+            return Some(domain.to_owned());
+        }
+        self.resolve(Route::Domain(domain.to_owned())).await
+    }
+
+    async fn resolve_channel(&self, domain_id: &str, channel: &str) -> Option<String> {
+        if self.domains.is_none() || is_uuid(channel) {
+            return Some(channel.to_owned());
+        }
+        self.resolve(Route::Channel {
+            domain_id: domain_id.to_owned(),
+            route: channel.to_owned(),
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -344,6 +450,15 @@ mod tests {
             client_key: None,
             ca_certs: None,
         }
+    }
+
+    #[test]
+    fn only_canonical_uuids_are_ids() {
+        assert!(is_uuid("3fa85f64-5717-4562-b3fc-2c963f66afa6"));
+        assert!(!is_uuid("3FA85F64-5717-4562-B3FC-2C963F66AFA6"));
+        assert!(!is_uuid("3fa85f6457174562b3fc2c963f66afa6"));
+        assert!(!is_uuid("my-domain"));
+        assert!(!is_uuid(""));
     }
 
     #[test]

@@ -8,7 +8,7 @@ pub mod static_registry;
 
 use async_trait::async_trait;
 
-use crate::topic::{self, TopicError, TopicKind, Usage};
+use crate::topic::{self, ChannelTopic, TopicError, TopicKind, Usage};
 
 pub use static_registry::StaticRegistry;
 
@@ -80,6 +80,48 @@ pub trait Authorizer: Send + Sync {
 
     /// May `who` perform `action` on a plain topic (PUBLISH) or filter (SUBSCRIBE)?
     fn authorize_plain(&self, who: &Identity, topic_or_filter: &str, action: Action) -> bool;
+
+    /// The id of the domain a topic names, which may be a route (a human-readable alias of the
+    /// id); `None`: an unknown route. Backends without routes return the name unchanged.
+    async fn resolve_domain(&self, domain: &str) -> Option<String> {
+        Some(domain.to_owned())
+    }
+
+    /// The id of the channel a topic names within domain `domain_id` (already resolved), which
+    /// may be a route; `None`: an unknown route.
+    async fn resolve_channel(&self, _domain_id: &str, channel: &str) -> Option<String> {
+        Some(channel.to_owned())
+    }
+}
+
+/// The channel topic with its domain and channel resolved to ids; `None` when either is an
+/// unknown route.
+async fn resolve_ids(authorizer: &dyn Authorizer, channel: ChannelTopic) -> Option<ChannelTopic> {
+    let domain = authorizer.resolve_domain(&channel.domain).await?;
+    let id = authorizer
+        .resolve_channel(&domain, &channel.channel)
+        .await?;
+    Some(ChannelTopic {
+        domain,
+        channel: id,
+        subtopic: channel.subtopic,
+    })
+}
+
+/// The filter an UNSUBSCRIBE removes: the canonical, id-resolved form under which SUBSCRIBE
+/// stored it (an unknown route or a malformed filter is returned as given: it matches nothing).
+pub async fn canonical_filter(authorizer: &dyn Authorizer, filter: &str) -> String {
+    match topic::parse(filter, Usage::Subscribe) {
+        Ok(TopicKind::Channel(channel)) => match resolve_ids(authorizer, channel).await {
+            Some(resolved) => resolved.canonical(),
+            None => filter.to_owned(),
+        },
+        Ok(TopicKind::Health { domain }) => match authorizer.resolve_domain(&domain).await {
+            Some(id) => format!("hc/{id}"),
+            None => filter.to_owned(),
+        },
+        _ => filter.to_owned(),
+    }
 }
 
 /// The outcome of applying the topic rules to one topic or filter.
@@ -93,7 +135,7 @@ pub enum TopicDecision {
     Invalid(TopicError),
 }
 
-/// Applies SPEC §2: channel topics ask the authorizer, `hc/` topics are open to every session,
+/// Applies SPEC §2: channel topics (their routes resolved to ids) ask the authorizer, `hc/` topics are open to every session,
 /// anything else needs a plain grant.
 pub async fn authorize_topic(
     authorizer: &dyn Authorizer,
@@ -105,6 +147,11 @@ pub async fn authorize_topic(
     match topic::parse(topic, usage) {
         Err(e) => TopicDecision::Invalid(e),
         Ok(TopicKind::Channel(channel)) => {
+            // Routes become ids first: authorization, routing, the bridge and events see ids
+            // only, so devices addressing a channel by route and by id meet.
+            let Some(channel) = resolve_ids(authorizer, channel).await else {
+                return TopicDecision::Deny;
+            };
             if (!who.anonymous
                 && authorizer
                     .authorize_channel(who, &channel.domain, &channel.channel, action)
@@ -116,7 +163,10 @@ pub async fn authorize_topic(
                 TopicDecision::Deny
             }
         }
-        Ok(TopicKind::Health { domain }) => TopicDecision::Allow(format!("hc/{domain}")),
+        Ok(TopicKind::Health { domain }) => match authorizer.resolve_domain(&domain).await {
+            Some(id) => TopicDecision::Allow(format!("hc/{id}")),
+            None => TopicDecision::Deny,
+        },
         Ok(TopicKind::Plain) => {
             if authorizer.authorize_plain(who, topic, action) {
                 TopicDecision::Allow(topic.to_owned())

@@ -57,6 +57,10 @@ struct ConnectionEntry {
     client: Spanned<String>,
     domain: String,
     channel: String,
+    /// A route (alias) topics may use instead of `domain`.
+    domain_route: Option<String>,
+    /// A route (alias) topics may use instead of `channel`, within the domain.
+    channel_route: Option<String>,
     actions: Vec<ActionName>,
 }
 
@@ -97,6 +101,10 @@ pub struct Grants {
     channels: HashSet<(String, String, String, Action)>,
     plain: HashMap<String, Vec<(String, Action)>>,
     anonymous: Option<Vec<String>>,
+    /// Domain route -> domain id.
+    domain_routes: HashMap<String, String>,
+    /// (domain id, channel route) -> channel id.
+    channel_routes: HashMap<(String, String), String>,
 }
 
 /// Client ids and secrets of the built-in demo registry, also printed at start-up.
@@ -156,6 +164,36 @@ impl Grants {
                     conn.client.span(),
                     format!("connection names unknown client {client:?}"),
                 ));
+            }
+            if let Some(route) = &conn.domain_route {
+                let known = registry
+                    .domain_routes
+                    .entry(route.clone())
+                    .or_insert_with(|| conn.domain.clone());
+                if *known != conn.domain {
+                    return Err(invalid(
+                        conn.client.span(),
+                        format!(
+                            "domain_route {route:?} names domain {:?} here and {known:?} before",
+                            conn.domain
+                        ),
+                    ));
+                }
+            }
+            if let Some(route) = &conn.channel_route {
+                let known = registry
+                    .channel_routes
+                    .entry((conn.domain.clone(), route.clone()))
+                    .or_insert_with(|| conn.channel.clone());
+                if *known != conn.channel {
+                    return Err(invalid(
+                        conn.client.span(),
+                        format!(
+                            "channel_route {route:?} of domain {:?} names channel {:?} here and {known:?} before",
+                            conn.domain, conn.channel
+                        ),
+                    ));
+                }
             }
             for action in &conn.actions {
                 registry.channels.insert((
@@ -329,6 +367,14 @@ impl Authorizer for StaticRegistry {
     fn authorize_plain(&self, who: &Identity, topic_or_filter: &str, action: Action) -> bool {
         self.current().authorize_plain(who, topic_or_filter, action)
     }
+
+    async fn resolve_domain(&self, domain: &str) -> Option<String> {
+        self.current().resolve_domain(domain).await
+    }
+
+    async fn resolve_channel(&self, domain_id: &str, channel: &str) -> Option<String> {
+        self.current().resolve_channel(domain_id, channel).await
+    }
 }
 
 /// Compares secrets without an early exit, so timing does not reveal a matching prefix.
@@ -390,6 +436,26 @@ impl Authorizer for Grants {
                 .iter()
                 .any(|(f, a)| *a == action && rumqttd::protocol::matches(topic_or_filter, f))
         })
+    }
+
+    /// A `domain_route` of the file becomes its domain; any other name is taken as the id.
+    async fn resolve_domain(&self, domain: &str) -> Option<String> {
+        Some(
+            self.domain_routes
+                .get(domain)
+                .cloned()
+                .unwrap_or_else(|| domain.to_owned()),
+        )
+    }
+
+    async fn resolve_channel(&self, domain_id: &str, channel: &str) -> Option<String> {
+        let key = (domain_id.to_owned(), channel.to_owned());
+        Some(
+            self.channel_routes
+                .get(&key)
+                .cloned()
+                .unwrap_or_else(|| channel.to_owned()),
+        )
     }
 }
 
@@ -522,5 +588,58 @@ actions = ["subscribe"]
         let err = StaticRegistry::from_toml(extra, Path::new("f.toml")).unwrap_err();
         assert!(err.to_string().contains("line 4"), "{err}");
         assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    const ROUTES: &str = r#"
+[[clients]]
+id = "c1"
+secret = "s1"
+
+[[connections]]
+client = "c1"
+domain = "d-id"
+channel = "ch-id"
+domain_route = "home"
+channel_route = "kitchen"
+actions = ["publish", "subscribe"]
+"#;
+
+    #[tokio::test]
+    async fn routes_resolve_to_ids_before_authorization() {
+        use crate::auth::{authorize_topic, TopicDecision};
+        use crate::topic::Usage;
+        let r = StaticRegistry::from_toml(ROUTES, Path::new("f.toml")).unwrap();
+        let allowed = |topic: &str| TopicDecision::Allow(topic.to_owned());
+        for (topic, usage, expected) in [
+            ("m/home/c/kitchen/t", Usage::Publish, "m/d-id/c/ch-id/t"),
+            ("m/d-id/c/kitchen/#", Usage::Subscribe, "m/d-id/c/ch-id/#"),
+            ("m/home/c/ch-id", Usage::Publish, "m/d-id/c/ch-id"),
+            ("hc/home", Usage::Publish, "hc/d-id"),
+        ] {
+            assert_eq!(
+                authorize_topic(&r, &id("c1"), topic, usage).await,
+                allowed(expected),
+                "{topic}"
+            );
+        }
+        assert_eq!(
+            authorize_topic(&r, &id("c1"), "m/home/c/cellar/t", Usage::Publish).await,
+            TopicDecision::Deny
+        );
+        assert_eq!(
+            crate::auth::canonical_filter(&r, "m/home/c/kitchen/#").await,
+            "m/d-id/c/ch-id/#"
+        );
+    }
+
+    #[test]
+    fn a_route_naming_two_ids_is_an_error_with_its_line() {
+        let twice = format!(
+            "{ROUTES}\n[[connections]]\nclient = \"c1\"\ndomain = \"other\"\nchannel = \"x\"\ndomain_route = \"home\"\nactions = [\"publish\"]\n"
+        );
+        let err = StaticRegistry::from_toml(&twice, Path::new("f.toml")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("domain_route \"home\""), "{text}");
+        assert!(text.contains("line 15"), "{text}");
     }
 }

@@ -53,6 +53,11 @@ async fn main() -> ExitCode {
         .with(router_spans_off)
         .init();
 
+    for (old, new) in
+        mqtt_adapter::config::renamed_supermq_vars(|name| std::env::var_os(name).is_some())
+    {
+        tracing::warn!("{old} is SuperMQ's name and is not read here: set {new}");
+    }
     let server = match Server::start(&config).await {
         Ok(server) => server,
         Err(e) => {

@@ -1,5 +1,7 @@
-//! RabbitMQ sink: each event is published to the durable topic exchange `events` with routing
-//! key `events.supermq.mqtt`, the JSON body, persistent delivery; the channel is in confirm mode
+//! RabbitMQ sink: each event is published to the durable topic exchange `events` with the
+//! [`EventLayout`]'s routing key and body (seed: `events.supermq.mqtt`, JSON; supermq:
+//! `events.supermq.mqtt.client_<action>`, a protobuf `messaging.Message` as SuperMQ's publisher
+//! sends it), persistent delivery; the channel is in confirm mode
 //! and a batch counts as delivered once the broker confirmed every message. Connects lazily and
 //! starts over with a new connection after any error.
 
@@ -14,26 +16,28 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 
-use super::{ConnectionEvent, EventSink, SinkError, STREAM};
+use super::{ConnectionEvent, EventLayout, EventSink, SinkError};
 
 const EXCHANGE: &str = "events";
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
+/// The `app_id` SuperMQ's RabbitMQ publisher stamps on its messages.
+const SUPERMQ_APP_ID: &str = "supermq-publisher";
 
 pub struct AmqpSink {
     url: String,
-    routing_key: String,
+    layout: EventLayout,
     link: Option<(Connection, Channel)>,
 }
 
 impl AmqpSink {
     /// Checks the URL; connects on the first batch.
-    pub fn new(url: &str) -> Result<Self, String> {
+    pub fn new(url: &str, layout: EventLayout) -> Result<Self, String> {
         AMQPUri::from_str(url)?;
         Ok(AmqpSink {
             url: url.to_owned(),
-            routing_key: format!("events.{STREAM}"),
+            layout,
             link: None,
         })
     }
@@ -89,20 +93,26 @@ impl EventSink for AmqpSink {
 
     async fn publish(&mut self, batch: &[ConnectionEvent]) -> Result<(), SinkError> {
         let channel = self.channel().await?;
-        let routing_key = self.routing_key.as_str();
+        let layout = self.layout;
         let send = async {
-            let properties = BasicProperties::default()
+            let mut properties = BasicProperties::default()
                 .with_delivery_mode(PERSISTENT)
-                .with_content_type("application/json".into());
+                .with_content_type(layout.content_type().into());
+            if layout == EventLayout::Supermq {
+                // As SuperMQ's publisher sets them (it sends an empty header table too).
+                properties = properties
+                    .with_app_id(SUPERMQ_APP_ID.into())
+                    .with_headers(FieldTable::default());
+            }
             // Publish the whole batch, then wait for the confirms: one round trip per batch.
             let mut confirms = Vec::with_capacity(batch.len());
-            for event in batch {
+            for event in batch.iter().filter(|e| layout.carries(e)) {
                 let confirm = channel
                     .basic_publish(
                         EXCHANGE.into(),
-                        routing_key.into(),
+                        layout.subject(event).as_str().into(),
                         BasicPublishOptions::default(),
-                        event.to_json().as_bytes(),
+                        &layout.body(event),
                         properties.clone(),
                     )
                     .await

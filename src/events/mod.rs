@@ -1,10 +1,11 @@
-//! Connection events (`connect`/`disconnect`) for the event stream `supermq.mqtt`: the event
-//! itself, the `EventSink` trait every store implements, and what sits in front of the sink so
+//! Connection events (`connect`/`disconnect`, and `subscribe` in the `supermq` layout) for the
+//! event stream `supermq.mqtt`: the event itself, how each [`layout`] writes it, the `EventSink` trait every store implements, and what sits in front of the sink so
 //! that sessions never wait on the store: the durable [`EventLog`] for external stores, the
 //! memory [`Outbox`] for stdout. [`EventQueue`] is the one door sessions hand events through.
 
 pub mod amqp;
 pub mod data_dir;
+pub mod layout;
 pub mod log;
 pub mod nats;
 pub mod outbox;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use amqp::AmqpSink;
 pub use data_dir::{DataDir, DataDirError};
+pub use layout::EventLayout;
 pub use log::{EventLog, FsyncMode, LogSettings, LogTicket, OpenSession, Recovery};
 pub use nats::JetStreamSink;
 pub use outbox::{Outbox, OutboxStats};
@@ -38,6 +40,8 @@ pub const STREAM: &str = "supermq.mqtt";
 pub enum EventType {
     Connect,
     Disconnect,
+    /// A granted SuperMQ channel filter (emitted in the `supermq` layout only).
+    Subscribe,
 }
 
 impl EventType {
@@ -45,6 +49,7 @@ impl EventType {
         match self {
             EventType::Connect => "connect",
             EventType::Disconnect => "disconnect",
+            EventType::Subscribe => "subscribe",
         }
     }
 }
@@ -74,9 +79,23 @@ pub struct EventDetails {
     /// `3.1.1` or `5` (`connect` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_version: Option<String>,
-    /// The MQTT client identifier (`connect` only).
+    /// The MQTT client identifier (`connect` only; every event in the `supermq` layout, where
+    /// it is `subscriber_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt_client_id: Option<String>,
+    /// What was subscribed (`subscribe` only); boxed, as most events have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscription: Option<Box<Subscription>>,
+}
+
+/// The channel filter a `subscribe` event reports, with resolved ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    pub domain_id: String,
+    pub channel_id: String,
+    /// The subtopic as SuperMQ writes it: `.` between levels, `*` and `>` for the MQTT
+    /// wildcards, empty when none.
+    pub subtopic: String,
 }
 
 impl EventDetails {
@@ -126,6 +145,7 @@ pub struct SinkError {
 pub trait EventSink: Send + 'static {
     /// Short store name for logs and metrics (`stdout`, `redis`, `nats`, `amqp`).
     fn name(&self) -> &'static str;
+    /// Writes the events the sink's layout carries (the seed layout skips `subscribe`).
     async fn publish(&mut self, batch: &[ConnectionEvent]) -> Result<(), SinkError>;
 }
 

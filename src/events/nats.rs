@@ -1,5 +1,6 @@
-//! NATS JetStream sink: each event is published on `events.supermq.mqtt` with the JSON body,
-//! and the batch counts as delivered once JetStream acknowledged every message. The stream
+//! NATS JetStream sink: each event is published on the [`EventLayout`]'s subject
+//! (`events.supermq.mqtt`, or `events.supermq.mqtt.client_<action>`) with its body (the seed's
+//! JSON, or a protobuf `messaging.Message` carrying SuperMQ's JSON), and the batch counts as delivered once JetStream acknowledged every message. The stream
 //! `events` (subjects `events.>`) is created when missing; an existing stream that does not
 //! cover the subject is reported once, clearly, since publishes then go nowhere.
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
 
-use super::{ConnectionEvent, EventSink, SinkError, STREAM};
+use super::{ConnectionEvent, EventLayout, EventSink, SinkError, STREAM};
 
 const STREAM_NAME: &str = "events";
 const STREAM_SUBJECTS: &str = "events.>";
@@ -16,7 +17,9 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct JetStreamSink {
     url: String,
+    /// A subject every layout's events are published on, to check the stream covers it.
     subject: String,
+    layout: EventLayout,
     js: Option<jetstream::Context>,
     /// Whether the stream was checked (or created) on the current server.
     stream_ready: bool,
@@ -24,7 +27,7 @@ pub struct JetStreamSink {
 
 impl JetStreamSink {
     /// Checks the URL (comma-separated server addresses); connects on the first batch.
-    pub fn new(url: &str) -> Result<Self, String> {
+    pub fn new(url: &str, layout: EventLayout) -> Result<Self, String> {
         for server in url.split(',') {
             server
                 .trim()
@@ -34,6 +37,7 @@ impl JetStreamSink {
         Ok(JetStreamSink {
             url: url.to_owned(),
             subject: format!("events.{STREAM}"),
+            layout,
             js: None,
             stream_ready: false,
         })
@@ -114,7 +118,7 @@ impl EventSink for JetStreamSink {
         let result = async {
             // Send the whole batch, then collect the acks: one round trip per batch.
             let mut acks = Vec::with_capacity(batch.len());
-            for event in batch {
+            for event in batch.iter().filter(|e| self.layout.carries(e)) {
                 // A retried batch may repeat messages the server already stored (the client
                 // resends its buffer after a reconnect): the message id lets JetStream drop them
                 // within its duplicate window.
@@ -131,7 +135,11 @@ impl EventSink for JetStreamSink {
                     .as_str(),
                 );
                 let ack = js
-                    .publish_with_headers(self.subject.clone(), headers, event.to_json().into())
+                    .publish_with_headers(
+                        self.layout.subject(event),
+                        headers,
+                        self.layout.body(event).into(),
+                    )
                     .await
                     .map_err(Self::error)?;
                 acks.push(ack);

@@ -11,10 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::store::{event_sink, is_external};
 use super::{
-    ConnectionEvent, DataDir, DataDirError, EventDetails, EventLog, EventQueue, EventType,
-    LogSettings, Outbox, OutboxStats, Recovery, StoreUrlError,
+    ConnectionEvent, DataDir, DataDirError, EventDetails, EventLayout, EventLog, EventQueue,
+    EventType, LogSettings, Outbox, OutboxStats, Recovery, StoreUrlError,
 };
-use crate::hooks::DisconnectReason;
+use crate::hooks::{ConnectionEvents, DisconnectReason};
 
 /// What the pipeline is built from (the event settings of the configuration).
 #[derive(Debug, Clone)]
@@ -26,6 +26,8 @@ pub struct EventSettings<'a> {
     pub log: LogSettings,
     pub instance: &'a str,
     pub details: bool,
+    /// How the sinks write events.
+    pub layout: EventLayout,
 }
 
 /// A configuration the events cannot start with.
@@ -62,7 +64,7 @@ impl EventPipeline {
     /// Starts the pipeline. With a store, the sessions a crashed previous run left open get
     /// their `disconnect` in the log before this returns, so before any listener accepts.
     pub async fn start(settings: &EventSettings<'_>) -> Result<EventPipeline, EventStartError> {
-        let sink = event_sink(settings.es_url)?;
+        let sink = event_sink(settings.es_url, settings.layout)?;
         let store = sink.name();
         if !is_external(settings.es_url) {
             let (outbox, task) = Outbox::start(sink, settings.buffer);
@@ -195,12 +197,18 @@ async fn close_crashed_sessions(log: &EventLog, recovery: &Recovery, settings: &
         let events = chunk
             .iter()
             .map(|open| {
+                let mut details = details.clone();
+                if settings.layout == EventLayout::Supermq {
+                    // Its `subscriber_id`: the MQTT client identifier, kept in the session key.
+                    details.mqtt_client_id =
+                        ConnectionEvents::mqtt_client_id_of(&open.session).map(str::to_owned);
+                }
                 let event = ConnectionEvent {
                     client_id: open.client_id.clone(),
                     event_type: EventType::Disconnect,
                     instance: settings.instance.to_owned(),
                     occurred_at: 0,
-                    details: details.clone(),
+                    details,
                 };
                 (open.session.clone(), event)
             })

@@ -1,5 +1,7 @@
-//! Redis Streams sink: one `XADD supermq.mqtt MAXLEN ~ 1000000 * client_id … occurred_at …` per
-//! event, flat field/value pairs (no JSON), pipelined per batch. Connects lazily and reconnects
+//! Redis Streams sink: one `XADD <key> MAXLEN ~ 1000000 * <fields>` per event, pipelined per
+//! batch; the [`EventLayout`] gives key and fields (seed: `supermq.mqtt` with flat
+//! `client_id … occurred_at …` pairs; supermq: `events.supermq.mqtt.client_<action>` with one
+//! `data` JSON field). Connects lazily and reconnects
 //! after any error, so an unreachable Redis at start-up only delays events.
 
 use std::time::Duration;
@@ -7,9 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
 
-use super::{ConnectionEvent, EventSink, SinkError, STREAM};
+use super::{ConnectionEvent, EventLayout, EventSink, SinkError};
 
-/// Approximate cap of the stream's length, as the seed's stores trim it.
+/// Approximate cap of the stream's length, as the seed's stores (and SuperMQ's) trim it.
 const MAX_LEN: u64 = 1_000_000;
 /// How long one connection attempt or one batch may take before it counts as a failure.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -17,14 +19,16 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 pub struct RedisStreamSink {
     client: redis::Client,
     conn: Option<MultiplexedConnection>,
+    layout: EventLayout,
 }
 
 impl RedisStreamSink {
     /// Checks the URL; no connection is made until the first batch.
-    pub fn new(url: &str) -> Result<Self, redis::RedisError> {
+    pub fn new(url: &str, layout: EventLayout) -> Result<Self, redis::RedisError> {
         Ok(RedisStreamSink {
             client: redis::Client::open(url)?,
             conn: None,
+            layout,
         })
     }
 
@@ -57,17 +61,23 @@ impl EventSink for RedisStreamSink {
 
     async fn publish(&mut self, batch: &[ConnectionEvent]) -> Result<(), SinkError> {
         let mut pipe = redis::pipe();
-        for event in batch {
+        let layout = self.layout;
+        let mut commands = 0;
+        for event in batch.iter().filter(|e| layout.carries(e)) {
             let cmd = pipe
                 .cmd("XADD")
-                .arg(STREAM)
+                .arg(layout.redis_key(event))
                 .arg("MAXLEN")
                 .arg("~")
                 .arg(MAX_LEN)
                 .arg("*");
-            for (field, value) in event.fields() {
+            for (field, value) in layout.redis_fields(event) {
                 cmd.arg(field).arg(value);
             }
+            commands += 1;
+        }
+        if commands == 0 {
+            return Ok(());
         }
         let conn = self.connection().await?;
         let result = tokio::time::timeout(TIMEOUT, pipe.query_async::<Vec<String>>(conn)).await;

@@ -1,27 +1,30 @@
-//! The default sink when no event store is configured: one JSON object per line on stdout,
-//! which carries nothing else (logs go to stderr).
+//! The default sink when no event store is configured: one JSON object per line on stdout (the
+//! [`EventLayout`]'s JSON: the seed's, or SuperMQ's `data` object), which carries nothing else
+//! (logs go to stderr).
 
 use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
 
-use super::{ConnectionEvent, EventSink, SinkError};
+use super::{ConnectionEvent, EventLayout, EventSink, SinkError};
 
 #[derive(Debug)]
 pub struct StdoutSink {
     out: tokio::io::Stdout,
+    layout: EventLayout,
 }
 
 impl StdoutSink {
-    pub fn new() -> Self {
+    pub fn new(layout: EventLayout) -> Self {
         StdoutSink {
             out: tokio::io::stdout(),
+            layout,
         }
     }
 }
 
 impl Default for StdoutSink {
     fn default() -> Self {
-        Self::new()
+        Self::new(EventLayout::Seed)
     }
 }
 
@@ -33,8 +36,8 @@ impl EventSink for StdoutSink {
 
     async fn publish(&mut self, batch: &[ConnectionEvent]) -> Result<(), SinkError> {
         let mut text = String::with_capacity(batch.len() * 100);
-        for event in batch {
-            text.push_str(&event.to_json());
+        for event in batch.iter().filter(|e| self.layout.carries(e)) {
+            text.push_str(&self.layout.line(event));
             text.push('\n');
         }
         let io = |e: std::io::Error| SinkError {

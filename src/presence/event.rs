@@ -1,6 +1,6 @@
 //! One connection event as `presence` reads it back from a store: the fields pairing needs
 //! (SPEC §4's four, plus the optional `reason`), decoded from a Redis stream entry's flat
-//! field/value pairs or from the JSON body used on NATS. Other detail fields are ignored.
+//! field/value pairs or from the JSON body used on NATS, or from the `supermq` layout's JSON. Other detail fields are ignored.
 
 use serde::Deserialize;
 
@@ -68,6 +68,42 @@ impl StreamEvent {
         })
     }
 
+    /// From the JSON object of the `supermq` layout (a Redis `data` field, or a bus message's
+    /// payload): `operation` gives the type; `mqtt.client_subscribe` is not a session boundary
+    /// and is refused here (sources do not read that stream).
+    pub fn from_supermq_json(data: &[u8]) -> Result<StreamEvent, MalformedEvent> {
+        #[derive(Deserialize)]
+        struct SupermqEvent {
+            operation: String,
+            client_id: String,
+            instance: String,
+            occurred_at: i64,
+        }
+        let event: SupermqEvent = serde_json::from_slice(data).map_err(|e| {
+            MalformedEvent(format!(
+                "not a SuperMQ connection event ({e}): {:?}",
+                String::from_utf8_lossy(&data[..data.len().min(200)])
+            ))
+        })?;
+        let event_type = match event.operation.as_str() {
+            "mqtt.client_connect" => EventType::Connect,
+            "mqtt.client_disconnect" => EventType::Disconnect,
+            other => {
+                return Err(MalformedEvent(format!(
+                    "operation {other:?} is neither mqtt.client_connect nor mqtt.client_disconnect"
+                )))
+            }
+        };
+        Ok(StreamEvent {
+            client_id: event.client_id,
+            event_type,
+            instance: event.instance,
+            occurred_at: event.occurred_at,
+            // The layout has no reason: a crash recovery reads as a plain disconnect.
+            reason: None,
+        })
+    }
+
     /// From the JSON body of a NATS (or RabbitMQ) message.
     pub fn from_json(body: &[u8]) -> Result<StreamEvent, MalformedEvent> {
         serde_json::from_slice(body).map_err(|e| {
@@ -124,6 +160,30 @@ mod tests {
         let plain = StreamEvent::from_json(written(None).to_json().as_bytes()).expect("json");
         assert_eq!(plain.reason, None);
         assert!(!plain.is_crash_recovery());
+    }
+
+    #[test]
+    fn reads_back_the_supermq_layout() {
+        use crate::events::EventLayout;
+        let mut event = written(None);
+        event.event_type = EventType::Connect;
+        let fields = EventLayout::Supermq.redis_fields(&event);
+        assert_eq!(fields[0].0, "data");
+        let back = StreamEvent::from_supermq_json(fields[0].1.as_bytes()).expect("supermq json");
+        assert_eq!(
+            (
+                back.client_id.as_str(),
+                back.event_type,
+                back.instance.as_str()
+            ),
+            ("c1", EventType::Connect, "a")
+        );
+        assert_eq!(back.occurred_at, event.occurred_at);
+        let err = StreamEvent::from_supermq_json(
+            br#"{"operation":"mqtt.client_subscribe","client_id":"c1","instance":"","occurred_at":1}"#,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("mqtt.client_subscribe"), "{err}");
     }
 
     #[test]

@@ -55,7 +55,7 @@ async fn replay(
     mode: Mode,
     screen: &mut Option<Screen>,
 ) -> Result<(), PresenceError> {
-    let mut source = source::open(args.es_url.as_deref()).await?;
+    let mut source = source::open(args.es_url.as_deref(), args.event_layout).await?;
     let mut presence = Presence::new();
     let started = Instant::now();
     let mut entries = Vec::new();

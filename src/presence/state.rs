@@ -150,6 +150,8 @@ impl Presence {
             EventType::Connect => self.connect(event),
             EventType::Disconnect if recovery => self.recover(event),
             EventType::Disconnect => self.disconnect(event),
+            // Not a session boundary: presence has nothing to pair.
+            EventType::Subscribe => {}
         }
     }
 

@@ -363,7 +363,7 @@ impl Relay<'_> {
             }
             // Boxed (as below): an idle connection's future keeps no room for the rare await.
             Packet::Subscribe(subscribe, props) => Box::pin(self.subscribe(subscribe, props)).await,
-            Packet::Unsubscribe(unsubscribe, _) => self.unsubscribe(unsubscribe),
+            Packet::Unsubscribe(unsubscribe, _) => Box::pin(self.unsubscribe(unsubscribe)).await,
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
             Packet::PubAck(ack, _) => {
                 self.session.puback(ack.pkid);
@@ -582,6 +582,7 @@ impl Relay<'_> {
         let v5 = self.v5();
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut granted = Vec::with_capacity(subscribe.filters.len());
+        let mut channels = Vec::new();
         for filter in subscribe.filters {
             // `$share/<group>/<filter>` is authorized as its inner filter; other `$` filters
             // are not offered.
@@ -606,10 +607,15 @@ impl Relay<'_> {
                     .await
             };
             match decision {
-                TopicDecision::Allow(canonical) => {
+                TopicDecision::Allow(inner) => {
+                    // A shared subscription's event names its inner channel filter.
+                    if let Ok(TopicKind::Channel(channel)) = topic::parse(&inner, Usage::Subscribe)
+                    {
+                        channels.push(channel);
+                    }
                     let canonical = match group {
-                        Some((group, _)) => shared::join(group, &canonical),
-                        None => canonical,
+                        Some((group, _)) => shared::join(group, &inner),
+                        None => inner,
                     };
                     let options = SubOptions {
                         qos: (filter.qos as u8).min(2),
@@ -652,6 +658,7 @@ impl Relay<'_> {
             },
             None,
         ))?;
+        self.ctx.hooks.subscribed(&self.info, &channels);
         // Retained messages follow the SUBACK.
         for (filter, options) in granted {
             self.ctx
@@ -662,26 +669,21 @@ impl Relay<'_> {
         Ok(())
     }
 
-    fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), End> {
-        let reasons = unsubscribe
-            .filters
-            .iter()
-            .map(|filter| {
-                let canonical_of = |f: &str| match topic::parse(f, Usage::Subscribe) {
-                    Ok(TopicKind::Channel(c)) => c.canonical(),
-                    _ => f.to_string(),
-                };
-                let canonical = match shared::split(filter) {
-                    Some(Ok((group, inner))) => shared::join(group, &canonical_of(inner)),
-                    _ => canonical_of(filter),
-                };
-                if self.ctx.broker.unsubscribe(&self.session, &canonical) {
-                    UnsubAckReason::Success
-                } else {
-                    UnsubAckReason::NoSubscriptionExisted
+    async fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), End> {
+        let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        for filter in &unsubscribe.filters {
+            let canonical = match shared::split(filter) {
+                Some(Ok((group, inner))) => {
+                    shared::join(group, &self.ctx.hooks.canonical_filter(inner).await)
                 }
-            })
-            .collect();
+                _ => self.ctx.hooks.canonical_filter(filter).await,
+            };
+            reasons.push(if self.ctx.broker.unsubscribe(&self.session, &canonical) {
+                UnsubAckReason::Success
+            } else {
+                UnsubAckReason::NoSubscriptionExisted
+            });
+        }
         self.write(Packet::UnsubAck(
             UnsubAck {
                 pkid: unsubscribe.pkid,

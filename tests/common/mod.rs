@@ -8,6 +8,7 @@ pub mod ops;
 pub mod platform;
 pub mod raw;
 pub mod stores;
+pub mod supermq_events;
 
 pub use adapter::{
     adapter_command, assert_paired, assert_session, free_port, run_to_exit, Adapter, Event, WAIT,

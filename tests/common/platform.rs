@@ -1,6 +1,7 @@
 //! A stand-in for the platform's gRPC services (the only mock the suite allows): a real tonic
-//! server built from the repo's `proto/`, with tables of clients and channel grants, call
-//! counters, an injectable delay, and stop/restart on the same port.
+//! server built from the repo's `proto/`, with tables of clients, channel grants and routes
+//! (domains and channels `RetrieveIDByRoute`), call counters, an injectable delay, and
+//! stop/restart on the same port.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -17,6 +18,12 @@ use mqtt_adapter::auth::grpc::proto::clients::v1::clients_service_server::{
     ClientsService, ClientsServiceServer,
 };
 use mqtt_adapter::auth::grpc::proto::clients::v1::{AuthnReq, AuthnRes};
+use mqtt_adapter::auth::grpc::proto::common::v1::{
+    EntityBasic, RetrieveEntityRes, RetrieveIdByRouteReq,
+};
+use mqtt_adapter::auth::grpc::proto::domains::v1::domains_service_server::{
+    DomainsService, DomainsServiceServer,
+};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
@@ -37,6 +44,12 @@ pub struct PlatformState {
     pub authz_calls: AtomicU64,
     /// Every Authorize request, in order.
     pub authz_requests: Mutex<Vec<AuthzReq>>,
+    /// Domain route -> domain id.
+    domain_routes: Mutex<HashMap<String, String>>,
+    /// (domain id, channel route) -> channel id.
+    channel_routes: Mutex<HashMap<(String, String), String>>,
+    /// Every RetrieveIDByRoute request (both services), in order.
+    pub route_requests: Mutex<Vec<RetrieveIdByRouteReq>>,
 }
 
 impl PlatformState {
@@ -62,6 +75,48 @@ impl PlatformState {
         ));
     }
 
+    pub fn domain_route(&self, route: &str, id: &str) {
+        self.domain_routes
+            .lock()
+            .unwrap()
+            .insert(route.to_owned(), id.to_owned());
+    }
+
+    pub fn channel_route(&self, domain_id: &str, route: &str, id: &str) {
+        self.channel_routes
+            .lock()
+            .unwrap()
+            .insert((domain_id.to_owned(), route.to_owned()), id.to_owned());
+    }
+
+    /// How many RetrieveIDByRoute requests asked for `route`.
+    pub fn route_calls(&self, route: &str) -> usize {
+        self.route_requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.route == route)
+            .count()
+    }
+
+    /// Records a RetrieveIDByRoute and answers it: the entity, or `None` (NotFound, as the
+    /// platform answers an unknown route).
+    fn route_answer(
+        &self,
+        request: RetrieveIdByRouteReq,
+        id: Option<String>,
+    ) -> Option<RetrieveEntityRes> {
+        let domain_id = request.domain_id.clone();
+        self.route_requests.lock().unwrap().push(request);
+        id.map(|id| RetrieveEntityRes {
+            entity: Some(EntityBasic {
+                id,
+                domain_id,
+                ..EntityBasic::default()
+            }),
+        })
+    }
+
     /// Every answer waits this long first.
     pub fn set_delay(&self, delay: Duration) {
         *self.delay.lock().unwrap() = delay;
@@ -85,6 +140,29 @@ impl PlatformState {
 
 struct Clients(Arc<PlatformState>);
 struct Channels(Arc<PlatformState>);
+struct Domains(Arc<PlatformState>);
+
+#[tonic::async_trait]
+impl DomainsService for Domains {
+    async fn retrieve_id_by_route(
+        &self,
+        request: Request<RetrieveIdByRouteReq>,
+    ) -> Result<Response<RetrieveEntityRes>, Status> {
+        self.0.wait().await;
+        let req = request.into_inner();
+        let id = self
+            .0
+            .domain_routes
+            .lock()
+            .unwrap()
+            .get(&req.route)
+            .cloned();
+        self.0
+            .route_answer(req, id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found("no domain with this route"))
+    }
+}
 
 #[tonic::async_trait]
 impl ClientsService for Clients {
@@ -131,6 +209,20 @@ impl ChannelsService for Channels {
             req.client_type == "client" && self.0.grants.lock().unwrap().contains(&key);
         Ok(Response::new(AuthzRes { authorized }))
     }
+
+    async fn retrieve_id_by_route(
+        &self,
+        request: Request<RetrieveIdByRouteReq>,
+    ) -> Result<Response<RetrieveEntityRes>, Status> {
+        self.0.wait().await;
+        let req = request.into_inner();
+        let key = (req.domain_id.clone(), req.route.clone());
+        let id = self.0.channel_routes.lock().unwrap().get(&key).cloned();
+        self.0
+            .route_answer(req, id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found("no channel with this route"))
+    }
 }
 
 /// The running fake platform (both services on one port).
@@ -161,7 +253,8 @@ impl Platform {
             .expect("incoming");
         let router = tonic::transport::Server::builder()
             .add_service(ClientsServiceServer::new(Clients(self.state.clone())))
-            .add_service(ChannelsServiceServer::new(Channels(self.state.clone())));
+            .add_service(ChannelsServiceServer::new(Channels(self.state.clone())))
+            .add_service(DomainsServiceServer::new(Domains(self.state.clone())));
         let task = tokio::spawn(async move {
             let _ = router
                 .serve_with_incoming_shutdown(incoming, async {
@@ -210,6 +303,15 @@ impl Platform {
             ("SMQ_MQTT_ADAPTER_AUTH_CACHE_ALLOW_TTL".into(), "1h".into()),
             ("SMQ_MQTT_ADAPTER_AUTH_CACHE_DENY_TTL".into(), "1h".into()),
         ]
+    }
+}
+
+impl Platform {
+    /// [`Platform::adapter_env`] plus the domains service, which turns route resolution on.
+    pub fn adapter_env_with_routes(&self) -> Vec<(String, String)> {
+        let mut env = self.adapter_env();
+        env.push(("SMQ_DOMAINS_GRPC_URL".into(), self.url()));
+        env
     }
 }
 

@@ -119,6 +119,7 @@ pub(super) fn scan(dir: &Path) -> Result<Found, DataDirError> {
                         EventType::Disconnect => {
                             open.remove(&session);
                         }
+                        EventType::Subscribe => {}
                     }
                 }
                 Some(Record::Open {

@@ -203,6 +203,8 @@ impl Writer {
                         EventType::Disconnect => {
                             self.open.remove(&session);
                         }
+                        // Inside a session: opens and closes nothing.
+                        EventType::Subscribe => {}
                     }
                 }
             }

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 pub use self::nats::JetStreamSource;
 pub use self::redis::RedisStreamSource;
 use super::event::{MalformedEvent, StreamEvent};
+use crate::events::EventLayout;
 
 /// One stored entry, read back: an event, or why it is not one.
 pub type Entry = Result<StreamEvent, MalformedEvent>;
@@ -45,8 +46,12 @@ pub trait EventSource: Send {
     async fn follow(&mut self, out: &mut Vec<Entry>) -> Result<(), SourceError>;
 }
 
-/// The source for an `SMQ_ES_URL`; connects and finds the end of the backlog.
-pub async fn open(url: Option<&str>) -> Result<Box<dyn EventSource>, SourceError> {
+/// The source for an `SMQ_ES_URL` written in `layout`; connects and finds the end of the
+/// backlog.
+pub async fn open(
+    url: Option<&str>,
+    layout: EventLayout,
+) -> Result<Box<dyn EventSource>, SourceError> {
     let url = match url.map(str::trim) {
         None | Some("") => return Err(SourceError::NoUrl),
         Some(url) => url,
@@ -59,8 +64,8 @@ pub async fn open(url: Option<&str>) -> Result<Box<dyn EventSource>, SourceError
             message: "no scheme; use redis:// or nats://".into(),
         })?;
     match scheme.as_str() {
-        "redis" => Ok(Box::new(RedisStreamSource::open(url).await?)),
-        "nats" => Ok(Box::new(JetStreamSource::open(url).await?)),
+        "redis" => Ok(Box::new(RedisStreamSource::open(url, layout).await?)),
+        "nats" => Ok(Box::new(JetStreamSource::open(url, layout).await?)),
         _ => Err(SourceError::Unsupported {
             url: url.into(),
             scheme,
@@ -75,7 +80,11 @@ mod tests {
     #[tokio::test]
     async fn urls_it_cannot_read_say_what_to_use() {
         let err = |url: Option<&'static str>| async move {
-            open(url).await.err().expect("must fail").to_string()
+            open(url, EventLayout::Seed)
+                .await
+                .err()
+                .expect("must fail")
+                .to_string()
         };
         assert!(err(None).await.contains("SMQ_ES_URL"));
         assert!(err(Some("amqp://guest:guest@localhost/"))

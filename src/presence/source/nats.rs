@@ -1,6 +1,8 @@
-//! Reads `events.supermq.mqtt` from NATS JetStream through an ephemeral ordered consumer that
-//! starts at the stream's first message (no acks, nothing left behind on the server). The
-//! backlog ends at the message that was last when the source opened.
+//! Reads the connection events from NATS JetStream (`events.supermq.mqtt`, or in the `supermq`
+//! layout `events.supermq.mqtt.*` without `…client_subscribe`, protobuf bodies)
+//! through an ephemeral ordered consumer that starts at the stream's first message (no acks,
+//! nothing left behind on the server). The backlog ends at the message that was last when the
+//! source opened.
 
 use std::time::Duration;
 
@@ -9,10 +11,13 @@ use async_trait::async_trait;
 use futures_util::{FutureExt, StreamExt};
 
 use super::{Entry, EventSource, SourceError};
-use crate::events::STREAM;
-use crate::presence::event::StreamEvent;
+use crate::bridge::message::Message;
+use crate::events::{EventLayout, STREAM};
+use crate::presence::event::{MalformedEvent, StreamEvent};
 
 const STREAM_NAME: &str = "events";
+/// The `supermq` layout's subscribe events: no session boundary, not read.
+const SUBSCRIBE_SUBJECT: &str = "events.supermq.mqtt.client_subscribe";
 /// Messages handed over per call.
 const PAGE: usize = 10_000;
 /// How long `follow` waits for a new message.
@@ -24,6 +29,7 @@ pub struct JetStreamSource {
     messages: consumer::pull::Ordered,
     /// Stream sequence of the backlog's last message; `None` once it is read (or was empty).
     backlog_end: Option<u64>,
+    layout: EventLayout,
     // Dropping the client closes the connection the consumer reads from.
     _client: async_nats::Client,
 }
@@ -36,7 +42,7 @@ fn store_error(e: impl std::fmt::Display) -> SourceError {
 }
 
 impl JetStreamSource {
-    pub async fn open(url: &str) -> Result<Self, SourceError> {
+    pub async fn open(url: &str, layout: EventLayout) -> Result<Self, SourceError> {
         for server in url.split(',') {
             server
                 .trim()
@@ -67,7 +73,11 @@ impl JetStreamSource {
             .last_sequence;
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: format!("events.{STREAM}"),
+                // One filter (servers before 2.10 take no list); `push` skips subscribe events.
+                filter_subject: match layout {
+                    EventLayout::Seed => format!("events.{STREAM}"),
+                    EventLayout::Supermq => format!("events.{STREAM}.*"),
+                },
                 deliver_policy: consumer::DeliverPolicy::All,
                 ..Default::default()
             })
@@ -78,12 +88,14 @@ impl JetStreamSource {
         Ok(JetStreamSource {
             messages,
             backlog_end,
+            layout,
             _client: client,
         })
     }
 
     /// Decodes one message; returns its stream sequence and how many messages follow it.
     fn push(
+        &self,
         message: Option<Result<jetstream::Message, consumer::pull::OrderedError>>,
         out: &mut Vec<Entry>,
     ) -> Result<(u64, u64), SourceError> {
@@ -92,7 +104,18 @@ impl JetStreamSource {
             .map_err(store_error)?;
         let info = message.info().map_err(store_error)?;
         let position = (info.stream_sequence, info.pending);
-        out.push(StreamEvent::from_json(&message.payload));
+        if message.subject.as_str() == SUBSCRIBE_SUBJECT {
+            return Ok(position);
+        }
+        out.push(match self.layout {
+            EventLayout::Seed => StreamEvent::from_json(&message.payload),
+            EventLayout::Supermq => {
+                use prost::Message as _;
+                Message::decode(message.payload.clone())
+                    .map_err(|e| MalformedEvent(format!("not a messaging.Message: {e}")))
+                    .and_then(|m| StreamEvent::from_supermq_json(&m.payload))
+            }
+        });
         Ok(position)
     }
 }
@@ -107,7 +130,7 @@ impl EventSource for JetStreamSource {
             let next = tokio::time::timeout(TIMEOUT, self.messages.next())
                 .await
                 .map_err(|_| store_error("no message from the consumer within 10 s"))?;
-            let (sequence, pending) = Self::push(next, out)?;
+            let (sequence, pending) = self.push(next, out)?;
             if sequence >= end || pending == 0 {
                 self.backlog_end = None;
                 return Ok(true);
@@ -120,12 +143,12 @@ impl EventSource for JetStreamSource {
         let Ok(next) = tokio::time::timeout(FOLLOW_WAIT, self.messages.next()).await else {
             return Ok(());
         };
-        Self::push(next, out)?;
+        self.push(next, out)?;
         // Take what has already arrived without waiting again.
         for _ in 1..PAGE {
             match self.messages.next().now_or_never() {
                 Some(next) => {
-                    Self::push(next, out)?;
+                    self.push(next, out)?;
                 }
                 None => break,
             }
