@@ -63,9 +63,13 @@ pub async fn serve_with<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut rbuf = BytesMut::with_capacity(256);
+    // One deadline for the whole CONNECT, however the device paces its bytes.
+    let deadline = conn
+        .connect_deadline
+        .unwrap_or_else(|| tokio::time::Instant::now() + ctx.connect_timeout);
     let handshake = tokio::select! {
         _ = ctx.shutdown.cancelled() => return,
-        r = tokio::time::timeout(ctx.connect_timeout, handshake::read_connect(&ctx, &mut stream, &mut rbuf)) => r,
+        r = tokio::time::timeout_at(deadline, handshake::read_connect(&ctx, &mut stream, &mut rbuf)) => r,
     };
     let connect = match handshake {
         Err(_) => {

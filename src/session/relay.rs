@@ -25,7 +25,7 @@ use super::{deliver, End, SessionContext, WRITE_TIMEOUT};
 use crate::auth::TopicDecision;
 use crate::broker::{message, Kick, Message, Origin, Outgoing, Session, SubOptions};
 use crate::hooks::{DisconnectReason, PublishRoute, SessionInfo};
-use crate::topic::{self, TopicKind, Usage};
+use crate::topic::{self, TopicBounds, TopicKind, Usage};
 
 /// Deliveries taken from the session's queue per write to the device.
 const MAX_WRITE_BATCH: usize = 256;
@@ -41,6 +41,8 @@ const KEEP_BUFFER: usize = 64 * 1024;
 enum Refusal {
     Denied,
     Invalid,
+    /// A store or bound is full (the retained store): MQTT 5 reason 0x97.
+    Quota,
 }
 
 /// Per-connection state of the relay.
@@ -189,6 +191,13 @@ fn kicked(ctx: &SessionContext, why: Option<Kick>) -> End {
 impl Relay<'_> {
     fn v5(&self) -> bool {
         self.codec.version() == ProtocolVersion::V5
+    }
+
+    /// Counts a hit of the limit `name` in `mqtt_adapter_limit_hits_total`.
+    fn limit_hit(&self, name: Option<&str>) {
+        if let Some(name) = name {
+            self.ctx.metrics.limit_hits.with_label_values(&[name]).inc();
+        }
     }
 
     fn write(&mut self, packet: Packet) -> Result<(), End> {
@@ -412,6 +421,10 @@ impl Relay<'_> {
                 "topic aliases are not accepted",
             ));
         }
+        if let Err(e) = self.ctx.limits.session().topic.check(&publish.topic) {
+            self.limit_hit(TopicBounds::limit_name(&e));
+            return self.refuse_publish(&publish.topic, Refusal::Invalid, qos, publish_id);
+        }
         // A revocation since the cache was filled may have taken any of its answers back.
         let epoch = self.ctx.rights.current();
         if epoch != self.rights_epoch {
@@ -439,6 +452,19 @@ impl Relay<'_> {
             Ok(route) => route,
             Err(refusal) => return self.refuse_publish(&publish.topic, refusal, qos, publish_id),
         };
+        // Where MQTT can say so (5, QoS 1/2), a retained PUBLISH the full store cannot keep is
+        // refused rather than delivered without being retained.
+        if publish.retain && self.v5() && qos > 0 {
+            let topic = std::str::from_utf8(&route.topic).unwrap_or("");
+            if !self
+                .ctx
+                .broker
+                .retained_accepts(topic, publish.payload.is_empty())
+            {
+                self.ctx.broker.count_retained_refused(topic);
+                return self.refuse_publish(&publish.topic, Refusal::Quota, qos, publish_id);
+            }
+        }
         if qos == 2 && self.session.incoming_held() >= usize::from(self.ctx.limits.max_inflight()) {
             self.ctx
                 .metrics
@@ -544,6 +570,7 @@ impl Relay<'_> {
                 let reason = match refusal {
                     Refusal::Denied => PubAckReason::NotAuthorized,
                     Refusal::Invalid => PubAckReason::TopicNameInvalid,
+                    Refusal::Quota => PubAckReason::QuotaExceeded,
                 };
                 self.write(Packet::PubAck(PubAck { pkid, reason }, None))
             }
@@ -551,6 +578,7 @@ impl Relay<'_> {
                 let reason = match refusal {
                     Refusal::Denied => PubRecReason::NotAuthorized,
                     Refusal::Invalid => PubRecReason::TopicNameInvalid,
+                    Refusal::Quota => PubRecReason::QuotaExceeded,
                 };
                 self.session.hold_incoming(pkid, None);
                 self.write(Packet::PubRec(PubRec { pkid, reason }, None))
@@ -571,8 +599,12 @@ impl Relay<'_> {
         let mut granted = Vec::with_capacity(subscribe.filters.len());
         for filter in subscribe.filters {
             // `$` filters (including `$share`) are not offered.
+            let bounds = *self.ctx.limits.session();
             let decision = if filter.path.starts_with('$') {
                 TopicDecision::Invalid(topic::TopicError::BadFilter)
+            } else if let Err(e) = bounds.topic.check(filter.path.as_bytes()) {
+                self.limit_hit(TopicBounds::limit_name(&e));
+                TopicDecision::Invalid(e)
             } else {
                 self.ctx
                     .hooks
@@ -580,6 +612,20 @@ impl Relay<'_> {
                     .await
             };
             match decision {
+                TopicDecision::Allow(canonical)
+                    if !self
+                        .session
+                        .has_room_for(&canonical, bounds.max_subscriptions) =>
+                {
+                    self.limit_hit(Some("subscriptions"));
+                    tracing::info!(client_id = %self.info.identity.client_id, filter = %filter.path,
+                        max = bounds.max_subscriptions, "subscribe refused: subscription limit reached");
+                    codes.push(if v5 {
+                        SubscribeReasonCode::QuotaExceeded
+                    } else {
+                        SubscribeReasonCode::Failure
+                    });
+                }
                 TopicDecision::Allow(canonical) => {
                     let options = SubOptions {
                         qos: (filter.qos as u8).min(2),
