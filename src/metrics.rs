@@ -313,6 +313,11 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
+    /// Counts a connection, packet or subscription refused by the limit `limit`.
+    pub fn limit_hit(&self, limit: &str) {
+        self.limit_hits.with_label_values(&[limit]).inc();
+    }
+
     /// Counts a CONNECT refused before authentication (e.g. by a limit).
     pub fn refused(&self, result: &str) {
         self.connects.with_label_values(&[result]).inc();

@@ -104,31 +104,19 @@ pub async fn serve(listener: TcpListener, transport: Transport, shared: Arc<Acce
                 if !Descriptors::room_for_socket(shared.open_sockets.load(Ordering::Relaxed)) {
                     descriptors
                         .running_out("open sockets near the open file limit", transport.name());
-                    shared
-                        .metrics
-                        .limit_hits
-                        .with_label_values(&["file_descriptors"])
-                        .inc();
+                    shared.metrics.limit_hit("file_descriptors");
                     continue;
                 }
                 descriptors.available(transport.name());
                 let bans = shared.ctx.limits.auth_bans();
                 if bans.is_some_and(|b| b.is_banned(peer.ip())) {
-                    shared
-                        .metrics
-                        .limit_hits
-                        .with_label_values(&["auth_ban"])
-                        .inc();
+                    shared.metrics.limit_hit("auth_ban");
                     tracing::debug!(%peer, "closed: IP banned after failed CONNECTs");
                     continue;
                 }
                 if let Some(rate) = &shared.connect_rate {
                     if !rate.allow(peer.ip()) {
-                        shared
-                            .metrics
-                            .limit_hits
-                            .with_label_values(&["connect_rate"])
-                            .inc();
+                        shared.metrics.limit_hit("connect_rate");
                         tracing::debug!(%peer, "closed: connect rate of this IP exceeded");
                         continue;
                     }
@@ -155,11 +143,7 @@ pub async fn serve(listener: TcpListener, transport: Transport, shared: Arc<Acce
             Err(e) if Descriptors::exhausted(&e) => {
                 descriptors.running_out(&e.to_string(), transport.name());
                 if descriptors.shed(&listener) {
-                    shared
-                        .metrics
-                        .limit_hits
-                        .with_label_values(&["file_descriptors"])
-                        .inc();
+                    shared.metrics.limit_hit("file_descriptors");
                 } else {
                     // No reserve to shed with: wait for descriptors instead of spinning.
                     tokio::select! {

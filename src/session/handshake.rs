@@ -342,10 +342,7 @@ fn note_auth_failure(ctx: &SessionContext, peer: SocketAddr) {
                 "IP banned: too many failed CONNECTs within a minute; its new sockets are closed");
         }
         Failure::Untracked { first } => {
-            ctx.metrics
-                .limit_hits
-                .with_label_values(&["auth_ban_table_full"])
-                .inc();
+            ctx.metrics.limit_hit("auth_ban_table_full");
             if first {
                 tracing::warn!(ip = %peer.ip(), tracked = bans.tracked(),
                     "auth failure table full: failed CONNECTs from new IPs are not counted until entries expire");

@@ -196,7 +196,7 @@ impl Relay<'_> {
     /// Counts a hit of the limit `name` in `mqtt_adapter_limit_hits_total`.
     fn limit_hit(&self, name: Option<&str>) {
         if let Some(name) = name {
-            self.ctx.metrics.limit_hits.with_label_values(&[name]).inc();
+            self.ctx.metrics.limit_hit(name);
         }
     }
 
