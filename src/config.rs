@@ -219,8 +219,9 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_QUEUED_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_queued_bytes: u64,
 
-    /// Retained topics kept in memory; beyond it a retained PUBLISH on a new topic is delivered
-    /// but not retained (counted).
+    /// Retained topics kept in memory (none is evicted); beyond it a retained PUBLISH on a new
+    /// topic is refused with 0x97 on MQTT 5 QoS 1/2, and delivered but not retained on 3.1.1 and
+    /// QoS 0 (both counted).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_RETAINED", default_value_t = 100_000)]
     pub max_retained: u64,
 
