@@ -718,3 +718,32 @@ async fn a_connection_flood_is_refused_cleanly_and_service_resumes() {
     );
     adapter.shutdown().await;
 }
+
+/// Regression (fuzzing, `session` target): the MQTT 5 DISCONNECT the adapter sends before
+/// closing was one byte longer than its remaining length said, leaving a stray byte on the wire.
+#[tokio::test]
+async fn a_v5_disconnect_with_a_reason_is_a_whole_frame_and_nothing_follows() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let mut stream = TcpStream::connect(("127.0.0.1", adapter.port))
+        .await
+        .expect("connect");
+    let mut bytes = Connect::new(V5, "dc-frame", "c1", "s1").encode();
+    // PUBLISH with QoS 3: malformed, answered with DISCONNECT 0x81.
+    bytes.extend_from_slice(&[0x36, 0x05, 0x00, 0x01, b't', 0x00, 0x01]);
+    stream.write_all(&bytes).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut out))
+        .await
+        .expect("the adapter closed the socket")
+        .expect("read");
+    adapter.expect_connect("c1").await;
+    adapter.expect_disconnect("c1").await;
+    assert_eq!(out.first(), Some(&0x20), "CONNACK first: {out:?}");
+    let after_connack = &out[2 + usize::from(out[1])..];
+    assert_eq!(
+        after_connack,
+        [0xE0, 2, 0x81, 0],
+        "DISCONNECT and nothing else"
+    );
+    adapter.shutdown().await;
+}
