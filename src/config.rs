@@ -64,7 +64,8 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_PLATFORM_EVENTS_URL")]
     pub platform_events_url: Option<String>,
 
-    /// Seconds a new socket may take to send its CONNECT before it is closed.
+    /// Seconds from accept to a complete CONNECT (TLS and WebSocket handshakes included), however
+    /// the device paces its bytes; then the socket is closed.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_CONNECT_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub connect_timeout: u64,
 
@@ -166,6 +167,33 @@ pub struct Config {
     )]
     pub connect_rate_per_ip: u32,
 
+    /// Failed CONNECTs (bad or missing credentials) from one IP within a minute after which that
+    /// IP's new sockets are closed for SMQ_MQTT_ADAPTER_AUTH_BAN; 0: off.
+    #[arg(
+        long,
+        env = "SMQ_MQTT_ADAPTER_AUTH_FAILURES_PER_IP",
+        default_value_t = 20
+    )]
+    pub auth_failures_per_ip: u32,
+
+    /// How long an IP stays banned after too many failed CONNECTs (`60s`, `5m`).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_AUTH_BAN", default_value = "60s", value_parser = parse_duration)]
+    pub auth_ban: Duration,
+
+    /// Subscriptions one session may hold; beyond, SUBACK 0x97 (5) / 0x80 (3.1.1).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_SUBSCRIPTIONS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_subscriptions: u64,
+
+    /// Longest PUBLISH topic or SUBSCRIBE filter, bytes as sent; beyond, refused as a malformed
+    /// topic.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_TOPIC_LENGTH", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(16..=65535))]
+    pub max_topic_length: u32,
+
+    /// Most levels (`a/b/c` has three) in a PUBLISH topic or SUBSCRIBE filter; beyond, refused as
+    /// a malformed topic.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_TOPIC_LEVELS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(4..=65535))]
+    pub max_topic_levels: u32,
+
     /// PUBLISH packets per second from one session (token bucket, burst of the same size); beyond it
     /// the session is closed (MQTT 5: DISCONNECT 0x96). 0: unlimited.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_PUBLISH_RATE", default_value_t = 10_000)]
@@ -206,8 +234,9 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_QUEUED_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_queued_bytes: u64,
 
-    /// Retained topics kept in memory; beyond it a retained PUBLISH on a new topic is delivered
-    /// but not retained (counted).
+    /// Retained topics kept in memory (none is evicted); beyond it a retained PUBLISH on a new
+    /// topic is refused with 0x97 on MQTT 5 QoS 1/2, and delivered but not retained on 3.1.1 and
+    /// QoS 0 (both counted).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_RETAINED", default_value_t = 100_000)]
     pub max_retained: u64,
 
@@ -538,6 +567,13 @@ mod tests {
         assert_eq!(config.auth_cache_allow_ttl, Duration::from_secs(10));
         assert_eq!(config.auth_cache_deny_ttl, Duration::from_secs(2));
         assert_eq!(config.message_broker_url, None);
+        assert_eq!(config.auth_failures_per_ip, 20);
+        assert_eq!(config.auth_ban, Duration::from_secs(60));
+        assert_eq!(config.max_subscriptions, 1000);
+        assert_eq!(
+            (config.max_topic_length, config.max_topic_levels),
+            (1024, 32)
+        );
     }
 
     #[test]

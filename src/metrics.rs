@@ -184,7 +184,7 @@ impl Metrics {
             ),
             retained_refused: counter(
                 "mqtt_adapter_retained_refused_total",
-                "Retained PUBLISHes delivered but not retained because the retained store was full",
+                "Retained PUBLISHes not retained because the retained store was full (MQTT 5 QoS 1/2: refused with 0x97; otherwise delivered)",
             ),
             broker: Mutex::new(None),
             events_pending: gauge(
@@ -264,7 +264,12 @@ impl Metrics {
                         total.load(Relaxed),
                     );
                 }
-                follow(&self.retained_refused, stats.retained_refused.load(Relaxed));
+                let retained_refused = stats.retained_refused.load(Relaxed);
+                follow(&self.retained_refused, retained_refused);
+                follow(
+                    &self.limit_hits.with_label_values(&["retained"]),
+                    retained_refused,
+                );
             }
         }
         {
@@ -304,6 +309,11 @@ impl Metrics {
         // Encoding into a Vec only fails on a malformed family, which the registry rules out.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Counts a connection, packet or subscription refused by the limit `limit`.
+    pub fn limit_hit(&self, limit: &str) {
+        self.limit_hits.with_label_values(&[limit]).inc();
     }
 
     /// Counts a CONNECT refused before authentication (e.g. by a limit).

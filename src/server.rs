@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::ban::{AuthBans, MAX_TRACKED_IPS};
 use crate::auth::cache::CacheSettings;
 use crate::auth::grpc::{GrpcConfigError, GrpcService, PlatformAuth, PlatformAuthMetrics};
 use crate::auth::static_registry::RegistryError;
@@ -29,8 +30,9 @@ use crate::listener::tls::{self, ServerIdentity, TlsConfigError};
 use crate::listener::{self, Accepting, ConnectRate, Transport};
 use crate::metrics::{Metrics, TimedAuthenticator};
 use crate::revocation::{self, DecisionCaches, PlatformEventsError, Reactions, RightsEpoch};
-use crate::session::limits::Limits;
+use crate::session::limits::{Limits, SessionBounds};
 use crate::session::SessionContext;
+use crate::topic::TopicBounds;
 
 /// A configuration the adapter cannot start with; the message names what to change.
 #[derive(Debug, thiserror::Error)]
@@ -208,12 +210,23 @@ impl Server {
             wss_addr = Some(a);
             secure.push((l, Transport::Wss(acceptor.clone())));
         }
-        let limits = Limits::new(
+        let mut limits = Limits::new(
             usize::try_from(config.max_connections).unwrap_or(usize::MAX),
             config.max_inflight,
             NonZeroU32::new(config.publish_rate),
             config.cert_cn_as_username,
-        );
+        )
+        .with_session_bounds(SessionBounds {
+            max_subscriptions: usize::try_from(config.max_subscriptions).unwrap_or(usize::MAX),
+            topic: TopicBounds {
+                max_length: config.max_topic_length as usize,
+                max_levels: config.max_topic_levels as usize,
+            },
+        });
+        if let Some(failures) = NonZeroU32::new(config.auth_failures_per_ip) {
+            limits =
+                limits.with_auth_bans(AuthBans::new(failures, config.auth_ban, MAX_TRACKED_IPS));
+        }
 
         let rights = Arc::new(RightsEpoch::default());
         let ctx = Arc::new(SessionContext {
@@ -252,6 +265,7 @@ impl Server {
             // A WebSocket message carries at most one MQTT packet's worth, plus framing slack.
             max_ws_message: config.max_packet_size as usize + 1024,
             connect_rate: NonZeroU32::new(config.connect_rate_per_ip).map(ConnectRate::new),
+            open_sockets: Arc::default(),
         });
         let mut accept_tasks = Vec::new();
         for (l, transport) in [(listener, Transport::Tcp), (ws_listener, Transport::Ws)]

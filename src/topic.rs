@@ -56,6 +56,55 @@ pub enum TopicError {
     BadFilter,
     #[error("topic holds the null character U+0000")]
     NullCharacter,
+    #[error("topic is {len} bytes long, more than the {max} allowed")]
+    TooLong { len: usize, max: usize },
+    #[error("topic has {levels} levels, more than the {max} allowed")]
+    TooManyLevels { levels: usize, max: usize },
+}
+
+/// How long a PUBLISH topic or SUBSCRIBE filter may be, as sent by the device: in bytes, and in
+/// levels (`a/b/c` has three).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicBounds {
+    pub max_length: usize,
+    pub max_levels: usize,
+}
+
+impl TopicBounds {
+    /// MQTT's own bound only (a topic is at most 65,535 bytes).
+    pub const UNLIMITED: TopicBounds = TopicBounds {
+        max_length: usize::MAX,
+        max_levels: usize::MAX,
+    };
+
+    /// Refuses a topic beyond the bounds; cheap enough to run before any lookup.
+    pub fn check(&self, topic: &[u8]) -> Result<(), TopicError> {
+        if topic.len() > self.max_length {
+            return Err(TopicError::TooLong {
+                len: topic.len(),
+                max: self.max_length,
+            });
+        }
+        if self.max_levels < usize::MAX {
+            let levels = 1 + topic.iter().filter(|&&b| b == b'/').count();
+            if levels > self.max_levels {
+                return Err(TopicError::TooManyLevels {
+                    levels,
+                    max: self.max_levels,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The metric label of a refusal by these bounds.
+    pub fn limit_name(error: &TopicError) -> Option<&'static str> {
+        match error {
+            TopicError::TooLong { .. } => Some("topic_length"),
+            TopicError::TooManyLevels { .. } => Some("topic_levels"),
+            _ => None,
+        }
+    }
 }
 
 /// Whether the text is a PUBLISH topic name or a SUBSCRIBE filter.
@@ -216,6 +265,26 @@ mod tests {
             );
             assert_eq!(parse("plain/\0", usage), Err(TopicError::NullCharacter));
         }
+    }
+
+    #[test]
+    fn bounds_count_bytes_and_levels() {
+        let bounds = TopicBounds {
+            max_length: 8,
+            max_levels: 3,
+        };
+        assert_eq!(bounds.check(b"a/b/c"), Ok(()));
+        assert_eq!(
+            bounds.check(b"a/b/c/d"),
+            Err(TopicError::TooManyLevels { levels: 4, max: 3 })
+        );
+        assert_eq!(
+            bounds.check(b"abcdefghi"),
+            Err(TopicError::TooLong { len: 9, max: 8 })
+        );
+        // Empty levels count: `//` is three levels.
+        assert!(bounds.check(b"///").is_err());
+        assert_eq!(TopicBounds::UNLIMITED.check(&[b'/'; 1000]), Ok(()));
     }
 
     #[test]

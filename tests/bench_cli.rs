@@ -150,7 +150,12 @@ async fn latency_scenario_times_every_delivery() {
 
 #[tokio::test]
 async fn connect_storm_counts_accepted_and_refused_connects() {
-    let mut adapter = Adapter::start(BENCH_CLIENTS).await;
+    // 24 wrong secrets from one IP would otherwise ban it (SMQ_MQTT_ADAPTER_AUTH_FAILURES_PER_IP).
+    let mut adapter = Adapter::start_with(
+        BENCH_CLIENTS,
+        &[("SMQ_MQTT_ADAPTER_AUTH_FAILURES_PER_IP", "0")],
+    )
+    .await;
     let port = adapter.port;
 
     for version in ["3.1.1", "5"] {

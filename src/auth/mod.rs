@@ -2,6 +2,7 @@
 //! (channel and plain-topic access) traits, and the SuperMQ topic rules that decide which check a
 //! PUBLISH topic or SUBSCRIBE filter needs.
 
+pub mod ban;
 pub mod cache;
 pub mod grpc;
 pub mod static_registry;

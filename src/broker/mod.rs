@@ -543,10 +543,11 @@ impl Broker {
                 .unwrap_or_else(|p| p.into_inner())
                 .store(message.clone());
             if stored == Retained::Refused {
+                // MQTT 3.1.1 and QoS 0 cannot be told: delivered, but not retained.
                 let n = self.stats.retained_refused.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
                     tracing::warn!(topic = %message.topic_str(), refused = n,
-                        "retained store full: message delivered but not retained");
+                        "retained store full: message delivered but not retained (SMQ_MQTT_ADAPTER_MAX_RETAINED)");
                 }
             }
         }
@@ -679,6 +680,26 @@ impl Broker {
     pub fn subscription_count(&self) -> (usize, usize) {
         let trie = self.trie.read().unwrap_or_else(|p| p.into_inner());
         (trie.len(), trie.node_count())
+    }
+
+    /// Whether a retained PUBLISH on `topic` would be kept: it clears the topic, the topic holds
+    /// one already, or the store has room.
+    pub fn retained_accepts(&self, topic: &str, clears: bool) -> bool {
+        clears
+            || self
+                .retained
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .accepts(topic)
+    }
+
+    /// Counts a retained PUBLISH refused before routing because the store is full.
+    pub fn count_retained_refused(&self, topic: &str) {
+        let n = self.stats.retained_refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(%topic, refused = n,
+                "retained store full: retained PUBLISH on a new topic refused (SMQ_MQTT_ADAPTER_MAX_RETAINED)");
+        }
     }
 
     /// Retained topics held.

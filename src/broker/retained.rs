@@ -75,6 +75,22 @@ impl RetainedStore {
         Retained::Stored
     }
 
+    /// Whether storing a message on `topic` would be kept: there is room, or the topic holds
+    /// one already (replaced).
+    pub fn accepts(&self, topic: &str) -> bool {
+        if self.len < self.max {
+            return true;
+        }
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            match node.children.get(level) {
+                Some(child) => node = child,
+                None => return false,
+            }
+        }
+        node.message.is_some()
+    }
+
     /// Retained topics held.
     pub fn len(&self) -> usize {
         self.len
@@ -219,6 +235,8 @@ mod tests {
         s.store(msg("b/c", "1"));
         assert_eq!(s.store(msg("b/d", "1")), Retained::Refused);
         assert_eq!(s.store(msg("b", "1")), Retained::Refused);
+        assert!(s.accepts("a") && s.accepts("b/c"));
+        assert!(!s.accepts("b") && !s.accepts("b/d") && !s.accepts("z"));
         assert_eq!(s.store(msg("a", "2")), Retained::Stored);
         assert_eq!(s.len(), 2);
         assert_eq!(topics(&s, "#"), ["a", "b/c"]);

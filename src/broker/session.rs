@@ -295,6 +295,13 @@ impl Session {
             .collect()
     }
 
+    /// Whether a subscription to `filter` fits within `max` subscriptions (replacing an existing
+    /// one always does).
+    pub fn has_room_for(&self, filter: &str, max: usize) -> bool {
+        let state = self.lock();
+        state.subscriptions.len() < max || state.subscriptions.contains_key(filter)
+    }
+
     /// Deliveries queued and in flight.
     pub fn queued(&self) -> (usize, usize) {
         let state = self.lock();

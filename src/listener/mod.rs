@@ -10,6 +10,7 @@ pub mod ws;
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,12 +50,15 @@ pub struct Accepting {
     pub ctx: Arc<SessionContext>,
     pub sessions: TaskTracker,
     pub metrics: Arc<Metrics>,
-    /// Time a TLS or WebSocket handshake may take.
+    /// Time a TLS or WebSocket handshake may take (within the connect timeout, which runs from
+    /// accept).
     pub handshake_timeout: Duration,
     /// Largest WebSocket message accepted (the MQTT packet limit plus framing).
     pub max_ws_message: usize,
     /// New connections per second per peer IP; `None` is unlimited.
     pub connect_rate: Option<ConnectRate>,
+    /// Sockets open on every listener together (bounded below the open file limit).
+    pub open_sockets: Arc<AtomicUsize>,
 }
 
 /// Token buckets of new connections, one per peer IP.
@@ -80,6 +84,7 @@ impl ConnectRate {
 /// Runs one listener's accept loop until shutdown.
 pub async fn serve(listener: TcpListener, transport: Transport, shared: Arc<Accepting>) {
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
+    let mut descriptors = Descriptors::new();
     loop {
         let accepted = tokio::select! {
             _ = shared.ctx.shutdown.cancelled() => return,
@@ -87,19 +92,31 @@ pub async fn serve(listener: TcpListener, transport: Transport, shared: Arc<Acce
                 if let Some(rate) = &shared.connect_rate {
                     rate.forget_idle();
                 }
+                if let Some(bans) = shared.ctx.limits.auth_bans() {
+                    bans.forget_expired();
+                }
                 continue;
             }
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
+                if !Descriptors::room_for_socket(shared.open_sockets.load(Ordering::Relaxed)) {
+                    descriptors
+                        .running_out("open sockets near the open file limit", transport.name());
+                    shared.metrics.limit_hit("file_descriptors");
+                    continue;
+                }
+                descriptors.available(transport.name());
+                let bans = shared.ctx.limits.auth_bans();
+                if bans.is_some_and(|b| b.is_banned(peer.ip())) {
+                    shared.metrics.limit_hit("auth_ban");
+                    tracing::debug!(%peer, "closed: IP banned after failed CONNECTs");
+                    continue;
+                }
                 if let Some(rate) = &shared.connect_rate {
                     if !rate.allow(peer.ip()) {
-                        shared
-                            .metrics
-                            .limit_hits
-                            .with_label_values(&["connect_rate"])
-                            .inc();
+                        shared.metrics.limit_hit("connect_rate");
                         tracing::debug!(%peer, "closed: connect rate of this IP exceeded");
                         continue;
                     }
@@ -108,16 +125,138 @@ pub async fn serve(listener: TcpListener, transport: Transport, shared: Arc<Acce
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
                 }
-                shared
-                    .sessions
-                    .spawn(connection(shared.clone(), transport.clone(), stream, peer));
+                let open = OpenSocket::new(
+                    shared
+                        .metrics
+                        .listener_connections
+                        .with_label_values(&[transport.name()]),
+                    shared.open_sockets.clone(),
+                );
+                shared.sessions.spawn(connection(
+                    shared.clone(),
+                    transport.clone(),
+                    stream,
+                    peer,
+                    open,
+                ));
+            }
+            Err(e) if Descriptors::exhausted(&e) => {
+                descriptors.running_out(&e.to_string(), transport.name());
+                if descriptors.shed(&listener) {
+                    shared.metrics.limit_hit("file_descriptors");
+                } else {
+                    // No reserve to shed with: wait for descriptors instead of spinning.
+                    tokio::select! {
+                        _ = shared.ctx.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
             }
             Err(e) => {
-                // Typically out of file descriptors: back off instead of spinning.
                 tracing::warn!(error = %e, listener = transport.name(), "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::select! {
+                    _ = shared.ctx.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
             }
         }
+    }
+}
+
+/// Descriptors kept free of device sockets (at most half of the open file limit).
+const RESERVED_DESCRIPTORS: usize = 128;
+
+/// The process's soft limit of open files, read each time (an operator may change it live).
+fn open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return u64::MAX;
+    }
+    limit.rlim_cur
+}
+
+/// The accept loop's answer to running out of file descriptors: a socket beyond the open file
+/// limit less a reserve is closed at accept. Should the process run out all the same (its own
+/// files), one descriptor held back is released to accept and at once close the connection at
+/// the head of the backlog (so it is refused, not left hanging), then taken again. One log line
+/// per episode.
+struct Descriptors {
+    reserve: Option<std::fs::File>,
+    /// In an episode: connections are being closed.
+    out: bool,
+    /// This episode was logged (its end is logged too).
+    announced: bool,
+    last_warning: Option<std::time::Instant>,
+    /// Connections closed since the last warning.
+    closed: u64,
+}
+
+/// Episodes that follow each other closely (sockets come and go at the bound) share one line.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl Descriptors {
+    fn new() -> Self {
+        Descriptors {
+            reserve: std::fs::File::open("/dev/null").ok(),
+            out: false,
+            announced: false,
+            last_warning: None,
+            closed: 0,
+        }
+    }
+
+    fn exhausted(e: &std::io::Error) -> bool {
+        matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+    }
+
+    /// Whether one more socket leaves the process its reserve of descriptors (for its own
+    /// files: listeners, the event log, HTTP scrapes, connections to NATS and the platform).
+    fn room_for_socket(open_sockets: usize) -> bool {
+        let limit = usize::try_from(open_file_limit()).unwrap_or(usize::MAX);
+        let reserved = (limit / 2).min(RESERVED_DESCRIPTORS);
+        open_sockets.saturating_add(reserved) < limit
+    }
+
+    fn running_out(&mut self, cause: &str, listener: &'static str) {
+        self.closed += 1;
+        if std::mem::replace(&mut self.out, true) {
+            return;
+        }
+        if self
+            .last_warning
+            .is_none_or(|at| at.elapsed() >= WARN_EVERY)
+        {
+            tracing::warn!(cause, listener, closed = self.closed,
+                "file descriptors running out: new connections are closed until some are free (raise the open file limit or lower SMQ_MQTT_ADAPTER_MAX_CONNECTIONS)");
+            self.last_warning = Some(std::time::Instant::now());
+            self.announced = true;
+            self.closed = 0;
+        }
+    }
+
+    fn available(&mut self, listener: &'static str) {
+        if std::mem::replace(&mut self.out, false) && std::mem::take(&mut self.announced) {
+            tracing::info!(listener, "file descriptors available again: accepting");
+        }
+        if self.reserve.is_none() {
+            self.reserve = std::fs::File::open("/dev/null").ok();
+        }
+    }
+
+    /// Closes one waiting connection with the reserve descriptor; false when there was no
+    /// reserve or no connection could be taken (the caller then backs off).
+    fn shed(&mut self, listener: &TcpListener) -> bool {
+        if self.reserve.take().is_none() {
+            return false;
+        }
+        // The connection is already queued: accept does not wait. Dropped at once: closed.
+        let shed = matches!(listener.accept().now_or_never(), Some(Ok(_)));
+        self.reserve = std::fs::File::open("/dev/null").ok();
+        shed
     }
 }
 
@@ -127,47 +266,51 @@ async fn connection(
     transport: Transport,
     stream: TcpStream,
     peer: SocketAddr,
+    _open: OpenSocket,
 ) {
     let name = transport.name();
-    let _open = OpenSocket::new(
-        shared
-            .metrics
-            .listener_connections
-            .with_label_values(&[name]),
-    );
+    // The connect timeout runs from accept: the TLS and WebSocket handshakes are part of it, so
+    // a socket trickling its bytes is closed at one deadline whatever the transport.
+    let accepted = tokio::time::Instant::now();
+    let deadline = accepted + shared.ctx.connect_timeout;
     // Boxed: a TLS or WebSocket handshake's state is freed once it is done, not held by the
     // connection's task for the whole session.
     let handshake = Box::pin(async {
+        let plain = ConnectionInfo {
+            listener: name,
+            ..Default::default()
+        };
+        let with_deadline = |conn: ConnectionInfo| ConnectionInfo {
+            connect_deadline: Some(deadline),
+            ..conn
+        };
         match transport {
             Transport::Tcp => {
-                let conn = ConnectionInfo {
-                    listener: name,
-                    ..Default::default()
-                };
+                let conn = with_deadline(plain);
                 Ok(session::serve_with(shared.ctx.clone(), stream, peer, conn).boxed())
             }
             Transport::Tls(acceptor) => {
                 let (tls, conn) = tls::accept(&acceptor, stream, name).await?;
+                let conn = with_deadline(conn);
                 Ok(session::serve_with(shared.ctx.clone(), tls, peer, conn).boxed())
             }
             Transport::Ws => {
                 let ws = ws::accept(stream, shared.max_ws_message).await?;
-                let conn = ConnectionInfo {
-                    listener: name,
-                    ..Default::default()
-                };
+                let conn = with_deadline(plain);
                 Ok(session::serve_with(shared.ctx.clone(), ws, peer, conn).boxed())
             }
             Transport::Wss(acceptor) => {
                 let (tls, conn) = tls::accept(&acceptor, stream, name).await?;
                 let ws = ws::accept(tls, shared.max_ws_message).await?;
+                let conn = with_deadline(conn);
                 Ok(session::serve_with(shared.ctx.clone(), ws, peer, conn).boxed())
             }
         }
     });
+    let handshake_deadline = deadline.min(accepted + shared.handshake_timeout);
     let handshake = tokio::select! {
         _ = shared.ctx.shutdown.cancelled() => None,
-        r = tokio::time::timeout(shared.handshake_timeout, handshake) => Some(r),
+        r = tokio::time::timeout_at(handshake_deadline, handshake) => Some(r),
     };
     match handshake {
         None => {}
@@ -186,7 +329,7 @@ async fn connection(
                 .handshake_errors
                 .with_label_values(&[name])
                 .inc();
-            tracing::info!(%peer, listener = name, "handshake timed out");
+            tracing::info!(%peer, listener = name, "handshake timed out (handshake or connect timeout)");
         }
     }
 }
@@ -195,19 +338,22 @@ async fn connection(
 #[derive(Debug)]
 pub struct HandshakeError(pub String);
 
-/// Keeps a listener's open-socket gauge right on every path out of the connection task.
-struct OpenSocket(prometheus::IntGauge);
+/// Keeps a listener's open-socket gauge and the count of all listeners right on every path out
+/// of the connection task.
+struct OpenSocket(prometheus::IntGauge, Arc<AtomicUsize>);
 
 impl OpenSocket {
-    fn new(gauge: prometheus::IntGauge) -> Self {
+    fn new(gauge: prometheus::IntGauge, all: Arc<AtomicUsize>) -> Self {
         gauge.inc();
-        OpenSocket(gauge)
+        all.fetch_add(1, Ordering::Relaxed);
+        OpenSocket(gauge, all)
     }
 }
 
 impl Drop for OpenSocket {
     fn drop(&mut self) {
         self.0.dec();
+        self.1.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -222,8 +368,8 @@ mod footprint {
     /// The task every accepted socket holds for its whole life (debug build: largest).
     #[test]
     fn a_connection_task_is_small() {
-        type Args = (Arc<Accepting>, Transport, TcpStream, SocketAddr);
-        let connection = future_size(&|(a, t, s, p): Args| connection(a, t, s, p));
+        type Args = (Arc<Accepting>, Transport, TcpStream, SocketAddr, OpenSocket);
+        let connection = future_size(&|(a, t, s, p, o): Args| connection(a, t, s, p, o));
         // The TLS / WebSocket handshake's state is boxed and freed once it is done.
         assert!(
             connection <= 512,

@@ -179,6 +179,7 @@ pub async fn accept(
         listener,
         client_certificate: leaf.is_some(),
         cert_common_name: leaf.and_then(|cert| common_name(cert)),
+        connect_deadline: None,
     };
     Ok((tls, conn))
 }

@@ -50,7 +50,17 @@ impl Codec {
     pub fn write(&self, packet: Packet, buf: &mut BytesMut) -> Result<usize, protocol::Error> {
         match self.version {
             ProtocolVersion::V311 => V4.write(strip_properties(packet), buf),
-            ProtocolVersion::V5 => V5.write(packet, buf),
+            ProtocolVersion::V5 => {
+                let disconnect = matches!(packet, Packet::Disconnect(_, None));
+                let start = buf.len();
+                let n = V5.write(packet, buf)?;
+                // rumqttd writes a DISCONNECT's (empty) property length without counting it in
+                // the remaining length: the frame would end one byte early. Found by fuzzing.
+                if disconnect && buf.len() == start + 4 && buf[start + 1] == 1 {
+                    buf[start + 1] = 2;
+                }
+                Ok(n)
+            }
         }
     }
 }
@@ -78,6 +88,23 @@ fn strip_properties(packet: Packet) -> Packet {
 mod tests {
     use super::*;
     use rumqttd::protocol::{Publish, PublishProperties};
+
+    #[test]
+    fn v5_disconnect_with_a_reason_is_one_whole_frame() {
+        use rumqttd::protocol::{Disconnect, DisconnectReasonCode};
+        let packet = Packet::Disconnect(
+            Disconnect {
+                reason_code: DisconnectReasonCode::MalformedPacket,
+            },
+            None,
+        );
+        let mut buf = BytesMut::new();
+        Codec::new(ProtocolVersion::V5, 1024)
+            .write(packet, &mut buf)
+            .expect("encodes");
+        // Remaining length 2: the reason code and an empty property length.
+        assert_eq!(&buf[..], &[0xE0, 2, 0x81, 0]);
+    }
 
     #[test]
     fn v311_write_drops_publish_properties() {

@@ -16,6 +16,7 @@ use super::codec::{Codec, ProtocolVersion};
 use super::limits::ConnectionInfo;
 use super::teardown::{LiveSession, Will};
 use super::{connack, frame, write_packet, SessionContext};
+use crate::auth::ban::Failure;
 use crate::auth::{AuthError, Credentials, TopicDecision};
 use crate::broker::{AttachRequest, ConnectionMeta, Expiry, Message, Origin};
 use crate::hooks::{DisconnectReason, SessionInfo};
@@ -229,6 +230,10 @@ where
                     ConnectReturnCode::ServerUnavailable,
                 ),
             };
+            // An auth service that is down is not the device's failure.
+            if !matches!(e, AuthError::Unavailable(_)) {
+                note_auth_failure(ctx, peer);
+            }
             let _ = write_packet(stream, &codec, refuse(code, &e.to_string())).await;
             return None;
         }
@@ -335,6 +340,27 @@ where
         device_max_packet,
         device_alias_max,
     })
+}
+
+/// Counts a CONNECT refused for its credentials against its IP; logs the ban it starts.
+fn note_auth_failure(ctx: &SessionContext, peer: SocketAddr) {
+    let Some(bans) = ctx.limits.auth_bans() else {
+        return;
+    };
+    match bans.record_failure(peer.ip()) {
+        Failure::Counted => {}
+        Failure::BanStarted { failures } => {
+            tracing::warn!(ip = %peer.ip(), failures, ban_seconds = bans.ban_duration().as_secs(),
+                "IP banned: too many failed CONNECTs within a minute; its new sockets are closed");
+        }
+        Failure::Untracked { first } => {
+            ctx.metrics.limit_hit("auth_ban_table_full");
+            if first {
+                tracing::warn!(ip = %peer.ip(), tracked = bans.tracked(),
+                    "auth failure table full: failed CONNECTs from new IPs are not counted until entries expire");
+            }
+        }
+    }
 }
 
 /// 3.1.1: clean session or kept until a clean CONNECT. 5: the session expiry interval (default

@@ -1,7 +1,8 @@
 //! Per-connection limits applied by the session: the concurrent connection cap (reserved at
 //! CONNECT, released when the session ends), the QoS 1/2 PUBLISHes a device may have unacknowledged
 //! (MQTT 5 receive maximum), the per-session publish rate (a token bucket), and the
-//! client-certificate rule for TLS connections.
+//! client-certificate rule for TLS connections, the brute-force bans of peer IPs, and the
+//! per-session bounds on subscriptions and topic size.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,6 +10,9 @@ use std::sync::Arc;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rumqttd::protocol::{DisconnectReasonCode, Login};
+
+use crate::auth::ban::AuthBans;
+use crate::topic::TopicBounds;
 
 /// What the transport learned about a connection before its CONNECT.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +23,10 @@ pub struct ConnectionInfo {
     pub cert_common_name: Option<String>,
     /// Whether a verified client certificate was presented.
     pub client_certificate: bool,
+    /// When the CONNECT must be complete: the listener sets it at accept, so the TLS and
+    /// WebSocket handshakes count against the same connect timeout. `None`: the connect timeout
+    /// from the session's start.
+    pub connect_deadline: Option<tokio::time::Instant>,
 }
 
 /// The limits every session shares.
@@ -29,6 +37,25 @@ pub struct Limits {
     open: Arc<AtomicUsize>,
     publish_rate: Option<NonZeroU32>,
     cert_cn_as_username: bool,
+    auth_bans: Option<Arc<AuthBans>>,
+    session: SessionBounds,
+}
+
+/// What one session may hold and send.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionBounds {
+    /// Subscriptions a session holds at most.
+    pub max_subscriptions: usize,
+    /// Length and levels of a PUBLISH topic or SUBSCRIBE filter.
+    pub topic: TopicBounds,
+}
+
+impl SessionBounds {
+    /// No bounds beyond MQTT's own.
+    pub const UNLIMITED: SessionBounds = SessionBounds {
+        max_subscriptions: usize::MAX,
+        topic: TopicBounds::UNLIMITED,
+    };
 }
 
 impl Limits {
@@ -46,7 +73,31 @@ impl Limits {
             open: Arc::default(),
             publish_rate,
             cert_cn_as_username,
+            auth_bans: None,
+            session: SessionBounds::UNLIMITED,
         }
+    }
+
+    /// Bans peer IPs after too many failed CONNECTs (see [`AuthBans`]).
+    pub fn with_auth_bans(mut self, bans: AuthBans) -> Self {
+        self.auth_bans = Some(Arc::new(bans));
+        self
+    }
+
+    /// Bounds every session's subscriptions and topics.
+    pub fn with_session_bounds(mut self, bounds: SessionBounds) -> Self {
+        self.session = bounds;
+        self
+    }
+
+    /// The brute-force bans, when enabled.
+    pub fn auth_bans(&self) -> Option<&AuthBans> {
+        self.auth_bans.as_deref()
+    }
+
+    /// What one session may hold and send.
+    pub fn session(&self) -> &SessionBounds {
+        &self.session
     }
 
     /// No limits: for embedding in tests and tools.
@@ -168,6 +219,7 @@ mod tests {
             listener: "tls",
             cert_common_name: Some("dev1".into()),
             client_certificate: true,
+            connect_deadline: None,
         };
         assert!(limits
             .check_certificate(&conn, Some(&login("dev1")))

@@ -88,9 +88,13 @@ async fn establish<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    // One deadline for the whole CONNECT, however the device paces its bytes.
+    let deadline = conn
+        .connect_deadline
+        .unwrap_or_else(|| tokio::time::Instant::now() + ctx.connect_timeout);
     let handshake = tokio::select! {
         _ = ctx.shutdown.cancelled() => return None,
-        r = tokio::time::timeout(ctx.connect_timeout, handshake::read_connect(ctx, stream, rbuf)) => r,
+        r = tokio::time::timeout_at(deadline, handshake::read_connect(ctx, stream, rbuf)) => r,
     };
     let connect = match handshake {
         Err(_) => {

@@ -26,7 +26,7 @@ use super::{deliver, End, SessionContext, WRITE_TIMEOUT};
 use crate::auth::TopicDecision;
 use crate::broker::{message, shared, Kick, Message, Origin, Outgoing, Session, SubOptions};
 use crate::hooks::{DisconnectReason, PublishRoute, SessionInfo};
-use crate::topic::{self, TopicKind, Usage};
+use crate::topic::{self, TopicBounds, TopicKind, Usage};
 
 /// Deliveries taken from the session's queue per write to the device.
 const MAX_WRITE_BATCH: usize = 256;
@@ -42,6 +42,8 @@ const KEEP_BUFFER: usize = 64 * 1024;
 enum Refusal {
     Denied,
     Invalid,
+    /// A store or bound is full (the retained store): MQTT 5 reason 0x97.
+    Quota,
 }
 
 /// Per-connection state of the relay.
@@ -193,6 +195,13 @@ fn kicked(ctx: &SessionContext, why: Option<Kick>) -> End {
 impl Relay<'_> {
     fn v5(&self) -> bool {
         self.codec.version() == ProtocolVersion::V5
+    }
+
+    /// Counts a hit of the limit `name` in `mqtt_adapter_limit_hits_total`.
+    fn limit_hit(&self, name: Option<&str>) {
+        if let Some(name) = name {
+            self.ctx.metrics.limit_hit(name);
+        }
     }
 
     fn write(&mut self, packet: Packet) -> Result<(), End> {
@@ -425,6 +434,10 @@ impl Relay<'_> {
                 End::protocol(code, e.to_string())
             })?;
         }
+        if let Err(e) = self.ctx.limits.session().topic.check(&publish.topic) {
+            self.limit_hit(TopicBounds::limit_name(&e));
+            return self.refuse_publish(&publish.topic, Refusal::Invalid, qos, publish_id);
+        }
         // A revocation since the cache was filled may have taken any of its answers back.
         let epoch = self.ctx.rights.current();
         if epoch != self.rights_epoch {
@@ -452,6 +465,19 @@ impl Relay<'_> {
             Ok(route) => route,
             Err(refusal) => return self.refuse_publish(&publish.topic, refusal, qos, publish_id),
         };
+        // Where MQTT can say so (5, QoS 1/2), a retained PUBLISH the full store cannot keep is
+        // refused rather than delivered without being retained.
+        if publish.retain && self.v5() && qos > 0 {
+            let topic = std::str::from_utf8(&route.topic).unwrap_or("");
+            if !self
+                .ctx
+                .broker
+                .retained_accepts(topic, publish.payload.is_empty())
+            {
+                self.ctx.broker.count_retained_refused(topic);
+                return self.refuse_publish(&publish.topic, Refusal::Quota, qos, publish_id);
+            }
+        }
         if qos == 2 && self.session.incoming_held() >= usize::from(self.ctx.limits.max_inflight()) {
             self.ctx
                 .metrics
@@ -557,6 +583,7 @@ impl Relay<'_> {
                 let reason = match refusal {
                     Refusal::Denied => PubAckReason::NotAuthorized,
                     Refusal::Invalid => PubAckReason::TopicNameInvalid,
+                    Refusal::Quota => PubAckReason::QuotaExceeded,
                 };
                 self.write(Packet::PubAck(PubAck { pkid, reason }, None))
             }
@@ -564,6 +591,7 @@ impl Relay<'_> {
                 let reason = match refusal {
                     Refusal::Denied => PubRecReason::NotAuthorized,
                     Refusal::Invalid => PubRecReason::TopicNameInvalid,
+                    Refusal::Quota => PubRecReason::QuotaExceeded,
                 };
                 self.session.hold_incoming(pkid, None);
                 self.write(Packet::PubRec(PubRec { pkid, reason }, None))
@@ -586,6 +614,7 @@ impl Relay<'_> {
         for filter in subscribe.filters {
             // `$share/<group>/<filter>` is authorized as its inner filter; other `$` filters
             // are not offered.
+            let bounds = *self.ctx.limits.session();
             let shared = shared::split(&filter.path);
             if v5 && filter.nolocal && shared.is_some() {
                 return Err(End::protocol(
@@ -600,6 +629,9 @@ impl Relay<'_> {
             let path = group.map_or(filter.path.as_str(), |(_, inner)| inner);
             let decision = if group.is_none() && filter.path.starts_with('$') {
                 TopicDecision::Invalid(topic::TopicError::BadFilter)
+            } else if let Err(e) = bounds.topic.check(filter.path.as_bytes()) {
+                self.limit_hit(TopicBounds::limit_name(&e));
+                TopicDecision::Invalid(e)
             } else {
                 self.ctx
                     .hooks
@@ -608,15 +640,29 @@ impl Relay<'_> {
             };
             match decision {
                 TopicDecision::Allow(inner) => {
+                    let canonical = match group {
+                        Some((group, _)) => shared::join(group, &inner),
+                        None => inner.clone(),
+                    };
+                    if !self
+                        .session
+                        .has_room_for(&canonical, bounds.max_subscriptions)
+                    {
+                        self.limit_hit(Some("subscriptions"));
+                        tracing::info!(client_id = %self.info.identity.client_id, filter = %filter.path,
+                            max = bounds.max_subscriptions, "subscribe refused: subscription limit reached");
+                        codes.push(if v5 {
+                            SubscribeReasonCode::QuotaExceeded
+                        } else {
+                            SubscribeReasonCode::Failure
+                        });
+                        continue;
+                    }
                     // A shared subscription's event names its inner channel filter.
                     if let Ok(TopicKind::Channel(channel)) = topic::parse(&inner, Usage::Subscribe)
                     {
                         channels.push(channel);
                     }
-                    let canonical = match group {
-                        Some((group, _)) => shared::join(group, &inner),
-                        None => inner,
-                    };
                     let options = SubOptions {
                         qos: (filter.qos as u8).min(2),
                         no_local: v5 && filter.nolocal,

@@ -368,6 +368,11 @@ impl Adapter {
         self.expect_event(client_id, "disconnect").await
     }
 
+    /// The adapter's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM to the adapter.
     pub fn terminate(&self) {
         self.signal(libc::SIGTERM);

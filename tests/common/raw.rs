@@ -316,6 +316,37 @@ impl RawClient {
         }
     }
 
+    /// Opens a socket from `source` (a loopback address such as 127.0.0.2, so the adapter sees
+    /// another peer IP); the error is the connect's.
+    pub async fn open_from(port: u16, source: std::net::IpAddr) -> std::io::Result<RawClient> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(std::net::SocketAddr::new(source, 0))?;
+        let stream = socket
+            .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .await?;
+        stream.set_nodelay(true)?;
+        Ok(RawClient {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Wraps a connected socket.
+    pub fn from_stream(stream: TcpStream) -> RawClient {
+        RawClient {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Sends `connect` and reads the answer: the CONNACK code, or how the socket ended without
+    /// one within [`WAIT`].
+    pub async fn handshake(&mut self, connect: &Connect<'_>) -> Result<u8, ReadEnd> {
+        self.send(&connect.encode()).await;
+        let ack = self.read_packet(WAIT).await?;
+        Ok(ack.connack_code())
+    }
+
     /// The socket itself, for a caller that reads or writes in bulk (benchmarks).
     pub fn into_stream(self) -> TcpStream {
         self.stream
