@@ -740,10 +740,22 @@ async fn a_v5_disconnect_with_a_reason_is_a_whole_frame_and_nothing_follows() {
     adapter.expect_disconnect("c1").await;
     assert_eq!(out.first(), Some(&0x20), "CONNACK first: {out:?}");
     let after_connack = &out[2 + usize::from(out[1])..];
+    // DISCONNECT 0x81 with its properties (a reason string); the remaining length (one byte
+    // here) must cover exactly the bytes that follow it.
     assert_eq!(
-        after_connack,
-        [0xE0, 2, 0x81, 0],
-        "DISCONNECT and nothing else"
+        after_connack.first(),
+        Some(&0xE0),
+        "DISCONNECT: {after_connack:?}"
+    );
+    assert_eq!(
+        after_connack.get(2),
+        Some(&0x81),
+        "reason 0x81: {after_connack:?}"
+    );
+    assert_eq!(
+        usize::from(after_connack[1]),
+        after_connack.len() - 2,
+        "DISCONNECT and nothing else: {after_connack:?}"
     );
     adapter.shutdown().await;
 }

@@ -83,3 +83,26 @@ async fn clean_start_discards_a_kept_session() {
         "clean start must not resume the kept session"
     );
 }
+
+/// Found by fuzzing: `a%2555` is kept as `a%55`, which canonicalised again would read `aU`; the
+/// inherited subscription must survive its re-authorization at resume.
+#[tokio::test]
+async fn a_kept_subscription_with_a_percent_in_its_subtopic_survives_the_resume() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let topic = "m/d1/c/ch1/a%2555";
+    let port = adapter.port;
+    let opts = || persistent_options(port, "expiry-percent", Some(300));
+    let mut sub = V5Client::connect_with(opts()).await;
+    adapter.expect_connect("c1").await;
+    sub.subscribe(topic, QoS5::AtLeastOnce).await;
+    sub.disconnect().await;
+    adapter.expect_disconnect("c1").await;
+
+    let mut again = V5Client::connect_with(opts()).await;
+    assert!(again.connack.session_present, "session_present on resume");
+    let mut publisher = V4Client::connect(adapter.port, "percent-pub", "c2", "s2").await;
+    publisher
+        .publish(topic, QoS::AtLeastOnce, false, b"kept")
+        .await;
+    assert_eq!(&again.next_publish().await.payload[..], b"kept");
+}

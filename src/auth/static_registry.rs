@@ -428,13 +428,13 @@ impl Authorizer for Grants {
             return self.anonymous.as_ref().is_some_and(|filters| {
                 filters
                     .iter()
-                    .any(|f| rumqttd::protocol::matches(topic_or_filter, f))
+                    .any(|f| crate::topic::matches(topic_or_filter, f))
             });
         }
         self.plain.get(&who.client_id).is_some_and(|grants| {
             grants
                 .iter()
-                .any(|(f, a)| *a == action && rumqttd::protocol::matches(topic_or_filter, f))
+                .any(|(f, a)| *a == action && crate::topic::matches(topic_or_filter, f))
         })
     }
 

@@ -13,7 +13,7 @@ use rumqttd::protocol::{
     PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, RetainForwardRule, SubAck,
     Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::alias::TopicAliases;
@@ -121,12 +121,19 @@ where
                 Ok(Err(e)) => return End::lost(format!("write error: {e}")),
                 Err(_) => return End::lost("device did not read for 30 s"),
             }
-            if relay.wbuf.capacity() > KEEP_BUFFER {
+            // A session with nothing more to send keeps no write buffer; a busy one keeps it
+            // (up to KEEP_BUFFER) for the next batch.
+            if !relay.more || relay.wbuf.capacity() > KEEP_BUFFER {
                 relay.wbuf = BytesMut::new();
             }
         }
-        if rbuf.is_empty() && rbuf.capacity() > KEEP_BUFFER {
-            rbuf = BytesMut::with_capacity(256);
+        if !relay.more && relay.scratch.capacity() > 0 {
+            relay.scratch = Vec::new();
+        }
+        // Nothing half-read: the buffer is released, so a quiet device holds none (the next
+        // read lands on the stack first, see `read_some`).
+        if rbuf.is_empty() {
+            rbuf = BytesMut::new();
         }
         let step = tokio::select! {
             biased;
@@ -140,7 +147,7 @@ where
                     Ok(())
                 }
             }
-            read = stream.read_buf(&mut rbuf) => match read {
+            read = read_some(stream, &mut rbuf) => match read {
                 Ok(0) => Err(End::lost("connection closed by device")),
                 Err(e) => Err(End::lost(format!("read error: {e}"))),
                 Ok(_) => {
@@ -159,6 +166,30 @@ where
             return end;
         }
     }
+}
+
+/// Bytes one read takes on the stack when the read buffer has no room.
+const READ_CHUNK: usize = 4096;
+
+/// Reads what the device sent onto `rbuf`. With no room in `rbuf` the bytes are read into a
+/// buffer on the stack and copied, so a read buffer is allocated only once bytes have arrived.
+fn read_some<'a, S>(
+    stream: &'a mut S,
+    rbuf: &'a mut BytesMut,
+) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a
+where
+    S: AsyncRead + Unpin,
+{
+    std::future::poll_fn(move |cx| {
+        if rbuf.capacity() > rbuf.len() {
+            return tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *stream), cx, rbuf);
+        }
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut buf = tokio::io::ReadBuf::uninit(&mut stack);
+        std::task::ready!(std::pin::Pin::new(&mut *stream).poll_read(cx, &mut buf))?;
+        rbuf.extend_from_slice(buf.filled());
+        std::task::Poll::Ready(Ok(buf.filled().len()))
+    })
 }
 
 /// Why the broker (or the server) ended the connection.
