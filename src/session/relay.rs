@@ -67,103 +67,108 @@ struct Relay<'a> {
     aliases: TopicAliases,
 }
 
-pub(super) async fn run<S>(
-    ctx: &SessionContext,
-    accepted: &mut Accepted,
-    stream: &mut S,
+/// The relay of one session until it ends. An `async move` block rather than an `async fn`,
+/// which would keep a second copy of every argument in the idle connection's state.
+#[allow(clippy::manual_async_fn)] // on purpose: see the doc comment
+pub(super) fn run<'a, S>(
+    ctx: &'a SessionContext,
+    accepted: &'a mut Accepted,
+    stream: &'a mut S,
     mut rbuf: BytesMut,
     codec: Codec,
-) -> End
+) -> impl std::future::Future<Output = End> + 'a
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + 'a,
 {
-    let session = accepted.live.attachment.session.clone();
-    let control = accepted.live.attachment.control.clone();
-    let mut relay = Relay {
-        ctx,
-        codec,
-        info: accepted.live.info.clone(),
-        session,
-        wbuf: BytesMut::new(),
-        topic_cache: HashMap::new(),
-        rights_epoch: ctx.rights.current(),
-        publish_rate: ctx.limits.publish_rate(),
-        window: accepted.window,
-        more: true,
-        scratch: Vec::new(),
-        device_max_packet: accepted.device_max_packet,
-        aliases: TopicAliases::new(ctx.topic_alias_maximum, accepted.device_alias_max),
-    };
-    // A resumed session first completes what the previous connection left in flight.
-    for outgoing in relay.session.resend() {
-        if let Err(end) = relay.write_outgoing(outgoing) {
-            return end;
+    async move {
+        let session = accepted.live.attachment.session.clone();
+        let control = accepted.live.attachment.control.clone();
+        let mut relay = Relay {
+            ctx,
+            codec,
+            info: accepted.live.info.clone(),
+            session,
+            wbuf: BytesMut::new(),
+            topic_cache: HashMap::new(),
+            rights_epoch: ctx.rights.current(),
+            publish_rate: ctx.limits.publish_rate(),
+            window: accepted.window,
+            more: true,
+            scratch: Vec::new(),
+            device_max_packet: accepted.device_max_packet,
+            aliases: TopicAliases::new(ctx.topic_alias_maximum, accepted.device_alias_max),
+        };
+        // A resumed session first completes what the previous connection left in flight.
+        for outgoing in relay.session.resend() {
+            if let Err(end) = relay.write_outgoing(outgoing) {
+                return end;
+            }
         }
-    }
-    let mut last_read = Instant::now();
-    let keep_alive = accepted.keep_alive.unwrap_or(Duration::from_secs(3600));
-    let keep_alive_timer = tokio::time::sleep(keep_alive);
-    tokio::pin!(keep_alive_timer);
+        let mut last_read = Instant::now();
+        let keep_alive = accepted.keep_alive.unwrap_or(Duration::from_secs(3600));
+        let keep_alive_timer = tokio::time::sleep(keep_alive);
+        tokio::pin!(keep_alive_timer);
 
-    // Bytes after the CONNECT in the first read are the device's next packets.
-    if !rbuf.is_empty() {
-        if let Err(end) = Box::pin(relay.input(&mut rbuf)).await {
-            return end;
-        }
-    }
-    loop {
-        if let Err(end) = relay.fill() {
-            return end;
-        }
-        if !relay.wbuf.is_empty() {
-            match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&relay.wbuf)).await {
-                Ok(Ok(())) => relay.wbuf.clear(),
-                Ok(Err(e)) => return End::lost(format!("write error: {e}")),
-                Err(_) => return End::lost("device did not read for 30 s"),
-            }
-            // A session with nothing more to send keeps no write buffer; a busy one keeps it
-            // (up to KEEP_BUFFER) for the next batch.
-            if !relay.more || relay.wbuf.capacity() > KEEP_BUFFER {
-                relay.wbuf = BytesMut::new();
+        // Bytes after the CONNECT in the first read are the device's next packets.
+        if !rbuf.is_empty() {
+            if let Err(end) = Box::pin(relay.input(&mut rbuf)).await {
+                return end;
             }
         }
-        if !relay.more && relay.scratch.capacity() > 0 {
-            relay.scratch = Vec::new();
-        }
-        // Nothing half-read: the buffer is released, so a quiet device holds none (the next
-        // read lands on the stack first, see `read_some`).
-        if rbuf.is_empty() {
-            rbuf = BytesMut::new();
-        }
-        let step = tokio::select! {
-            biased;
-            _ = control.cancel.cancelled() => Err(kicked(ctx, control.kicked())),
-            _ = &mut keep_alive_timer, if accepted.keep_alive.is_some() => {
-                let due = last_read + keep_alive;
-                if Instant::now() >= due {
-                    Err(End::new(DisconnectReason::KeepAliveTimeout, Some(DisconnectReasonCode::KeepAliveTimeout), "no packet within 1.5 × keep-alive"))
-                } else {
-                    keep_alive_timer.as_mut().reset(due);
+        loop {
+            if let Err(end) = relay.fill() {
+                return end;
+            }
+            if !relay.wbuf.is_empty() {
+                match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&relay.wbuf)).await {
+                    Ok(Ok(())) => relay.wbuf.clear(),
+                    Ok(Err(e)) => return End::lost(format!("write error: {e}")),
+                    Err(_) => return End::lost("device did not read for 30 s"),
+                }
+                // A session with nothing more to send keeps no write buffer; a busy one keeps it
+                // (up to KEEP_BUFFER) for the next batch.
+                if !relay.more || relay.wbuf.capacity() > KEEP_BUFFER {
+                    relay.wbuf = BytesMut::new();
+                }
+            }
+            if !relay.more && relay.scratch.capacity() > 0 {
+                relay.scratch = Vec::new();
+            }
+            // Nothing half-read: the buffer is released, so a quiet device holds none (the next
+            // read lands on the stack first, see `read_some`).
+            if rbuf.is_empty() {
+                rbuf = BytesMut::new();
+            }
+            let step = tokio::select! {
+                biased;
+                _ = control.cancel.cancelled() => Err(kicked(ctx, control.kicked())),
+                _ = &mut keep_alive_timer, if accepted.keep_alive.is_some() => {
+                    let due = last_read + keep_alive;
+                    if Instant::now() >= due {
+                        Err(End::new(DisconnectReason::KeepAliveTimeout, Some(DisconnectReasonCode::KeepAliveTimeout), "no packet within 1.5 × keep-alive"))
+                    } else {
+                        keep_alive_timer.as_mut().reset(due);
+                        Ok(())
+                    }
+                }
+                read = read_some(stream, &mut rbuf) => match read {
+                    Ok(0) => Err(End::lost("connection closed by device")),
+                    Err(e) => Err(End::lost(format!("read error: {e}"))),
+                    Ok(_) => {
+                        last_read = Instant::now();
+                        // Boxed: an idle connection holds no room for handling a packet.
+                        Box::pin(relay.input(&mut rbuf)).await
+                    }
+                },
+                _ = relay.session.delivery_ready(), if !relay.more => {
+                    relay.more = true;
                     Ok(())
                 }
+                _ = std::future::ready(()), if relay.more => Ok(()),
+            };
+            if let Err(end) = step {
+                return end;
             }
-            read = read_some(stream, &mut rbuf) => match read {
-                Ok(0) => Err(End::lost("connection closed by device")),
-                Err(e) => Err(End::lost(format!("read error: {e}"))),
-                Ok(_) => {
-                    last_read = Instant::now();
-                    // Boxed: an idle connection holds no room for handling a packet.
-                    Box::pin(relay.input(&mut rbuf)).await
-                }
-            },
-            _ = relay.session.delivery_ready(), if !relay.more => {
-                relay.more = true;
-                Ok(())
-            }
-            _ = std::future::ready(()), if relay.more => Ok(()),
-        };
-        if let Err(end) = step {
-            return end;
         }
     }
 }
