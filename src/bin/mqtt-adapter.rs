@@ -10,10 +10,21 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-// rumqttd gives every link queues sized for hundreds of packets that idle devices never fill;
-// jemalloc keeps untouched pages of those allocations out of RSS and returns freed ones.
+// jemalloc keeps untouched pages out of RSS and returns freed ones to the system.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's compiled-in options (`_RJEM_MALLOC_CONF` in the environment still overrides them).
+/// Freed pages are returned after 1 s by a background thread: without it jemalloc purges only
+/// while the process allocates, so the queues of a traffic burst stayed resident once the
+/// adapter went quiet (benches/RESULTS.md, "Broker core": +38 MiB after a burst, +4.7 MiB with
+/// this).
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+// SAFETY: a pointer to an immutable, 'static C string; jemalloc only reads it.
+unsafe impl Sync for MallocConf {}
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: MallocConf = MallocConf(c"background_thread:true,dirty_decay_ms:1000".as_ptr());
 
 #[tokio::main]
 async fn main() -> ExitCode {
