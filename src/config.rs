@@ -184,13 +184,13 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_SUBSCRIPTIONS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_subscriptions: u64,
 
-    /// Longest PUBLISH topic or SUBSCRIBE filter, bytes as sent; beyond, refused as a malformed
-    /// topic.
+    /// Longest PUBLISH topic, will topic or SUBSCRIBE filter, bytes as sent; beyond, refused as
+    /// a malformed topic.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_TOPIC_LENGTH", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(16..=65535))]
     pub max_topic_length: u32,
 
-    /// Most levels (`a/b/c` has three) in a PUBLISH topic or SUBSCRIBE filter; beyond, refused as
-    /// a malformed topic.
+    /// Most levels (`a/b/c` has three) in a PUBLISH topic, will topic or SUBSCRIBE filter;
+    /// beyond, refused as a malformed topic.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_TOPIC_LEVELS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(4..=65535))]
     pub max_topic_levels: u32,
 

@@ -404,7 +404,8 @@ async fn subscriptions_beyond_the_session_limit_are_refused() {
 }
 
 /// Topics longer or deeper than the bounds are refused as malformed topics: MQTT 5 PUBACK 0x90 /
-/// SUBACK 0x8F, 3.1.1 closed / SUBACK 0x80; nothing reaches a subscriber.
+/// SUBACK 0x8F, 3.1.1 closed / SUBACK 0x80; nothing reaches a subscriber. A will topic beyond
+/// them refuses the CONNECT.
 #[tokio::test]
 async fn topics_beyond_the_length_and_level_bounds_are_malformed() {
     let mut adapter = Adapter::start_with(
@@ -448,8 +449,25 @@ async fn topics_beyond_the_length_and_level_bounds_are_malformed() {
     v311.expect_closed().await;
     adapter.expect_disconnect("c3").await;
 
+    // A will beyond the bounds refuses the CONNECT: 0x90 Topic Name invalid on 5, 0x05 on 3.1.1.
+    for (version, topic, code) in [(V5, deep, 0x90), (V311, long.as_str(), 0x05)] {
+        let mut connect = Connect::new(version, "tb-will", "c3", "s3");
+        connect.will = Some(raw::Will {
+            topic,
+            payload: b"gone",
+            qos: 0,
+            retain: false,
+        });
+        let (mut refused, got) = RawClient::connect(port, &connect).await;
+        assert_eq!(
+            got, code,
+            "CONNACK for a will on {topic:?}, version {version}"
+        );
+        refused.expect_closed().await;
+    }
+
     let metrics = scrape(&adapter).await;
-    for (limit, hits) in [("topic_levels", 3.0), ("topic_length", 2.0)] {
+    for (limit, hits) in [("topic_levels", 4.0), ("topic_length", 3.0)] {
         let series = format!("mqtt_adapter_limit_hits_total{{limit=\"{limit}\"}}");
         assert_eq!(metric(&metrics, &series), Some(hits), "{series}\n{metrics}");
     }

@@ -20,7 +20,7 @@ use crate::auth::ban::Failure;
 use crate::auth::{AuthError, Credentials, TopicDecision};
 use crate::broker::{AttachRequest, ConnectionMeta, Expiry, Message, Origin};
 use crate::hooks::{DisconnectReason, SessionInfo};
-use crate::topic::Usage;
+use crate::topic::{TopicBounds, Usage};
 
 /// A well-formed CONNECT and what the raw frame told beyond the codec.
 pub(super) struct ReadConnect {
@@ -239,7 +239,21 @@ where
         }
     };
 
-    // The will is authorized now, as the publish it will become.
+    // The will is bounded and authorized now, as the publish it will become.
+    if let Some(will) = &will {
+        if let Err(e) = ctx.limits.session().topic.check(&will.topic) {
+            if let Some(limit) = TopicBounds::limit_name(&e) {
+                ctx.metrics.limit_hit(limit);
+            }
+            let code = pick(
+                ConnectReturnCode::NotAuthorized,
+                ConnectReturnCode::TopicNameInvalid,
+            );
+            let p = refuse(code, &format!("will topic refused: {e}"));
+            let _ = write_packet(stream, &codec, p).await;
+            return None;
+        }
+    }
     let will = match will {
         None => None,
         Some(will) => match authorize_will(ctx, &identity, will, will_props).await {
