@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -30,33 +31,39 @@ struct Admin {
 
 /// The admin routes, to merge into the HTTP router.
 pub fn routes<S: Clone + Send + Sync + 'static>(token: &str, broker: Arc<Broker>) -> Router<S> {
+    let admin = Admin {
+        token: token.into(),
+        broker,
+    };
     Router::new()
         .route("/clients", get(list))
         .route("/clients/:mqtt_client_id", get(one).delete(kick))
-        .with_state(Admin {
-            token: token.into(),
-            broker,
-        })
+        // Every matched route needs the token; an unknown path stays a plain 404.
+        .route_layer(middleware::from_fn_with_state(admin.clone(), require_token))
+        .with_state(admin)
 }
 
-/// `None` when the request carries the token, else the 401 to answer.
-fn refused(admin: &Admin, headers: &HeaderMap) -> Option<Response> {
+/// Passes the request on when it carries the token, else answers 401.
+async fn require_token(
+    State(admin): State<Admin>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if constant_time_eq(presented.as_bytes(), admin.token.as_bytes()) {
-        return None;
+        return next.run(request).await;
     }
-    Some(
-        (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            json!({"error": "missing or wrong bearer token"}).to_string(),
-        )
-            .into_response(),
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        json!({"error": "missing or wrong bearer token"}).to_string(),
     )
+        .into_response()
 }
 
 fn entry(client: &LiveClient) -> Value {
@@ -96,12 +103,8 @@ fn number(query: &HashMap<String, String>, name: &str, default: usize) -> Result
 
 async fn list(
     State(admin): State<Admin>,
-    headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Some(denied) = refused(&admin, &headers) {
-        return denied;
-    }
     let (limit, offset) = match (
         number(&query, "limit", DEFAULT_LIMIT),
         number(&query, "offset", 0),
@@ -123,14 +126,7 @@ async fn list(
     )
 }
 
-async fn one(
-    State(admin): State<Admin>,
-    headers: HeaderMap,
-    Path(mqtt_client_id): Path<String>,
-) -> Response {
-    if let Some(denied) = refused(&admin, &headers) {
-        return denied;
-    }
+async fn one(State(admin): State<Admin>, Path(mqtt_client_id): Path<String>) -> Response {
     match admin
         .broker
         .live_clients()
@@ -151,14 +147,7 @@ fn not_found(mqtt_client_id: &str) -> Response {
 
 /// Ends every live session with this MQTT client identifier as an administrative close and
 /// answers once each has ended (its will published, its `disconnect` emitted).
-async fn kick(
-    State(admin): State<Admin>,
-    headers: HeaderMap,
-    Path(mqtt_client_id): Path<String>,
-) -> Response {
-    if let Some(denied) = refused(&admin, &headers) {
-        return denied;
-    }
+async fn kick(State(admin): State<Admin>, Path(mqtt_client_id): Path<String>) -> Response {
     let kicked = admin
         .broker
         .kick(|k| k.mqtt_client_id == mqtt_client_id, Kick::Administrative);

@@ -64,13 +64,12 @@ type BridgeCounter = (&'static str, &'static str, fn(&BridgeMetrics) -> u64);
 
 /// The bridge's counters as exported: (direction, result, reading). One line per counter, so a
 /// counter that goes away is one line less.
-const BRIDGE_COUNTERS: [BridgeCounter; 7] = [
+const BRIDGE_COUNTERS: [BridgeCounter; 6] = [
     ("out", "published", |m| m.out_published.load(Relaxed)),
     ("out", "dropped", |m| m.out_dropped.load(Relaxed)),
     ("out", "failed", |m| m.out_failed.load(Relaxed)),
     ("in", "delivered", |m| m.in_delivered.load(Relaxed)),
     ("in", "own", |m| m.in_own.load(Relaxed)),
-    ("in", "dropped", |m| m.in_dropped.load(Relaxed)),
     ("in", "invalid", |m| m.in_invalid.load(Relaxed)),
 ];
 

@@ -48,9 +48,17 @@ async fn listing_needs_the_token_and_pages() {
     let mut adapter =
         Adapter::start_with(CLIENTS, &[("SMQ_MQTT_ADAPTER_ADMIN_TOKEN", TOKEN)]).await;
     let http = adapter.ports.http;
+    // Every route, before it looks for the client (no dev-2 yet, which would be a 404).
+    let routes = [
+        ("GET", "/clients"),
+        ("GET", "/clients/dev-2"),
+        ("DELETE", "/clients/dev-2"),
+    ];
     for token in [None, Some("wrong"), Some("admin-secret-but-longer")] {
-        let (status, _) = curl(http, "GET", "/clients", token).await;
-        assert_eq!(status, 401, "token {token:?}");
+        for (method, path) in routes {
+            let (status, _) = curl(http, method, path, token).await;
+            assert_eq!(status, 401, "{method} {path} with token {token:?}");
+        }
     }
     let mut v4 =
         RawClient::connect_ok(adapter.port, &Connect::new(V311, "dev/1 é%", "c1", "s1")).await;

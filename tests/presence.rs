@@ -186,22 +186,7 @@ async fn follows_changes(kind: StoreKind) {
     let mut early = device(&adapter, 1, "", V311).await;
     store.wait_events(1).await;
 
-    let mut child = presence_command(&url, &["--json"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn presence");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut lines = Follower::spawn(presence_command(&url, &["--json"]));
 
     let first = next_json(&mut lines).await;
     assert_eq!(
@@ -220,13 +205,45 @@ async fn follows_changes(kind: StoreKind) {
     let anomaly = next_json(&mut lines).await;
     assert_eq!(anomaly["change"], "anomaly", "{anomaly}");
     assert_eq!(anomaly["client_id"], "ghost", "{anomaly}");
-
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
-async fn next_json(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Value {
-    let line = tokio::time::timeout(STORE_WAIT, lines.recv())
+/// A running `presence --json` whose stdout lines arrive on a channel; killed when dropped.
+struct Follower {
+    child: std::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Follower {
+    fn spawn(mut cmd: Command) -> Follower {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn presence");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Follower { child, lines }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn next_json(follower: &mut Follower) -> Value {
+    let line = tokio::time::timeout(STORE_WAIT, follower.lines.recv())
         .await
         .expect("a line from presence within the wait")
         .expect("presence stdout open");
@@ -356,22 +373,7 @@ async fn follows_the_supermq_layout(kind: StoreKind) {
         "connects and disconnects only: {now}"
     );
 
-    let mut child = supermq(presence_command(&url, &["--json"]))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn presence");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut lines = Follower::spawn(supermq(presence_command(&url, &["--json"])));
     let first = next_json(&mut lines).await;
     assert_eq!(
         (&first["change"], &first["client_id"]),
@@ -390,8 +392,6 @@ async fn follows_the_supermq_layout(kind: StoreKind) {
         (&online["change"], &online["client_id"]),
         (&"online".into(), &"dev-2".into())
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[tokio::test]

@@ -41,9 +41,6 @@ pub struct BridgeMetrics {
     pub in_delivered: AtomicU64,
     /// Bus messages skipped because this process published them.
     pub in_own: AtomicU64,
-    /// Kept for the metrics endpoint: the inbound side no longer queues (subscriber queues
-    /// count their own drops), so this stays 0.
-    pub in_dropped: AtomicU64,
     /// Bus messages on `m.>` that are not a channel subject or not a `messaging.Message`.
     pub in_invalid: AtomicU64,
 }

@@ -360,10 +360,7 @@ impl Drop for OpenSocket {
 #[cfg(test)]
 mod footprint {
     use super::*;
-
-    fn future_size<A, F>(_: &impl Fn(A) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
+    use crate::session::future_size;
 
     /// The task every accepted socket holds for its whole life (debug build: largest).
     #[test]

@@ -280,13 +280,15 @@ async fn write_packet<S: AsyncWrite + Unpin>(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write timed out"))?
 }
 
+/// Size of the future a closure returns, without calling it (the footprint tests).
+#[cfg(test)]
+pub(crate) fn future_size<A, F>(_: &impl Fn(A) -> F) -> usize {
+    std::mem::size_of::<F>()
+}
+
 #[cfg(test)]
 mod footprint {
     use super::*;
-
-    fn future_size<A, F>(_: &impl Fn(A) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
 
     /// What an idle session's task holds besides the relay (checked in the debug build, where
     /// futures are largest).

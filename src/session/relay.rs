@@ -779,12 +779,8 @@ impl Relay<'_> {
 #[cfg(test)]
 mod footprint {
     use super::*;
+    use crate::session::future_size;
     use tokio::net::TcpStream;
-
-    /// Size of the future a closure returns, without calling it.
-    fn future_size<A, F>(_: &impl Fn(A) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
 
     #[test]
     fn an_idle_connection_holds_small_futures() {

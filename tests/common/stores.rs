@@ -327,62 +327,68 @@ pub struct AmqpQueue {
     consumer: lapin::Consumer,
 }
 
+/// A unique, exclusive, auto-deleted queue on the machine's RabbitMQ bound to the `events`
+/// exchange (declared as the adapter declares it, so whichever comes first they match) with
+/// `binding`, and a consumer on it. The connection must outlive the consumer.
+pub async fn bind_events_queue(binding: &str) -> (lapin::Connection, lapin::Consumer) {
+    use lapin::options::*;
+    use lapin::types::FieldTable;
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ (set SMQ_TEST_AMQP_URL if it is not on 127.0.0.1:5672)");
+    let channel = conn.create_channel().await.expect("AMQP channel");
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            "events".into(),
+            lapin::ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare exchange events");
+    let name = format!("mqtt-adapter-test-{}", uuid::Uuid::new_v4());
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(name.as_str().into(), exclusive, FieldTable::default())
+        .await
+        .expect("declare queue");
+    channel
+        .queue_bind(
+            name.as_str().into(),
+            "events".into(),
+            binding.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind queue");
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let consumer = channel
+        .basic_consume(
+            name.as_str().into(),
+            "test".into(),
+            no_ack,
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    (conn, consumer)
+}
+
 impl AmqpQueue {
     pub async fn bind() -> AmqpQueue {
-        use lapin::options::*;
-        use lapin::types::FieldTable;
-        let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
-            .await
-            .expect("connect to RabbitMQ (set SMQ_TEST_AMQP_URL if it is not on 127.0.0.1:5672)");
-        let channel = conn.create_channel().await.expect("AMQP channel");
-        // Same declaration as the adapter's, so whichever comes first the exchange matches.
-        channel
-            .exchange_declare(
-                "events".into(),
-                lapin::ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("declare exchange events");
-        let name = format!("mqtt-adapter-test-{}", uuid::Uuid::new_v4());
-        channel
-            .queue_declare(
-                name.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("declare queue");
-        channel
-            .queue_bind(
-                name.as_str().into(),
-                "events".into(),
-                "events.supermq.mqtt".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind queue");
-        let consumer = channel
-            .basic_consume(
-                name.as_str().into(),
-                "test".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
+        let (conn, consumer) = bind_events_queue("events.supermq.mqtt").await;
         AmqpQueue {
             _conn: conn,
             consumer,

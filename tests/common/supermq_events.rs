@@ -10,7 +10,7 @@ use mqtt_adapter::bridge::message::Message;
 use prost::Message as _;
 use serde_json::Value;
 
-use super::stores::{amqp_url, StoreKind, StoreServer, STORE_WAIT};
+use super::stores::{bind_events_queue, StoreKind, StoreServer, STORE_WAIT};
 
 /// The three streams of the layout.
 pub const STREAMS: [&str; 3] = [
@@ -151,56 +151,7 @@ pub struct SupermqQueue {
 
 impl SupermqQueue {
     pub async fn bind() -> SupermqQueue {
-        use lapin::options::*;
-        use lapin::types::FieldTable;
-        let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
-            .await
-            .expect("connect to RabbitMQ (set SMQ_TEST_AMQP_URL if it is not on 127.0.0.1:5672)");
-        let channel = conn.create_channel().await.expect("AMQP channel");
-        channel
-            .exchange_declare(
-                "events".into(),
-                lapin::ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("declare exchange events");
-        let name = format!("mqtt-adapter-supermq-test-{}", uuid::Uuid::new_v4());
-        let exclusive = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        };
-        channel
-            .queue_declare(name.as_str().into(), exclusive, FieldTable::default())
-            .await
-            .expect("declare queue");
-        channel
-            .queue_bind(
-                name.as_str().into(),
-                "events".into(),
-                "events.supermq.mqtt.*".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind queue");
-        let consumer = channel
-            .basic_consume(
-                name.as_str().into(),
-                "test".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
+        let (conn, consumer) = bind_events_queue("events.supermq.mqtt.*").await;
         SupermqQueue {
             _conn: conn,
             consumer,
