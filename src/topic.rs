@@ -193,6 +193,16 @@ fn normalise_subtopic(raw: &str, usage: Usage) -> Result<String, TopicError> {
     if decoded.contains('\0') {
         return Err(TopicError::NullCharacter);
     }
+    // Decoded once, a subtopic must not decode again (`%2541` -> `%41`): else its canonical form
+    // would name another subtopic when parsed, or none (found by fuzzing). A `%` that starts no
+    // escape (`50%`) is kept as it is.
+    if decoded
+        .as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1].is_ascii_hexdigit() && w[2].is_ascii_hexdigit())
+    {
+        return Err(TopicError::BadSubtopic("percent-encoded twice"));
+    }
     let trimmed = decoded.trim_matches(|c| c == '/' || c == ' ');
     if trimmed.contains(' ') {
         return Err(TopicError::BadSubtopic("contains a space"));
@@ -260,6 +270,36 @@ mod tests {
     fn subtopic_is_percent_decoded() {
         assert_eq!(channel("m/d/c/ch/a%2Fb", Usage::Publish).subtopic, "a/b");
         assert!(parse("m/d/c/ch/a%20b", Usage::Publish).is_err());
+        assert_eq!(channel("m/d/c/ch/50%", Usage::Publish).subtopic, "50%");
+        assert_eq!(channel("m/d/c/ch/a%25", Usage::Publish).subtopic, "a%");
+    }
+
+    /// Found by fuzzing: `a%25aF` decoded to `a%aF`, a canonical form that no longer parsed (its
+    /// messages were not bridged), and `a%2541` to `a%41`, one that parsed as `aA`.
+    #[test]
+    fn a_subtopic_encoded_twice_is_refused_so_the_canonical_form_is_a_fixed_point() {
+        for usage in [Usage::Publish, Usage::Subscribe] {
+            for twice in [
+                "/m/d2/c/m///c/1h0hm/a%25aFb/%",
+                "m/d/c/ch/a%2541",
+                "m/d/c/ch/%2525",
+            ] {
+                assert_eq!(
+                    parse(twice, usage),
+                    Err(TopicError::BadSubtopic("percent-encoded twice")),
+                    "{twice}"
+                );
+            }
+            for once in [
+                "m/d/c/ch/50%",
+                "m/d/c/ch/a%25/b%2Fc",
+                "m/d/c/ch/%25%",
+                "m/d/c/ch/%4",
+            ] {
+                let c = channel(once, usage);
+                assert_eq!(channel(&c.canonical(), usage), c, "{once}");
+            }
+        }
     }
 
     #[test]

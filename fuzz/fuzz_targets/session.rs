@@ -89,6 +89,7 @@ fn context() -> Arc<SessionContext> {
         connect_timeout: Duration::from_secs(5),
         max_packet_size: 4096,
         max_keep_alive: 0,
+        topic_alias_maximum: 4,
         shutdown: CancellationToken::new(),
         metrics: shared.metrics.clone(),
         limits,
