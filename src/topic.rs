@@ -213,13 +213,18 @@ fn normalise_subtopic(raw: &str, usage: Usage) -> Result<String, TopicError> {
     if trimmed.replace('/', ".").contains("..") {
         return Err(TopicError::BadSubtopic("contains an empty level or '..'"));
     }
-    for level in trimmed.split('/') {
+    let mut levels = trimmed.split('/').peekable();
+    while let Some(level) = levels.next() {
         let wild = is_wild(level);
         if wild && usage == Usage::Publish {
             return Err(TopicError::WildcardInPublish);
         }
         if wild && level.len() != 1 {
             return Err(TopicError::BadSubtopic("a wildcard must be a whole level"));
+        }
+        // Decoding may make one (`%23/a`): the filter must still be a valid MQTT filter.
+        if level == "#" && levels.peek().is_some() {
+            return Err(TopicError::BadSubtopic("'#' must be the last level"));
         }
     }
     Ok(trimmed.to_owned())
@@ -272,6 +277,17 @@ mod tests {
         assert!(parse("m/d/c/ch/a%20b", Usage::Publish).is_err());
         assert_eq!(channel("m/d/c/ch/50%", Usage::Publish).subtopic, "50%");
         assert_eq!(channel("m/d/c/ch/a%25", Usage::Publish).subtopic, "a%");
+    }
+
+    /// Found by fuzzing: `%23/#` decoded to `#/#`, not a valid filter.
+    #[test]
+    fn a_decoded_filter_must_still_be_a_valid_filter() {
+        assert_eq!(
+            parse("m/d/c/ch/%23/#", Usage::Subscribe),
+            Err(TopicError::BadSubtopic("'#' must be the last level"))
+        );
+        assert_eq!(channel("m/d/c/ch/a/%23", Usage::Subscribe).subtopic, "a/#");
+        assert_eq!(channel("m/d/c/ch/%2B/b", Usage::Subscribe).subtopic, "+/b");
     }
 
     /// Found by fuzzing: `a%25aF` decoded to `a%aF`, a canonical form that no longer parsed (its
