@@ -184,15 +184,27 @@ async fn connect_storm_counts_accepted_and_refused_connects() {
     assert_eq!(r["connack_latency"]["samples"].as_u64(), Some(15), "{r}");
     assert!(count(&r, "peak_connected") >= 1, "{r}");
 
-    // The refused connects left no event; the 15 accepted sessions each left exactly one pair.
+    // A hold longer than 1.5 keep-alives: the storm client must ping, or the adapter closes
+    // the connection (counted as failed).
+    let r = report(
+        "connect-storm",
+        port,
+        "bench-secret",
+        &["-n", "3", "--keep-alive", "1", "--hold", "2.5"],
+    )
+    .await;
+    assert_eq!(count(&r, "connected"), 3, "{r}");
+    assert_eq!(count(&r, "failed_connects"), 0, "{r}");
+
+    // The refused connects left no event; the 18 accepted sessions each left exactly one pair.
     let mut events = Vec::new();
-    for _ in 0..30 {
+    for _ in 0..36 {
         events.push(adapter.next_event().await);
     }
     assert!(events.iter().all(|e| e.client_id == "bench"), "{events:?}");
     assert_eq!(
         events.iter().filter(|e| e.event_type == "connect").count(),
-        15,
+        18,
         "{events:?}"
     );
     let rest = adapter.shutdown().await;

@@ -23,6 +23,9 @@ pub enum Scenario {
     /// N independent publisher/subscriber pairs, each on its own topic.
     Pairs(Throughput),
     /// N clients connect with credentials at a target rate, each holding its connection for a while.
+    ///
+    /// MQTT 3.1.1 over TCP uses a lean client (CONNECT, CONNACK, PINGREQ during the hold,
+    /// DISCONNECT; no event loop), so the load generator costs less than the broker under test.
     ConnectStorm(Storm),
     /// One publisher at a fixed rate, one subscriber: publish -> deliver percentiles.
     Latency(Latency),
