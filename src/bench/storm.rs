@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::client::{new_client, ClientError};
+use super::client::{new_client, ClientError, EventStream, Handle};
 use super::options::{Connection, MqttVersion, OptionError, Storm};
 use super::report::{latency_histogram, progress, Percentiles, Report};
 
@@ -64,79 +64,28 @@ pub async fn run(storm: &Storm) -> Result<Report, OptionError> {
             storm.hold,
             bar.clone(),
         );
-        if conn.version == MqttVersion::V311 && conn.tls_ca.is_none() {
-            clients.spawn(async move {
-                let client_id = conn.client_id("storm", n);
-                let credentials = conn.credentials_for(n);
-                let began = Instant::now();
-                let session = raw::connect(&conn, &client_id, credentials).await;
-                let connack = Instant::now();
-                drop(permit);
-                bar.inc(1);
-                let mut stream = match session {
-                    Ok(raw::Connack::Accepted(stream)) => stream,
-                    Ok(raw::Connack::Refused) => return Outcome::Refused,
-                    Err(_) => return Outcome::Failed,
-                };
-                let outcome = Outcome::Accepted {
-                    latency_ns: connack.duration_since(began).as_nanos() as u64,
-                    at_ns: connack.duration_since(start).as_nanos() as u64,
-                };
-                let now = live.fetch_add(1, Ordering::Relaxed) + 1;
-                peak.fetch_max(now, Ordering::Relaxed);
-                let kept = stream.hold(hold, conn.keep_alive).await;
-                live.fetch_sub(1, Ordering::Relaxed);
-                if !kept {
-                    return Outcome::Failed;
-                }
-                stream.disconnect().await;
-                outcome
-            });
-            continue;
-        }
         clients.spawn(async move {
-            let (handle, mut stream) = new_client(
-                &conn,
-                &conn.client_id("storm", n),
-                conn.credentials_for(n),
-                64,
-            );
-            let began = Instant::now();
-            let result = tokio::time::timeout(CONNECT_WAIT, stream.connected()).await;
+            let (began, connected) = connect(&conn, n).await;
             let connack = Instant::now();
             drop(permit);
             bar.inc(1);
-            let outcome = match result {
-                Ok(Ok(())) => Outcome::Accepted {
-                    latency_ns: connack.duration_since(began).as_nanos() as u64,
-                    at_ns: connack.duration_since(start).as_nanos() as u64,
-                },
-                Ok(Err(ClientError::Refused(_))) => return Outcome::Refused,
-                Ok(Err(ClientError::Failed(_))) | Err(_) => return Outcome::Failed,
+            let mut client = match connected {
+                Ok(client) => client,
+                Err(outcome) => return outcome,
+            };
+            let outcome = Outcome::Accepted {
+                latency_ns: connack.duration_since(began).as_nanos() as u64,
+                at_ns: connack.duration_since(start).as_nanos() as u64,
             };
             let now = live.fetch_add(1, Ordering::Relaxed) + 1;
             peak.fetch_max(now, Ordering::Relaxed);
-            // Hold: keep the connection served (pings) until the hold time is up.
-            let dropped = tokio::time::timeout(hold, async {
-                loop {
-                    match stream.next().await {
-                        Ok(Some(_)) => continue,
-                        _ => return,
-                    }
-                }
-            })
-            .await
-            .is_ok();
+            let kept = client.hold(hold, conn.keep_alive).await;
             live.fetch_sub(1, Ordering::Relaxed);
-            if dropped {
+            if !kept {
                 // The broker closed an accepted connection during the hold.
                 return Outcome::Failed;
             }
-            handle.disconnect().await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while let Ok(Some(_)) = stream.next().await {}
-            })
-            .await;
+            client.disconnect().await;
             outcome
         });
     }
@@ -179,6 +128,73 @@ pub async fn run(storm: &Storm) -> Result<Report, OptionError> {
         latency: None,
         connack_latency: Percentiles::from_ns(&connack),
     })
+}
+
+/// One storm client once its CONNECT was accepted.
+enum StormClient {
+    /// MQTT 3.1.1 over TCP: the lean client.
+    Lean(raw::Session),
+    /// MQTT 5 or TLS: rumqttc's client (boxed: a held lean session stays small).
+    Full(Box<(Handle, EventStream)>),
+}
+
+/// Connects client `n`: when the CONNECT began (the client built) and the accepted client, or
+/// the outcome of a refused or failed connect.
+async fn connect(conn: &Connection, n: usize) -> (Instant, Result<StormClient, Outcome>) {
+    let client_id = conn.client_id("storm", n);
+    let credentials = conn.credentials_for(n);
+    if conn.version == MqttVersion::V311 && conn.tls_ca.is_none() {
+        let began = Instant::now();
+        let connected = match raw::connect(conn, &client_id, credentials).await {
+            Ok(raw::Connack::Accepted(session)) => Ok(StormClient::Lean(session)),
+            Ok(raw::Connack::Refused) => Err(Outcome::Refused),
+            Err(_) => Err(Outcome::Failed),
+        };
+        return (began, connected);
+    }
+    let (handle, mut stream) = new_client(conn, &client_id, credentials, 64);
+    let began = Instant::now();
+    let connected = match tokio::time::timeout(CONNECT_WAIT, stream.connected()).await {
+        Ok(Ok(())) => Ok(StormClient::Full(Box::new((handle, stream)))),
+        Ok(Err(ClientError::Refused(_))) => Err(Outcome::Refused),
+        Ok(Err(ClientError::Failed(_))) | Err(_) => Err(Outcome::Failed),
+    };
+    (began, connected)
+}
+
+impl StormClient {
+    /// Keeps the connection served (pings) for `hold`; false when the broker closed it.
+    async fn hold(&mut self, hold: Duration, keep_alive: u64) -> bool {
+        match self {
+            StormClient::Lean(session) => session.hold(hold, keep_alive).await,
+            StormClient::Full(full) => tokio::time::timeout(hold, async {
+                let stream = &mut full.1;
+                loop {
+                    match stream.next().await {
+                        Ok(Some(_)) => continue,
+                        _ => return,
+                    }
+                }
+            })
+            .await
+            .is_err(),
+        }
+    }
+
+    /// DISCONNECT, then waits (at most 2 s) for the broker to close.
+    async fn disconnect(self) {
+        match self {
+            StormClient::Lean(session) => session.disconnect().await,
+            StormClient::Full(full) => {
+                let (handle, mut stream) = *full;
+                handle.disconnect().await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Ok(Some(_)) = stream.next().await {}
+                })
+                .await;
+            }
+        }
+    }
 }
 
 /// The lean MQTT 3.1.1 storm client: CONNECT, CONNACK, hold (answering nothing but keeping the
