@@ -20,7 +20,7 @@ use crate::auth::ban::Failure;
 use crate::auth::{AuthError, Credentials, TopicDecision};
 use crate::broker::{AttachRequest, ConnectionMeta, Expiry, Message, Origin};
 use crate::hooks::{DisconnectReason, SessionInfo};
-use crate::topic::{TopicBounds, Usage};
+use crate::topic::Usage;
 
 /// A well-formed CONNECT and what the raw frame told beyond the codec.
 pub(super) struct ReadConnect {
@@ -241,10 +241,7 @@ where
 
     // The will is bounded and authorized now, as the publish it will become.
     if let Some(will) = &will {
-        if let Err(e) = ctx.limits.session().topic.check(&will.topic) {
-            if let Some(limit) = TopicBounds::limit_name(&e) {
-                ctx.metrics.limit_hit(limit);
-            }
+        if let Err(e) = ctx.limits.check_topic(&will.topic, &ctx.metrics) {
             let code = pick(
                 ConnectReturnCode::NotAuthorized,
                 ConnectReturnCode::TopicNameInvalid,

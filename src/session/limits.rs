@@ -13,7 +13,8 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rumqttd::protocol::{DisconnectReasonCode, Login};
 
 use crate::auth::ban::AuthBans;
-use crate::topic::TopicBounds;
+use crate::metrics::Metrics;
+use crate::topic::{TopicBounds, TopicError};
 
 /// What the transport learned about a connection before its CONNECT.
 #[derive(Debug, Clone, Default)]
@@ -104,6 +105,16 @@ impl Limits {
     /// What one session may hold and send.
     pub fn session(&self) -> &SessionBounds {
         &self.session
+    }
+
+    /// Checks a PUBLISH topic, will topic or SUBSCRIBE filter against the topic bounds; a
+    /// refusal is counted in `mqtt_adapter_limit_hits_total`.
+    pub fn check_topic(&self, topic: &[u8], metrics: &Metrics) -> Result<(), TopicError> {
+        self.session.topic.check(topic).inspect_err(|e| {
+            if let Some(limit) = TopicBounds::limit_name(e) {
+                metrics.limit_hit(limit);
+            }
+        })
     }
 
     /// No limits: for embedding in tests and tools.

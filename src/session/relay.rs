@@ -26,7 +26,7 @@ use super::{deliver, End, SessionContext, WRITE_TIMEOUT};
 use crate::auth::TopicDecision;
 use crate::broker::{message, shared, Kick, Message, Origin, Outgoing, Session, SubOptions};
 use crate::hooks::{DisconnectReason, PublishRoute, SessionInfo};
-use crate::topic::{self, TopicBounds, TopicKind, Usage};
+use crate::topic::{self, TopicKind, Usage};
 
 /// Deliveries taken from the session's queue per write to the device.
 const MAX_WRITE_BATCH: usize = 256;
@@ -231,13 +231,6 @@ fn kicked(ctx: &SessionContext, why: Option<Kick>) -> End {
 impl Relay<'_> {
     fn v5(&self) -> bool {
         self.codec.version() == ProtocolVersion::V5
-    }
-
-    /// Counts a hit of the limit `name` in `mqtt_adapter_limit_hits_total`.
-    fn limit_hit(&self, name: Option<&str>) {
-        if let Some(name) = name {
-            self.ctx.metrics.limit_hit(name);
-        }
     }
 
     fn write(&mut self, packet: Packet) -> Result<(), End> {
@@ -470,8 +463,12 @@ impl Relay<'_> {
                 End::protocol(code, e.to_string())
             })?;
         }
-        if let Err(e) = self.ctx.limits.session().topic.check(&publish.topic) {
-            self.limit_hit(TopicBounds::limit_name(&e));
+        if self
+            .ctx
+            .limits
+            .check_topic(&publish.topic, &self.ctx.metrics)
+            .is_err()
+        {
             return self.refuse_publish(&publish.topic, Refusal::Invalid, qos, publish_id);
         }
         // A revocation since the cache was filled may have taken any of its answers back.
@@ -665,8 +662,11 @@ impl Relay<'_> {
             let path = group.map_or(filter.path.as_str(), |(_, inner)| inner);
             let decision = if group.is_none() && filter.path.starts_with('$') {
                 TopicDecision::Invalid(topic::TopicError::BadFilter)
-            } else if let Err(e) = bounds.topic.check(filter.path.as_bytes()) {
-                self.limit_hit(TopicBounds::limit_name(&e));
+            } else if let Err(e) = self
+                .ctx
+                .limits
+                .check_topic(filter.path.as_bytes(), &self.ctx.metrics)
+            {
                 TopicDecision::Invalid(e)
             } else {
                 self.ctx
@@ -684,7 +684,7 @@ impl Relay<'_> {
                         .session
                         .has_room_for(&canonical, bounds.max_subscriptions)
                     {
-                        self.limit_hit(Some("subscriptions"));
+                        self.ctx.metrics.limit_hit("subscriptions");
                         tracing::info!(client_id = %self.info.identity.client_id, filter = %filter.path,
                             max = bounds.max_subscriptions, "subscribe refused: subscription limit reached");
                         codes.push(if v5 {
