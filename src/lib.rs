@@ -14,6 +14,7 @@ pub mod events;
 pub mod hooks;
 pub mod http;
 pub mod listener;
+pub mod log;
 pub mod metrics;
 pub mod presence;
 pub mod revocation;

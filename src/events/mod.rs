@@ -4,7 +4,6 @@
 //! memory [`Outbox`] for stdout. [`EventQueue`] is the one door sessions hand events through.
 
 pub mod amqp;
-pub mod data_dir;
 pub mod layout;
 pub mod log;
 pub mod nats;
@@ -21,12 +20,13 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use crate::log::data_dir::{DataDir, DataDirError};
+pub use crate::log::LogStats as OutboxStats;
 pub use amqp::AmqpSink;
-pub use data_dir::{DataDir, DataDirError};
 pub use layout::EventLayout;
 pub use log::{EventLog, FsyncMode, LogSettings, LogTicket, OpenSession, Recovery};
 pub use nats::JetStreamSink;
-pub use outbox::{Outbox, OutboxStats};
+pub use outbox::Outbox;
 pub use pipeline::{EventPipeline, EventSettings, EventStartError};
 pub use redis_stream::RedisStreamSink;
 pub use stdout::StdoutSink;

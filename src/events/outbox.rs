@@ -5,32 +5,18 @@
 //! [`OutboxStats`] counters serve both.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{ConnectionEvent, EventSink};
+use super::{ConnectionEvent, EventSink, OutboxStats};
 
 const MAX_BATCH: usize = 512;
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
-
-/// Counters an operator needs to see the outbox's health.
-#[derive(Debug, Default)]
-pub struct OutboxStats {
-    /// Events accepted but not yet acknowledged by the store.
-    pub pending: AtomicU64,
-    pub published: AtomicU64,
-    /// Events lost because a queue or the log was full.
-    pub dropped: AtomicU64,
-    /// Bytes of the event log on disk (0 without one).
-    pub log_bytes: AtomicU64,
-    /// occurred_at of the oldest event handed to the store and not yet acknowledged (0: none).
-    pub oldest_undelivered_ns: AtomicI64,
-}
 
 enum Item {
     Event(ConnectionEvent),

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::events::{EventDetails, EventType, SinkError};
+use std::path::{Path, PathBuf};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -80,7 +81,7 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(SEGMENT_PREFIX))
+                .is_some_and(|n| n.starts_with("events-"))
         })
         .collect();
     files.sort();
