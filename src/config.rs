@@ -320,10 +320,27 @@ pub struct Config {
     #[arg(long, env = "SMQ_MESSAGE_BROKER_URL")]
     pub message_broker_url: Option<String>,
 
-    /// Messages the bridge queues in each direction while NATS or the router is slow; beyond it
-    /// they are counted as dropped.
+    /// JetStream publishes the bridge keeps in flight (awaiting their acks) at most, and session
+    /// announcements queued for NATS.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_BRIDGE_BUFFER", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub bridge_buffer: u64,
+
+    /// Bytes of undelivered device messages the bridge's message log keeps on disk (in the data
+    /// directory). When full, sessions that publish to channels are pushed back (their sockets
+    /// are not read) until NATS takes messages again; nothing is dropped.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_BRIDGE_LOG_SIZE", default_value_t = 1024 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub bridge_log_size: u64,
+
+    /// When the message log reaches the disk, as SMQ_MQTT_ADAPTER_EVENT_FSYNC: `off` (a PUBLISH
+    /// is acknowledged once written: survives a crash of the process, not a power loss),
+    /// `interval` (fsync at most every BRIDGE_FSYNC_INTERVAL) or `always` (PUBACK/PUBREC wait
+    /// for the fsync).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_BRIDGE_FSYNC", value_enum, default_value_t = FsyncMode::Off)]
+    pub bridge_fsync: FsyncMode,
+
+    /// Longest time between two fsyncs of the message log with `--bridge-fsync interval`.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_BRIDGE_FSYNC_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    pub bridge_fsync_interval: Duration,
 }
 
 /// Variables of SuperMQ's Go MQTT adapter that this adapter reads under another name, and that

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use crate::auth::{
     self, AuthError, Authenticator, Authorizer, Credentials, Identity, TopicDecision,
 };
+use crate::bridge::BusPublisher;
 use crate::broker::Message;
+use crate::log::LogTicket;
 use crate::events::{
     ConnectionEvent, EventCommit, EventDetails, EventLayout, EventQueue, EventType, Subscription,
 };
@@ -73,8 +75,6 @@ pub struct PublishRoute {
 pub trait SessionObserver: Send + Sync {
     fn on_connected(&self, _session: &SessionInfo) {}
     fn on_disconnected(&self, _session: &SessionInfo, _reason: DisconnectReason) {}
-    /// An authorized device PUBLISH (or will), before it enters the broker core.
-    fn on_publish(&self, _session: &SessionInfo, _route: &PublishRoute, _message: &Message) {}
 }
 
 /// The hooks every session runs through.
@@ -84,6 +84,7 @@ pub struct Hooks {
     authorizer: Arc<dyn Authorizer>,
     events: Option<Arc<ConnectionEvents>>,
     observers: Vec<Arc<dyn SessionObserver>>,
+    bus: Option<Arc<BusPublisher>>,
 }
 
 impl Hooks {
@@ -93,6 +94,7 @@ impl Hooks {
             authorizer,
             events: None,
             observers: Vec::new(),
+            bus: None,
         }
     }
 
@@ -100,6 +102,17 @@ impl Hooks {
     pub fn with_events(mut self, events: Arc<ConnectionEvents>) -> Self {
         self.events = Some(events);
         self
+    }
+
+    /// Bridges device messages on channel topics to the bus, through its message log.
+    pub fn with_bus(mut self, bus: Arc<BusPublisher>) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// The bus bridge's publisher, when the bridge is on.
+    pub fn bus(&self) -> Option<&BusPublisher> {
+        self.bus.as_deref()
     }
 
     pub fn with_observer(mut self, observer: Arc<dyn SessionObserver>) -> Self {
@@ -143,10 +156,16 @@ impl Hooks {
         }
     }
 
-    pub fn published(&self, session: &SessionInfo, route: &PublishRoute, message: &Message) {
-        for o in &self.observers {
-            o.on_publish(session, route, message);
-        }
+    /// An authorized device PUBLISH (or will): a message on a channel topic is appended to the
+    /// bus bridge's message log. The ticket (`None`: not bridged) resolves once it is kept; the
+    /// device's acknowledgement waits for it.
+    pub fn published(
+        &self,
+        session: &SessionInfo,
+        route: &PublishRoute,
+        message: &Message,
+    ) -> Option<LogTicket> {
+        self.bus.as_ref()?.append(session, route, message)
     }
 
     /// The session ended: emits `disconnect` (handed to the event log at once, never waiting)

@@ -57,6 +57,12 @@ pub struct Metrics {
     events_oldest_undelivered: Gauge,
     outbox: Mutex<Option<(&'static str, Arc<OutboxStats>)>>,
     bridge_messages: IntCounterVec,
+    bridge_log_bytes: IntGauge,
+    bridge_pending: IntGauge,
+    bridge_oldest_undelivered: Gauge,
+    bridge_pushback: IntGauge,
+    bridge_pushbacks: IntCounter,
+    bridge_subjects: IntGauge,
     bridge: Mutex<Option<Arc<BridgeMetrics>>>,
 }
 
@@ -64,14 +70,22 @@ type BridgeCounter = (&'static str, &'static str, fn(&BridgeMetrics) -> u64);
 
 /// The bridge's counters as exported: (direction, result, reading). One line per counter, so a
 /// counter that goes away is one line less.
-const BRIDGE_COUNTERS: [BridgeCounter; 6] = [
+const BRIDGE_COUNTERS: [BridgeCounter; 5] = [
     ("out", "published", |m| m.out_published.load(Relaxed)),
-    ("out", "dropped", |m| m.out_dropped.load(Relaxed)),
     ("out", "failed", |m| m.out_failed.load(Relaxed)),
+    ("out", "duplicate", |m| m.out_duplicate.load(Relaxed)),
     ("in", "delivered", |m| m.in_delivered.load(Relaxed)),
-    ("in", "own", |m| m.in_own.load(Relaxed)),
     ("in", "invalid", |m| m.in_invalid.load(Relaxed)),
 ];
+
+/// Seconds since a Unix-ns time; 0 for none.
+fn age_seconds(since_ns: i64) -> f64 {
+    if since_ns > 0 {
+        (crate::clock::unix_nanos() - since_ns).max(0) as f64 / 1e9
+    } else {
+        0.0
+    }
+}
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
@@ -223,6 +237,34 @@ impl Metrics {
                 )
                 .expect("valid metric name"),
             ),
+            bridge_log_bytes: gauge(
+                "mqtt_adapter_bridge_log_bytes",
+                "Bytes of the bridge's message log on disk (device messages kept for the bus)",
+            ),
+            bridge_pending: gauge(
+                "mqtt_adapter_bridge_pending",
+                "Device messages kept in the message log and not yet acknowledged by the bus",
+            ),
+            bridge_oldest_undelivered: reg(
+                &registry,
+                Gauge::new(
+                    "mqtt_adapter_bridge_oldest_undelivered_seconds",
+                    "Age of the oldest device message in the log not yet acknowledged by the bus (0: none)",
+                )
+                .expect("valid metric name"),
+            ),
+            bridge_pushback: gauge(
+                "mqtt_adapter_bridge_pushback",
+                "1 while the message log is full and publishing sessions are pushed back",
+            ),
+            bridge_pushbacks: counter(
+                "mqtt_adapter_bridge_pushback_episodes_total",
+                "Times the message log filled up and pushed publishing sessions back",
+            ),
+            bridge_subjects: gauge(
+                "mqtt_adapter_bridge_subscriptions",
+                "NATS subjects subscribed for the local subscriptions",
+            ),
             bridge: Mutex::new(None),
             registry,
         })
@@ -285,14 +327,8 @@ impl Metrics {
                     .inc_by(dropped.saturating_sub(self.events_dropped.get()));
                 self.events_log_bytes
                     .set(i64::try_from(stats.log_bytes.load(Relaxed)).unwrap_or(i64::MAX));
-                let oldest = stats.oldest_undelivered_ns.load(Relaxed);
-                let age = if oldest > 0 {
-                    let now = crate::clock::unix_nanos();
-                    (now - oldest).max(0) as f64 / 1e9
-                } else {
-                    0.0
-                };
-                self.events_oldest_undelivered.set(age);
+                self.events_oldest_undelivered
+                    .set(age_seconds(stats.oldest_undelivered_ns.load(Relaxed)));
             }
         }
         {
@@ -302,6 +338,17 @@ impl Metrics {
                     let counter = self.bridge_messages.with_label_values(&[direction, result]);
                     counter.inc_by(read(bridge).saturating_sub(counter.get()));
                 }
+                let log = &bridge.log;
+                let gauge = |g: &IntGauge, v: u64| g.set(i64::try_from(v).unwrap_or(i64::MAX));
+                gauge(&self.bridge_log_bytes, log.log_bytes.load(Relaxed));
+                gauge(&self.bridge_pending, log.pending.load(Relaxed));
+                gauge(&self.bridge_subjects, bridge.in_subjects.load(Relaxed));
+                gauge(&self.bridge_pushback, u64::from(log.full.load(Relaxed)));
+                let episodes = log.pushback_episodes.load(Relaxed);
+                self.bridge_pushbacks
+                    .inc_by(episodes.saturating_sub(self.bridge_pushbacks.get()));
+                self.bridge_oldest_undelivered
+                    .set(age_seconds(log.oldest_undelivered_ns.load(Relaxed)));
             }
         }
         let mut out = Vec::new();
@@ -419,13 +466,13 @@ mod tests {
         let bridge = Arc::new(BridgeMetrics::default());
         metrics.watch_bridge(bridge.clone());
         bridge.out_published.store(5, Relaxed);
-        bridge.in_own.store(2, Relaxed);
+        bridge.in_invalid.store(2, Relaxed);
         let text = metrics.render();
         for line in [
             "mqtt_adapter_bridge_messages_total{direction=\"out\",result=\"published\"} 5",
-            "mqtt_adapter_bridge_messages_total{direction=\"out\",result=\"dropped\"} 0",
-            "mqtt_adapter_bridge_messages_total{direction=\"in\",result=\"own\"} 2",
-            "mqtt_adapter_bridge_messages_total{direction=\"in\",result=\"invalid\"} 0",
+            "mqtt_adapter_bridge_messages_total{direction=\"out\",result=\"failed\"} 0",
+            "mqtt_adapter_bridge_messages_total{direction=\"in\",result=\"invalid\"} 2",
+            "mqtt_adapter_bridge_pending 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -20,8 +20,9 @@ use crate::auth::{Authenticator, Authorizer, StaticRegistry};
 use crate::bridge::{Bridge, BridgeError, BridgeMetrics, BridgeSettings};
 use crate::broker::{Broker, BrokerConfig, QueueLimits};
 use crate::config::{AuthBackend, Config};
+use crate::events::store::is_external;
 use crate::events::{
-    DataDirError, EventLog, EventPipeline, EventSettings, EventStartError, LogSettings,
+    DataDir, DataDirError, EventLog, EventPipeline, EventSettings, EventStartError, LogSettings,
     StoreUrlError,
 };
 use crate::hooks::{ConnectionEvents, Hooks};
@@ -138,16 +139,32 @@ impl Server {
             },
             max_retained: usize::try_from(config.max_retained).unwrap_or(usize::MAX),
         });
-        let bridge = match config.message_broker_url.as_deref() {
-            None | Some("") => None,
-            Some(url) => {
+        let bus_url = config
+            .message_broker_url
+            .as_deref()
+            .filter(|url| !url.is_empty());
+        // One process per data directory: the event log and the message log share its lock.
+        let data_dir = if bus_url.is_some() || is_external(config.es_url.as_deref()) {
+            Some(Arc::new(DataDir::open(&config.data_dir)?))
+        } else {
+            None
+        };
+        let bridge = match (bus_url, &data_dir) {
+            (Some(url), Some(data_dir)) => {
                 let settings = BridgeSettings {
                     url: url.to_owned(),
                     buffer: config.bridge_buffer as usize,
                     instance_id: instance_id.clone(),
+                    log: LogSettings {
+                        max_bytes: config.bridge_log_size,
+                        fsync: config.bridge_fsync,
+                        fsync_interval: config.bridge_fsync_interval,
+                        max_pending: usize::MAX,
+                    },
                 };
-                Some(Bridge::start(&settings, &broker).await?)
+                Some(Bridge::start(&settings, data_dir, &broker).await?)
             }
+            _ => None,
         };
 
         let (tls, tls_identity) = match (&config.server_cert, &config.server_key) {
@@ -164,7 +181,8 @@ impl Server {
         // With a store, sessions left open by a crashed run are closed here, before listening.
         let events = EventPipeline::start(&EventSettings {
             es_url: config.es_url.as_deref(),
-            data_dir: &config.data_dir,
+            data_dir: data_dir.clone(),
+            data_dir_path: &config.data_dir,
             buffer: config.event_buffer as usize,
             log: LogSettings {
                 max_bytes: config.event_spool_size,
@@ -189,7 +207,7 @@ impl Server {
             .with_observer(metrics.clone());
         if let Some(bridge) = &bridge {
             hooks = hooks
-                .with_observer(bridge.publisher())
+                .with_bus(bridge.publisher())
                 .with_observer(bridge.takeover_announcer());
             metrics.watch_bridge(bridge.metrics());
         }
@@ -441,7 +459,7 @@ impl Server {
                     .shutdown(remaining.max(Duration::from_millis(100)))
                     .await;
                 if !done {
-                    tracing::warn!("bridged messages still queued at the shutdown deadline");
+                    tracing::warn!("message log did not close cleanly at shutdown");
                 }
                 done
             }

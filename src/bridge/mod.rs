@@ -1,11 +1,13 @@
 //! The message bus bridge (SPEC §5): device messages on channel topics go to NATS as
-//! `messaging.Message` on `m.<domain>.c.<channel>[.<subtopic>]`, and bus messages published by
-//! anyone else (other adapter instances, the HTTP adapter) reach local MQTT subscribers. Each
-//! message this process publishes carries its instance UUID in a header, so it is never
-//! delivered back here: with several instances sharing one NATS, every device message reaches
-//! every subscriber exactly once.
+//! `messaging.Message` on `m.<domain>.c.<channel>[.<subtopic>]`, through the durable outbound
+//! message log ([`log`]) so that an acknowledged message is never lost; bus messages published
+//! by anyone else (other adapter instances, the HTTP adapter) reach local MQTT subscribers, on
+//! the subjects those subscribers need only. The connection is `no_echo`: an instance never
+//! receives its own messages, so with several instances sharing one NATS every device message
+//! reaches every subscriber exactly once.
 
 pub mod inbound;
+pub mod log;
 pub mod message;
 pub mod outbound;
 pub mod takeover;
@@ -16,44 +18,50 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{ConnectOptions, ServerAddr};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
+use crate::log::{DataDir, DataDirError, Log, LogSettings, LogStats};
 pub use outbound::BusPublisher;
 
 /// NATS header naming the adapter process that published a message.
 pub const INSTANCE_HEADER: &str = "Smq-Mqtt-Adapter-Instance";
 /// NATS header carrying the QoS (`0`, `1`, `2`) the device published with.
 pub const QOS_HEADER: &str = "Smq-Mqtt-Qos";
+/// The oldest nats-server the bridge runs against (what SuperMQ deploys).
+pub const MIN_SERVER: (u64, u64) = (2, 10);
 
 /// Counters of the bridge, for the metrics endpoint.
 #[derive(Debug, Default)]
 pub struct BridgeMetrics {
-    /// Device messages published to the bus.
+    /// Device messages the bus acknowledged (JetStream) or took (core NATS, flushed).
     pub out_published: AtomicU64,
-    /// Device messages not bridged because the outbound queue was full (bus slow or down).
-    pub out_dropped: AtomicU64,
-    /// Device messages the NATS client refused.
+    /// Device messages whose delivery failed and is retried from the log.
     pub out_failed: AtomicU64,
+    /// Device messages JetStream already had (a retry or a replay after a restart), by id.
+    pub out_duplicate: AtomicU64,
     /// Bus messages published into the broker core.
     pub in_delivered: AtomicU64,
-    /// Bus messages skipped because this process published them.
-    pub in_own: AtomicU64,
     /// Bus messages on `m.>` that are not a channel subject or not a `messaging.Message`.
     pub in_invalid: AtomicU64,
+    /// NATS subjects subscribed for the local subscriptions.
+    pub in_subjects: AtomicU64,
+    /// The outbound message log.
+    pub log: Arc<LogStats>,
 }
 
-/// How the bridge connects and how much it buffers.
+/// How the bridge connects, keeps and delivers.
 #[derive(Debug, Clone)]
 pub struct BridgeSettings {
     /// `nats://host:port` (comma-separated for a cluster).
     pub url: String,
-    /// Device messages queued for the bus while it is slow or down.
+    /// JetStream publishes in flight at most, and takeover announcements queued.
     pub buffer: usize,
     /// This process's UUID, written into [`INSTANCE_HEADER`].
     pub instance_id: String,
+    /// The outbound message log.
+    pub log: LogSettings,
 }
 
 /// A bridge setting the adapter cannot start with.
@@ -65,6 +73,23 @@ pub enum BridgeError {
     Url(String, String),
     #[error("SMQ_MESSAGE_BROKER_URL: {0}")]
     Client(String),
+    #[error("SMQ_MESSAGE_BROKER_URL: nats-server {0} is too old: the bridge needs 2.10 or newer (what SuperMQ deploys); upgrade NATS")]
+    OldServer(String),
+    #[error("SMQ_MQTT_ADAPTER_DATA_DIR: {0}")]
+    DataDir(#[from] DataDirError),
+}
+
+/// Whether a nats-server version (`2.10.4`, `v2.9.10`) is at least [`MIN_SERVER`]; an
+/// unreadable one is let through.
+pub fn server_supported(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u64>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= MIN_SERVER,
+        _ => true,
+    }
 }
 
 /// The running bridge.
@@ -73,16 +98,24 @@ pub struct Bridge {
     takeover: Arc<takeover::TakeoverAnnouncer>,
     takeover_metrics: Arc<takeover::TakeoverMetrics>,
     metrics: Arc<BridgeMetrics>,
+    log: Log<log::Messages>,
+    client: async_nats::Client,
     shutdown: CancellationToken,
-    outbound: JoinHandle<()>,
+    delivery: JoinHandle<()>,
     inbound: JoinHandle<()>,
 }
 
+/// How long start-up waits to learn the server's version before going on without it.
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(3);
+
 impl Bridge {
-    /// Starts both directions. NATS being unreachable is not an error: the client connects and
-    /// reconnects in the background, and local MQTT traffic never waits for it.
+    /// Opens the outbound message log (messages an earlier run left undelivered are delivered
+    /// first) and starts both directions. NATS being unreachable is not an error: the client
+    /// connects and reconnects in the background, and device messages wait in the log. A
+    /// reachable server older than [`MIN_SERVER`] is refused.
     pub async fn start(
         settings: &BridgeSettings,
+        data_dir: &DataDir,
         broker: &Arc<Broker>,
     ) -> Result<Bridge, BridgeError> {
         let addrs = settings
@@ -95,6 +128,7 @@ impl Bridge {
             .collect::<Result<Vec<_>, _>>()?;
         let client = ConnectOptions::new()
             .name(format!("mqtt-adapter {}", settings.instance_id))
+            .no_echo()
             .retry_on_initial_connect()
             .max_reconnects(None)
             .reconnect_delay_callback(|attempts| {
@@ -106,28 +140,46 @@ impl Bridge {
             .connect(addrs)
             .await
             .map_err(|e| BridgeError::Client(e.to_string()))?;
-        let subscriber = client
-            .subscribe(inbound::SUBJECT)
-            .await
-            .map_err(|e| BridgeError::Client(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + FIRST_CONNECT_WAIT;
+        while client.connection_state() != async_nats::connection::State::Connected
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let version = client.server_info().version;
+        if client.connection_state() == async_nats::connection::State::Connected
+            && !server_supported(&version)
+        {
+            return Err(BridgeError::OldServer(version));
+        }
+        if version.is_empty() {
+            tracing::warn!(url = %settings.url, "message bus not reachable yet: device messages are kept in the message log until it is");
+        }
 
-        let metrics = Arc::new(BridgeMetrics::default());
+        let (log, opened) = Log::open(log::Messages::new_run(), data_dir, settings.log.clone())?;
+        if opened.undelivered > 0 || opened.cut_bytes > 0 {
+            tracing::info!(
+                undelivered = opened.undelivered,
+                cut_bytes = opened.cut_bytes,
+                "message log: messages an earlier run kept are delivered first"
+            );
+        }
+        let metrics = Arc::new(BridgeMetrics {
+            log: log.stats(),
+            ..BridgeMetrics::default()
+        });
         let shutdown = CancellationToken::new();
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(INSTANCE_HEADER, settings.instance_id.as_str());
-
-        let (out_tx, out_rx) = mpsc::channel(settings.buffer.max(1));
-        let outbound = tokio::spawn(outbound::drain(
-            client.clone(),
-            out_rx,
-            headers,
-            metrics.clone(),
+        let delivery = log.deliver(
+            Box::new(outbound::BusDelivery::new(
+                client.clone(),
+                settings.instance_id.clone(),
+                settings.buffer,
+                metrics.clone(),
+            )),
             shutdown.clone(),
-        ));
-
+        );
         let inbound = tokio::spawn(inbound::receive(
-            subscriber,
-            settings.instance_id.clone(),
+            client.clone(),
             broker.clone(),
             metrics.clone(),
             shutdown.clone(),
@@ -141,15 +193,18 @@ impl Bridge {
         )
         .await
         .map_err(|e| BridgeError::Client(e.to_string()))?;
-        tracing::info!(url = %settings.url, instance_id = %settings.instance_id,
-            "message bus bridge started (subject m.>, cluster takeover on {})", takeover::SUBJECT);
+        tracing::info!(url = %settings.url, instance_id = %settings.instance_id, server = %version,
+            fsync = ?settings.log.fsync,
+            "message bus bridge started (message log in the data directory, subscriptions by interest, cluster takeover on {})", takeover::SUBJECT);
         Ok(Bridge {
-            publisher: Arc::new(BusPublisher::new(out_tx, metrics.clone())),
+            publisher: Arc::new(BusPublisher::new(log.clone())),
             takeover,
             takeover_metrics,
             metrics,
+            log,
+            client,
             shutdown,
-            outbound,
+            delivery,
             inbound,
         })
     }
@@ -172,16 +227,29 @@ impl Bridge {
         self.metrics.clone()
     }
 
-    /// Stops receiving, publishes what is still queued (bounded by `timeout`) and flushes.
+    /// Stops receiving, delivers what the log holds (bounded by `timeout`), then stops the
+    /// delivery and closes the log: what is still undelivered is delivered by the next start.
+    /// Returns whether every message is delivered or kept.
     pub async fn shutdown(self, timeout: Duration) -> bool {
+        // With the bus down there is nothing to wait for: the log keeps the messages.
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        if !(connected && self.log.flush(timeout).await) {
+            let pending = self.metrics.log.pending.load(std::sync::atomic::Ordering::Relaxed);
+            if pending > 0 {
+                tracing::info!(messages = pending, "message log: undelivered messages kept for the next start");
+            }
+        }
         self.shutdown.cancel();
         let _ = self.inbound.await;
-        let mut outbound = self.outbound;
-        let done = tokio::time::timeout(timeout, &mut outbound).await.is_ok();
-        if !done {
-            outbound.abort();
+        let _ = self.delivery.await;
+        let kept = self.log.close();
+        if !kept {
+            tracing::warn!("message log: its writer did not end cleanly");
         }
-        done
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await {
+            tracing::warn!(error = %e, "message bus bridge: flush at shutdown did not finish");
+        }
+        kept
     }
 }
 

@@ -12,6 +12,7 @@ pub mod queue;
 pub mod retained;
 pub mod session;
 pub mod shared;
+pub mod interest;
 pub mod trie;
 
 use std::collections::HashMap;
@@ -116,6 +117,8 @@ pub struct Broker {
     sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
     next_id: AtomicU64,
     stats: Arc<BrokerStats>,
+    /// Which filters have subscribers (for the bus bridge's subscriptions).
+    interest: Arc<interest::FilterInterest>,
     /// Ends pending expiry timers.
     stop: CancellationToken,
     me: Weak<Broker>,
@@ -131,6 +134,7 @@ impl Broker {
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             stats: Arc::default(),
+            interest: Arc::default(),
             stop: CancellationToken::new(),
             me: me.clone(),
         })
@@ -383,7 +387,9 @@ impl Broker {
         for chunk in filters.chunks(REMOVE_CHUNK) {
             let mut trie = self.trie.write().unwrap_or_else(|p| p.into_inner());
             for filter in chunk {
-                trie.remove(filter, session.id);
+                if trie.remove(filter, session.id).is_some() {
+                    self.interest.remove(filter);
+                }
             }
         }
     }
@@ -411,6 +417,11 @@ impl Broker {
         }
     }
 
+    /// Which filters have subscribers now, and when that changes.
+    pub fn interest(&self) -> Arc<interest::FilterInterest> {
+        self.interest.clone()
+    }
+
     fn trie_mut(&self) -> std::sync::RwLockWriteGuard<'_, Trie<u64, Route>> {
         self.trie.write().unwrap_or_else(|p| p.into_inner())
     }
@@ -433,6 +444,7 @@ impl Broker {
                     ));
                     self.trie_mut()
                         .insert(inner, group.id, Route::Shared(group.clone()));
+                    self.interest.add(inner);
                     group
                 });
             group.join(session, options);
@@ -442,8 +454,13 @@ impl Broker {
             session: session.clone(),
             options,
         };
-        self.trie_mut()
-            .insert(filter, session.id, Route::Direct(subscriber));
+        if self
+            .trie_mut()
+            .insert(filter, session.id, Route::Direct(subscriber))
+            .is_none()
+        {
+            self.interest.add(filter);
+        }
         existed
     }
 
@@ -454,8 +471,8 @@ impl Broker {
         if existed {
             if matches!(shared::split(filter), Some(Ok(_))) {
                 self.leave_group(session, filter, false);
-            } else {
-                self.trie_mut().remove(filter, session.id);
+            } else if self.trie_mut().remove(filter, session.id).is_some() {
+                self.interest.remove(filter);
             }
         }
         existed
@@ -476,7 +493,9 @@ impl Broker {
             };
             if group.leave(session.id) {
                 groups.remove(&key);
-                self.trie_mut().remove(inner, group.id);
+                if self.trie_mut().remove(inner, group.id).is_some() {
+                    self.interest.remove(inner);
+                }
             }
             group
         };

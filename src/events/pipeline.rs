@@ -20,7 +20,10 @@ use crate::hooks::{ConnectionEvents, DisconnectReason};
 #[derive(Debug, Clone)]
 pub struct EventSettings<'a> {
     pub es_url: Option<&'a str>,
-    pub data_dir: &'a Path,
+    /// The data directory, already open (and locked) when the bus bridge shares it.
+    pub data_dir: Option<Arc<DataDir>>,
+    /// Where to open it otherwise.
+    pub data_dir_path: &'a Path,
     /// Memory queue (stdout) or log intake (stores), in events.
     pub buffer: usize,
     pub log: LogSettings,
@@ -52,7 +55,7 @@ enum Inner {
         delivery: JoinHandle<()>,
         stop: CancellationToken,
         /// Holds the directory's lock while the adapter runs.
-        _data_dir: DataDir,
+        _data_dir: Arc<DataDir>,
     },
     Memory {
         outbox: Outbox,
@@ -77,7 +80,10 @@ impl EventPipeline {
             });
         }
         let started = Instant::now();
-        let data_dir = DataDir::open(settings.data_dir)?;
+        let data_dir = match &settings.data_dir {
+            Some(dir) => dir.clone(),
+            None => Arc::new(DataDir::open(settings.data_dir_path)?),
+        };
         let mut log_settings = settings.log.clone();
         log_settings.max_pending = settings.buffer;
         warn_about_older_files(&data_dir);

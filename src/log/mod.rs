@@ -176,6 +176,15 @@ impl LogTicket {
         }
     }
 
+    /// A future that resolves with the ticket, owning what it needs (so it borrows nothing).
+    pub fn waiter(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let wait = self
+            .wait
+            .as_ref()
+            .map(|(committed, ticket, synced)| (committed.clone(), *ticket, *synced));
+        LogTicket { wait }.wait()
+    }
+
     pub async fn wait(self) {
         let Some((mut committed, ticket, synced)) = self.wait else {
             return;

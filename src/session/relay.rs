@@ -3,7 +3,7 @@
 //! filter by filter, acknowledgements applied to the session's in-flight window), and deliveries
 //! queued for the session are written to the device within its window, until the connection ends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,11 +21,12 @@ use super::codec::{Codec, ProtocolVersion};
 use super::frame::{self, FrameError};
 use super::handshake::Accepted;
 use super::limits::PublishRate;
-use super::teardown::{route_message, route_of};
 use super::{deliver, End, SessionContext, WRITE_TIMEOUT};
 use crate::auth::TopicDecision;
+use crate::bridge::log::BusRecord;
 use crate::broker::{message, shared, Kick, Message, Origin, Outgoing, Session, SubOptions};
 use crate::hooks::{DisconnectReason, PublishRoute, SessionInfo};
+use crate::log::LogTicket;
 use crate::topic::{self, TopicKind, Usage};
 
 /// Deliveries taken from the session's queue per write to the device.
@@ -34,6 +35,8 @@ const MAX_WRITE_BATCH: usize = 256;
 const WITH_WILL: u8 = 0x04;
 /// Distinct topics whose authorization a connection remembers.
 const TOPIC_CACHE_SIZE: usize = 64;
+/// Longest a SUBACK waits for the bus bridge's NATS subscriptions.
+const BUS_SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 /// Buffers larger than this are released once empty instead of kept.
 const KEEP_BUFFER: usize = 64 * 1024;
 
@@ -65,6 +68,33 @@ struct Relay<'a> {
     /// The MQTT 5 device's Maximum Packet Size: larger PUBLISHes are not sent to it.
     device_max_packet: Option<usize>,
     aliases: TopicAliases,
+    /// Acknowledgements in the order the PUBLISHes came, waiting for the bus message log.
+    acks: VecDeque<PendingAck>,
+    /// Device messages for the bus read since the last append, and the index in `acks` of the
+    /// first acknowledgement that waits for them.
+    bus_group: Vec<BusRecord>,
+    group_start: usize,
+    /// The session published to the bus: a full message log pushes it back.
+    publishes_to_bus: bool,
+}
+
+/// What a PUBLISH is answered with once its message is kept.
+#[derive(Debug)]
+enum Reply {
+    /// QoS 0: nothing, but the message still counts against the pending bound.
+    Nothing,
+    PubAck(u16),
+    PubRec(u16),
+    /// A refusal (MQTT 5 reason code), kept in order behind the acknowledgements before it.
+    Refusal(Box<Packet>),
+}
+
+/// An acknowledgement waiting for its message (and every earlier one) to be kept.
+struct PendingAck {
+    /// Set on the first acknowledgement of each group appended to the message log; the others
+    /// of the group wait behind it.
+    ticket: Option<LogTicket>,
+    reply: Reply,
 }
 
 /// The relay of one session until it ends. An `async move` block rather than an `async fn`,
@@ -97,6 +127,10 @@ where
             scratch: Vec::new(),
             device_max_packet: accepted.device_max_packet,
             aliases: TopicAliases::new(ctx.topic_alias_maximum, accepted.device_alias_max),
+            acks: VecDeque::new(),
+            bus_group: Vec::new(),
+            group_start: 0,
+            publishes_to_bus: false,
         };
         // A resumed session first completes what the previous connection left in flight.
         for outgoing in relay.session.resend() {
@@ -116,6 +150,9 @@ where
             }
         }
         loop {
+            if let Err(end) = relay.write_kept_acks() {
+                return end;
+            }
             if let Err(end) = relay.fill() {
                 return end;
             }
@@ -139,10 +176,17 @@ where
             if rbuf.is_empty() {
                 rbuf = BytesMut::new();
             }
+            let pushed_back = relay.pushed_back();
+            let ack_wait = relay.acks.front().and_then(|a| a.ticket.as_ref()).map(LogTicket::waiter);
+            let acks_full = relay.acks.len() >= usize::from(ctx.limits.max_inflight());
             let step = tokio::select! {
                 biased;
                 _ = control.cancel.cancelled() => Err(kicked(ctx, control.kicked())),
                 _ = &mut keep_alive_timer, if accepted.keep_alive.is_some() => {
+                    // Time pushed back (not read) does not count against the device.
+                    if pushed_back || acks_full {
+                        last_read = Instant::now();
+                    }
                     let due = last_read + keep_alive;
                     if Instant::now() >= due {
                         Err(End::new(DisconnectReason::KeepAliveTimeout, Some(DisconnectReasonCode::KeepAliveTimeout), "no packet within 1.5 × keep-alive"))
@@ -151,7 +195,9 @@ where
                         Ok(())
                     }
                 }
-                read = read_some(stream, &mut rbuf) => match read {
+                _ = async { ack_wait.expect("guarded").await }, if ack_wait.is_some() => Ok(()),
+                _ = relay.bus_room(), if pushed_back => Ok(()),
+                read = read_some(stream, &mut rbuf), if !pushed_back && !acks_full => match read {
                     Ok(0) => Err(End::lost("connection closed by device")),
                     Err(e) => Err(End::lost(format!("read error: {e}"))),
                     Ok(_) => {
@@ -310,8 +356,99 @@ impl Relay<'_> {
         result
     }
 
-    /// Parses every complete frame in `rbuf` and handles it.
+    /// Parses every complete frame in `rbuf` and handles it; the device messages for the bus
+    /// among them go to the message log as one group.
     async fn input(&mut self, rbuf: &mut BytesMut) -> Result<(), End> {
+        let result = self.frames(rbuf).await;
+        self.append_bus_group();
+        result
+    }
+
+    /// Appends the messages for the bus read since the last append; the first acknowledgement
+    /// that waits for them gets the ticket.
+    fn append_bus_group(&mut self) {
+        if self.bus_group.is_empty() {
+            return;
+        }
+        let Some(bus) = self.ctx.hooks.bus() else {
+            return;
+        };
+        let ticket = bus.append_all(std::mem::take(&mut self.bus_group));
+        if let Some(first) = self.acks.get_mut(self.group_start) {
+            first.ticket = Some(ticket);
+        }
+        if self.bus_group.capacity() > MAX_WRITE_BATCH {
+            self.bus_group = Vec::new();
+        }
+    }
+
+    /// Writes the acknowledgements whose messages are kept, in order.
+    fn write_kept_acks(&mut self) -> Result<(), End> {
+        while let Some(front) = self.acks.front() {
+            if !front.ticket.as_ref().is_none_or(LogTicket::is_done) {
+                break;
+            }
+            if let Some(front) = self.acks.pop_front() {
+                self.write_reply(front.reply)?;
+            }
+        }
+        if self.acks.is_empty() && self.acks.capacity() > MAX_WRITE_BATCH {
+            self.acks = VecDeque::new();
+        }
+        Ok(())
+    }
+
+    fn write_reply(&mut self, reply: Reply) -> Result<(), End> {
+        match reply {
+            Reply::Nothing => Ok(()),
+            Reply::PubAck(pkid) => self.write(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            )),
+            Reply::PubRec(pkid) => self.write(Packet::PubRec(
+                PubRec {
+                    pkid,
+                    reason: PubRecReason::Success,
+                },
+                None,
+            )),
+            Reply::Refusal(packet) => self.write(*packet),
+        }
+    }
+
+    /// Answers a PUBLISH: at once, unless its message (or an earlier one) waits for the bus
+    /// message log.
+    fn reply(&mut self, reply: Reply, bridged: bool) -> Result<(), End> {
+        if !bridged && self.acks.is_empty() {
+            return self.write_reply(reply);
+        }
+        if bridged && self.bus_group.len() == 1 {
+            self.group_start = self.acks.len();
+        }
+        if bridged || !matches!(reply, Reply::Nothing) {
+            self.acks.push_back(PendingAck {
+                ticket: None,
+                reply,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether this session is pushed back: it publishes to the bus, whose message log is full.
+    fn pushed_back(&self) -> bool {
+        self.publishes_to_bus && self.ctx.hooks.bus().is_some_and(|b| !b.has_room())
+    }
+
+    async fn bus_room(&self) {
+        if let Some(bus) = self.ctx.hooks.bus() {
+            bus.room().await;
+        }
+    }
+
+    async fn frames(&mut self, rbuf: &mut BytesMut) -> Result<(), End> {
         loop {
             let header = match frame::peek_header(rbuf, self.ctx.max_packet_size) {
                 Ok(Some(h)) => h,
@@ -383,9 +520,9 @@ impl Relay<'_> {
             Packet::PubRel(rel, _) => {
                 let reason = match self.session.release_incoming(rel.pkid) {
                     Some(held) => {
+                        // Its bus copy was logged at the PUBLISH.
                         if let Some(message) = held {
-                            let route = route_of(&message.topic);
-                            route_message(self.ctx, &self.info, &route, message);
+                            self.ctx.broker.publish(message);
                         }
                         PubCompReason::Success
                     }
@@ -538,32 +675,34 @@ impl Relay<'_> {
             expires_at,
         });
         let pkid = publish_id.unwrap_or(0);
+        // A QoS 2 PUBLISH sent again before its PUBREL is answered again, not kept twice.
+        if qos == 2 && !self.session.hold_incoming(pkid, Some(message.clone())) {
+            return self.reply(Reply::PubRec(pkid), false);
+        }
+        // The bus copy is logged now (for QoS 2 too: PUBREC promises it is kept); local
+        // subscribers get the message at once, without waiting for the log.
+        let record = self
+            .ctx
+            .hooks
+            .bus()
+            .and_then(|bus| bus.record(&self.info, &route, &message));
+        let bridged = record.is_some();
+        if let Some(record) = record {
+            self.bus_group.push(record);
+            self.publishes_to_bus = true;
+        }
         match qos {
             0 => {
-                route_message(self.ctx, &self.info, &route, message);
-                Ok(())
+                self.ctx.broker.publish(message);
+                self.reply(Reply::Nothing, bridged)
             }
             1 => {
-                route_message(self.ctx, &self.info, &route, message);
-                self.write(Packet::PubAck(
-                    PubAck {
-                        pkid,
-                        reason: PubAckReason::Success,
-                    },
-                    None,
-                ))
+                self.ctx.broker.publish(message);
+                self.reply(Reply::PubAck(pkid), bridged)
             }
-            _ => {
-                // Held until PUBREL: a repeated PUBLISH with the same packet id is not routed twice.
-                self.session.hold_incoming(pkid, Some(message));
-                self.write(Packet::PubRec(
-                    PubRec {
-                        pkid,
-                        reason: PubRecReason::Success,
-                    },
-                    None,
-                ))
-            }
+            // Held (above) until PUBREL: a repeated PUBLISH with the same packet id is not
+            // routed twice.
+            _ => self.reply(Reply::PubRec(pkid), bridged),
         }
     }
 
@@ -618,7 +757,10 @@ impl Relay<'_> {
                     Refusal::Invalid => PubAckReason::TopicNameInvalid,
                     Refusal::Quota => PubAckReason::QuotaExceeded,
                 };
-                self.write(Packet::PubAck(PubAck { pkid, reason }, None))
+                self.reply(
+                    Reply::Refusal(Box::new(Packet::PubAck(PubAck { pkid, reason }, None))),
+                    false,
+                )
             }
             _ => {
                 let reason = match refusal {
@@ -627,7 +769,10 @@ impl Relay<'_> {
                     Refusal::Quota => PubRecReason::QuotaExceeded,
                 };
                 self.session.hold_incoming(pkid, None);
-                self.write(Packet::PubRec(PubRec { pkid, reason }, None))
+                self.reply(
+                    Reply::Refusal(Box::new(Packet::PubRec(PubRec { pkid, reason }, None))),
+                    false,
+                )
             }
         }
     }
@@ -732,6 +877,14 @@ impl Relay<'_> {
                     });
                 }
             }
+        }
+        if self.ctx.hooks.bus().is_some() {
+            // The bus bridge subscribes on NATS for new filters: the SUBACK waits (bounded)
+            // until it has, so bus messages published after the SUBACK are not missed.
+            let interest = self.ctx.broker.interest();
+            interest
+                .wait_synced(interest.generation(), BUS_SUBSCRIBE_WAIT)
+                .await;
         }
         self.write(Packet::SubAck(
             SubAck {
