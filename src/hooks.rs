@@ -13,10 +13,10 @@ use crate::auth::{
 };
 use crate::bridge::BusPublisher;
 use crate::broker::Message;
-use crate::log::LogTicket;
 use crate::events::{
     ConnectionEvent, EventCommit, EventDetails, EventLayout, EventQueue, EventType, Subscription,
 };
+use crate::log::LogTicket;
 use crate::session::codec::ProtocolVersion;
 use crate::topic::{ChannelTopic, Usage};
 

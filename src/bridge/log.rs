@@ -156,7 +156,10 @@ mod tests {
         let mut bytes = Vec::new();
         Messages::encode(&first, &mut bytes);
         assert_eq!(Messages::decode(&bytes), Some(first.clone()));
-        assert_eq!(Messages::decode(&bytes[..FIXED + 3]).map(|r| r.body.len()), None);
+        assert_eq!(
+            Messages::decode(&bytes[..FIXED + 3]).map(|r| r.body.len()),
+            None
+        );
         assert_ne!(first.message_id(), second.message_id());
         assert_ne!(first.message_id(), other.message_id());
         assert_eq!(second.sequence, first.sequence + 1);

@@ -234,9 +234,16 @@ impl Bridge {
         // With the bus down there is nothing to wait for: the log keeps the messages.
         let connected = self.client.connection_state() == async_nats::connection::State::Connected;
         if !(connected && self.log.flush(timeout).await) {
-            let pending = self.metrics.log.pending.load(std::sync::atomic::Ordering::Relaxed);
+            let pending = self
+                .metrics
+                .log
+                .pending
+                .load(std::sync::atomic::Ordering::Relaxed);
             if pending > 0 {
-                tracing::info!(messages = pending, "message log: undelivered messages kept for the next start");
+                tracing::info!(
+                    messages = pending,
+                    "message log: undelivered messages kept for the next start"
+                );
             }
         }
         self.shutdown.cancel();
@@ -262,5 +269,20 @@ async fn next_message(
     tokio::select! {
         _ = shutdown.cancelled() => None,
         next = subscriber.next() => next,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_supported;
+
+    #[test]
+    fn servers_before_2_10_are_not_supported() {
+        assert!(server_supported("2.10.0"));
+        assert!(server_supported("v2.15.1"));
+        assert!(server_supported("3.0.0-beta"));
+        assert!(!server_supported("2.9.10"));
+        assert!(!server_supported("v1.4.0"));
+        assert!(server_supported("unknown"));
     }
 }

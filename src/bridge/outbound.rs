@@ -253,12 +253,18 @@ impl LogSink<BusRecord> for BusDelivery {
     }
 
     async fn deliver(&mut self, batch: &[BusRecord]) -> Result<(), String> {
-        self.refresh_streams(false).await;
-        let result = match tokio::time::timeout(BATCH_TIMEOUT, self.send(batch)).await {
-            Ok(result) => result,
-            Err(_) => Err(format!(
-                "no answer within {BATCH_TIMEOUT:?} (NATS down or slow)"
-            )),
+        // Without a connection the client would only queue the batch: fail it now, and try
+        // again after the backoff.
+        let result = if self.client.connection_state() != async_nats::connection::State::Connected {
+            Err("not connected to NATS".to_owned())
+        } else {
+            self.refresh_streams(false).await;
+            match tokio::time::timeout(BATCH_TIMEOUT, self.send(batch)).await {
+                Ok(result) => result,
+                Err(_) => Err(format!(
+                    "no answer within {BATCH_TIMEOUT:?} (NATS down or slow)"
+                )),
+            }
         };
         match &result {
             Ok(()) => {

@@ -7,12 +7,12 @@
 //! Lock order: the session table, then one session's state; or the trie, then one session's
 //! state. Nothing holds a session's state while taking the table or the trie.
 
+pub mod interest;
 pub mod message;
 pub mod queue;
 pub mod retained;
 pub mod session;
 pub mod shared;
-pub mod interest;
 pub mod trie;
 
 use std::collections::HashMap;

@@ -177,7 +177,11 @@ where
                 rbuf = BytesMut::new();
             }
             let pushed_back = relay.pushed_back();
-            let ack_wait = relay.acks.front().and_then(|a| a.ticket.as_ref()).map(LogTicket::waiter);
+            let ack_wait = relay
+                .acks
+                .front()
+                .and_then(|a| a.ticket.as_ref())
+                .map(LogTicket::waiter);
             let acks_full = relay.acks.len() >= usize::from(ctx.limits.max_inflight());
             let step = tokio::select! {
                 biased;
