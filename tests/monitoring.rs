@@ -23,13 +23,21 @@ const DASHBOARD_MUST_SHOW: &[&str] = &[
     "mqtt_adapter_events_dropped_total",
     "mqtt_adapter_events_oldest_undelivered_seconds",
     "mqtt_adapter_bridge_messages_total",
+    "mqtt_adapter_bridge_log_bytes",
+    "mqtt_adapter_bridge_pending",
+    "mqtt_adapter_bridge_oldest_undelivered_seconds",
+    "mqtt_adapter_bridge_pushback",
+    "mqtt_adapter_bridge_pushback_episodes_total",
+    "mqtt_adapter_bridge_subscriptions",
 ];
 
 /// The alerts an operator must get (issue #12, part 4).
 const ALERTS: &[&str] = &[
     "MqttAdapterEventsNotDraining",
     "MqttAdapterEventsDropped",
-    "MqttAdapterBridgeDropping",
+    "MqttAdapterBridgeFailing",
+    "MqttAdapterBridgeLogOld",
+    "MqttAdapterBridgePushBack",
     "MqttAdapterAuthUnavailable",
     "MqttAdapterConnectionLimit",
 ];

@@ -68,14 +68,19 @@ struct Relay<'a> {
     /// The MQTT 5 device's Maximum Packet Size: larger PUBLISHes are not sent to it.
     device_max_packet: Option<usize>,
     aliases: TopicAliases,
-    /// Acknowledgements in the order the PUBLISHes came, waiting for the bus message log.
+    /// Set once the session published to the bus (boxed: other sessions hold 8 bytes for it).
+    bus: Option<Box<BusAcks>>,
+}
+
+/// A publishing session's acknowledgements waiting for the bus message log.
+#[derive(Default)]
+struct BusAcks {
+    /// Acknowledgements in the order the PUBLISHes came.
     acks: VecDeque<PendingAck>,
     /// Device messages for the bus read since the last append, and the index in `acks` of the
     /// first acknowledgement that waits for them.
-    bus_group: Vec<BusRecord>,
+    group: Vec<BusRecord>,
     group_start: usize,
-    /// The session published to the bus: a full message log pushes it back.
-    publishes_to_bus: bool,
 }
 
 /// What a PUBLISH is answered with once its message is kept.
@@ -127,10 +132,7 @@ where
             scratch: Vec::new(),
             device_max_packet: accepted.device_max_packet,
             aliases: TopicAliases::new(ctx.topic_alias_maximum, accepted.device_alias_max),
-            acks: VecDeque::new(),
-            bus_group: Vec::new(),
-            group_start: 0,
-            publishes_to_bus: false,
+            bus: None,
         };
         // A resumed session first completes what the previous connection left in flight.
         for outgoing in relay.session.resend() {
@@ -177,12 +179,18 @@ where
                 rbuf = BytesMut::new();
             }
             let pushed_back = relay.pushed_back();
+            // Boxed, and only while an acknowledgement waits: an idle session holds no room.
             let ack_wait = relay
-                .acks
-                .front()
+                .bus
+                .as_ref()
+                .and_then(|b| b.acks.front())
                 .and_then(|a| a.ticket.as_ref())
-                .map(LogTicket::waiter);
-            let acks_full = relay.acks.len() >= usize::from(ctx.limits.max_inflight());
+                .map(|t| Box::pin(t.waiter()));
+            let acks_full = relay
+                .bus
+                .as_ref()
+                .is_some_and(|b| b.acks.len() >= usize::from(ctx.limits.max_inflight()));
+            let room_wait = pushed_back.then(|| Box::pin(relay.bus_room()));
             let step = tokio::select! {
                 biased;
                 _ = control.cancel.cancelled() => Err(kicked(ctx, control.kicked())),
@@ -200,7 +208,7 @@ where
                     }
                 }
                 _ = async { ack_wait.expect("guarded").await }, if ack_wait.is_some() => Ok(()),
-                _ = relay.bus_room(), if pushed_back => Ok(()),
+                _ = async { room_wait.expect("guarded").await }, if pushed_back => Ok(()),
                 read = read_some(stream, &mut rbuf), if !pushed_back && !acks_full => match read {
                     Ok(0) => Err(End::lost("connection closed by device")),
                     Err(e) => Err(End::lost(format!("read error: {e}"))),
@@ -371,35 +379,40 @@ impl Relay<'_> {
     /// Appends the messages for the bus read since the last append; the first acknowledgement
     /// that waits for them gets the ticket.
     fn append_bus_group(&mut self) {
-        if self.bus_group.is_empty() {
-            return;
-        }
-        let Some(bus) = self.ctx.hooks.bus() else {
+        let (Some(pending), Some(log)) = (self.bus.as_mut(), self.ctx.hooks.bus()) else {
             return;
         };
-        let ticket = bus.append_all(std::mem::take(&mut self.bus_group));
-        if let Some(first) = self.acks.get_mut(self.group_start) {
+        if pending.group.is_empty() {
+            return;
+        }
+        let ticket = log.append_all(std::mem::take(&mut pending.group));
+        if let Some(first) = pending.acks.get_mut(pending.group_start) {
             first.ticket = Some(ticket);
         }
-        if self.bus_group.capacity() > MAX_WRITE_BATCH {
-            self.bus_group = Vec::new();
+        if pending.group.capacity() > MAX_WRITE_BATCH {
+            pending.group = Vec::new();
         }
     }
 
     /// Writes the acknowledgements whose messages are kept, in order.
     fn write_kept_acks(&mut self) -> Result<(), End> {
-        while let Some(front) = self.acks.front() {
+        let Some(pending) = self.bus.as_mut() else {
+            return Ok(());
+        };
+        let mut kept = Vec::new();
+        while let Some(front) = pending.acks.front() {
             if !front.ticket.as_ref().is_none_or(LogTicket::is_done) {
                 break;
             }
-            if let Some(front) = self.acks.pop_front() {
-                self.write_reply(front.reply)?;
+            if let Some(front) = pending.acks.pop_front() {
+                kept.push(front.reply);
             }
         }
-        if self.acks.is_empty() && self.acks.capacity() > MAX_WRITE_BATCH {
-            self.acks = VecDeque::new();
+        if pending.acks.is_empty() && pending.acks.capacity() > MAX_WRITE_BATCH {
+            pending.acks = VecDeque::new();
         }
-        Ok(())
+        kept.into_iter()
+            .try_for_each(|reply| self.write_reply(reply))
     }
 
     fn write_reply(&mut self, reply: Reply) -> Result<(), End> {
@@ -426,14 +439,15 @@ impl Relay<'_> {
     /// Answers a PUBLISH: at once, unless its message (or an earlier one) waits for the bus
     /// message log.
     fn reply(&mut self, reply: Reply, bridged: bool) -> Result<(), End> {
-        if !bridged && self.acks.is_empty() {
-            return self.write_reply(reply);
-        }
-        if bridged && self.bus_group.len() == 1 {
-            self.group_start = self.acks.len();
+        let pending = match self.bus.as_mut() {
+            Some(pending) if bridged || !pending.acks.is_empty() => pending,
+            _ => return self.write_reply(reply),
+        };
+        if bridged && pending.group.len() == 1 {
+            pending.group_start = pending.acks.len();
         }
         if bridged || !matches!(reply, Reply::Nothing) {
-            self.acks.push_back(PendingAck {
+            pending.acks.push_back(PendingAck {
                 ticket: None,
                 reply,
             });
@@ -443,7 +457,7 @@ impl Relay<'_> {
 
     /// Whether this session is pushed back: it publishes to the bus, whose message log is full.
     fn pushed_back(&self) -> bool {
-        self.publishes_to_bus && self.ctx.hooks.bus().is_some_and(|b| !b.has_room())
+        self.bus.is_some() && self.ctx.hooks.bus().is_some_and(|b| !b.has_room())
     }
 
     async fn bus_room(&self) {
@@ -692,8 +706,7 @@ impl Relay<'_> {
             .and_then(|bus| bus.record(&self.info, &route, &message));
         let bridged = record.is_some();
         if let Some(record) = record {
-            self.bus_group.push(record);
-            self.publishes_to_bus = true;
+            self.bus.get_or_insert_default().group.push(record);
         }
         match qos {
             0 => {
