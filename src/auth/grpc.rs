@@ -283,12 +283,20 @@ impl PlatformAuth {
     }
 }
 
-/// The id in a `RetrieveEntityRes`; an empty one is no answer.
+/// The id in a `RetrieveEntityRes`; an empty one is no answer, and one the bus would split
+/// (`d1.c.ch1`) is refused and logged: topics naming that route are then refused.
 fn entity_id(answer: Option<RetrieveEntityRes>) -> Option<String> {
     answer
         .and_then(|res| res.entity)
         .map(|entity| entity.id)
         .filter(|id| !id.is_empty())
+        .filter(|id| match crate::topic::check_bus_name(id) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(id = ?id, why, "platform answered a route with an id that is not a single bus subject token: refused");
+                false
+            }
+        })
 }
 
 /// The username inside an `AuthnReq.token`, if it decodes.

@@ -165,6 +165,24 @@ impl Grants {
                     format!("connection names unknown client {client:?}"),
                 ));
             }
+            // A name the bus would split or merge (`d1.c.ch1`) could reach another tenant's
+            // channel through another instance: refused, with the field that holds it.
+            for (field, name) in [
+                ("domain", Some(&conn.domain)),
+                ("channel", Some(&conn.channel)),
+                ("domain_route", conn.domain_route.as_ref()),
+                ("channel_route", conn.channel_route.as_ref()),
+            ] {
+                if let Some(Err(why)) = name.map(|n| crate::topic::check_bus_name(n)) {
+                    return Err(invalid(
+                        conn.client.span(),
+                        format!(
+                            "{field} {name:?} {why}",
+                            name = name.map_or("", |n| n.as_str())
+                        ),
+                    ));
+                }
+            }
             if let Some(route) = &conn.domain_route {
                 let known = registry
                     .domain_routes
