@@ -110,25 +110,31 @@ impl Server {
         let mut platform_auth_metrics = None;
         let mut reloadable = None;
         let mut caches: Option<Arc<dyn DecisionCaches>> = None;
-        let (authenticator, authorizer): (Arc<dyn Authenticator>, Arc<dyn Authorizer>) =
-            match (&config.auth, &config.clients_file) {
-                (AuthBackend::Static, Some(path)) => {
-                    let registry = Arc::new(StaticRegistry::from_file(path)?);
-                    reloadable = Some((registry.clone(), path.clone()));
-                    (registry.clone(), registry)
+        let (authenticator, authorizer): (Arc<dyn Authenticator>, Arc<dyn Authorizer>) = match (
+            &config.auth,
+            &config.clients_file,
+        ) {
+            (AuthBackend::Static, Some(path)) => {
+                let registry = Arc::new(StaticRegistry::from_file(path)?);
+                if registry.clients() == 0 {
+                    tracing::warn!(file = %path.display(),
+                            "the clients file has no [[clients]]: every CONNECT with credentials is refused; a SIGHUP reload will need at least one client");
                 }
-                (AuthBackend::Static, None) => {
-                    demo_registry = true;
-                    let registry = Arc::new(StaticRegistry::demo());
-                    (registry.clone(), registry)
-                }
-                (AuthBackend::Supermq, _) => {
-                    let platform = Arc::new(platform_auth(config)?);
-                    platform_auth_metrics = Some(platform.metrics());
-                    caches = Some(platform.clone());
-                    (platform.clone(), platform)
-                }
-            };
+                reloadable = Some((registry.clone(), path.clone()));
+                (registry.clone(), registry)
+            }
+            (AuthBackend::Static, None) => {
+                demo_registry = true;
+                let registry = Arc::new(StaticRegistry::demo());
+                (registry.clone(), registry)
+            }
+            (AuthBackend::Supermq, _) => {
+                let platform = Arc::new(platform_auth(config)?);
+                platform_auth_metrics = Some(platform.metrics());
+                caches = Some(platform.clone());
+                (platform.clone(), platform)
+            }
+        };
 
         let instance_id = uuid::Uuid::new_v4().to_string();
         let broker = Broker::new(BrokerConfig {
