@@ -154,7 +154,7 @@ async fn kick(State(admin): State<Admin>, Path(mqtt_client_id): Path<String>) ->
     if kicked.is_empty() {
         return not_found(&mqtt_client_id);
     }
-    tracing::info!(%mqtt_client_id, sessions = kicked.len(), "closed by the admin API");
+    tracing::info!(mqtt_client_id = %mqtt_client_id.escape_debug(), sessions = kicked.len(), "closed by the admin API");
     for control in kicked {
         if tokio::time::timeout(KICK_WAIT, control.ended())
             .await

@@ -414,7 +414,7 @@ impl Authorizer for PlatformAuth {
         match self.authz.get_or_fetch(key, fetch).await {
             Ok(allowed) => allowed,
             Err(e) => {
-                tracing::warn!(client_id = %who.client_id, domain, channel, ?action, error = %e,
+                tracing::warn!(client_id = %who.client_id.escape_debug(), domain, channel, ?action, error = %e,
                     "channels service unavailable: access refused");
                 false
             }

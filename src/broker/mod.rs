@@ -175,7 +175,7 @@ impl Broker {
                 .await
                 .is_err()
             {
-                tracing::error!(client_id = %key.client_id, mqtt_client_id = %key.mqtt_client_id,
+                tracing::error!(client_id = %key.client_id.escape_debug(), mqtt_client_id = %key.mqtt_client_id.escape_debug(),
                     "previous connection did not end in time; replacing it");
                 if let Some(s) = self.table().get(&key) {
                     s.lock().attached = None;
@@ -305,7 +305,7 @@ impl Broker {
                 .flatten()
         });
         if let Some(will) = will {
-            tracing::info!(client_id = %key.client_id, mqtt_client_id = %key.mqtt_client_id,
+            tracing::info!(client_id = %key.client_id.escape_debug(), mqtt_client_id = %key.mqtt_client_id.escape_debug(),
                 "will delay interval passed: will published");
             (will.publish)(will.message);
         }
@@ -354,7 +354,7 @@ impl Broker {
             table.remove(key);
             session
         };
-        tracing::info!(client_id = %key.client_id, mqtt_client_id = %key.mqtt_client_id,
+        tracing::info!(client_id = %key.client_id.escape_debug(), mqtt_client_id = %key.mqtt_client_id.escape_debug(),
             "session expired");
         self.discard(&expired);
     }
@@ -399,7 +399,7 @@ impl Broker {
         let will = state.will.take();
         drop(state);
         if let Some(will) = will {
-            tracing::info!(client_id = %session.key.client_id, mqtt_client_id = %session.key.mqtt_client_id,
+            tracing::info!(client_id = %session.key.client_id.escape_debug(), mqtt_client_id = %session.key.mqtt_client_id.escape_debug(),
                 "session ended before its will delay: will published");
             (will.publish)(will.message);
         }
@@ -546,7 +546,7 @@ impl Broker {
                 // MQTT 3.1.1 and QoS 0 cannot be told: delivered, but not retained.
                 let n = self.stats.retained_refused.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
-                    tracing::warn!(topic = %message.topic_str(), refused = n,
+                    tracing::warn!(topic = %message.topic_str().escape_debug(), refused = n,
                         "retained store full: message delivered but not retained (SMQ_MQTT_ADAPTER_MAX_RETAINED)");
                 }
             }
@@ -607,8 +607,8 @@ impl Broker {
             .fetch_add(u64::from(pushed.dropped), Ordering::Relaxed);
         if pushed.episode {
             let (queued, _) = session.queued();
-            tracing::warn!(client_id = %session.key.client_id,
-                mqtt_client_id = %session.key.mqtt_client_id, queued,
+            tracing::warn!(client_id = %session.key.client_id.escape_debug(),
+                mqtt_client_id = %session.key.mqtt_client_id.escape_debug(), queued,
                 "delivery queue full: dropping messages for this session (counted in mqtt_adapter_messages_dropped_total)");
         }
     }
@@ -697,7 +697,7 @@ impl Broker {
     pub fn count_retained_refused(&self, topic: &str) {
         let n = self.stats.retained_refused.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
-            tracing::warn!(%topic, refused = n,
+            tracing::warn!(topic = %topic.escape_debug(), refused = n,
                 "retained store full: retained PUBLISH on a new topic refused (SMQ_MQTT_ADAPTER_MAX_RETAINED)");
         }
     }

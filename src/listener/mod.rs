@@ -321,7 +321,7 @@ async fn connection(
                 .handshake_errors
                 .with_label_values(&[name])
                 .inc();
-            tracing::info!(%peer, listener = name, reason = %why, "handshake failed");
+            tracing::info!(%peer, listener = name, reason = %why.escape_debug(), "handshake failed");
         }
         Some(Err(_)) => {
             shared

@@ -159,7 +159,7 @@ where
         .map(|l| l.username.clone())
         .unwrap_or_default();
     let refuse = |code: ConnectReturnCode, why: &str| {
-        tracing::info!(%peer, username = %user, mqtt_client_id = %connect.client_id, reason = %why, "connect refused");
+        tracing::info!(%peer, username = %user.escape_debug(), mqtt_client_id = %connect.client_id.escape_debug(), reason = %why.escape_debug(), "connect refused");
         connack(code, false, None)
     };
 
@@ -340,7 +340,7 @@ where
         let _ = live.end(DisconnectReason::ConnectionLost, false);
         return None;
     }
-    tracing::info!(client_id = %live.info.identity.client_id, mqtt_client_id = %live.info.mqtt_client_id,
+    tracing::info!(client_id = %live.info.identity.client_id.escape_debug(), mqtt_client_id = %live.info.mqtt_client_id.escape_debug(),
         %peer, version = version.as_str(), keep_alive = connect.keep_alive, clean, present, "connected");
     let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     Some(Accepted {
@@ -449,8 +449,8 @@ async fn reauthorize(
         );
         if !still {
             ctx.broker.unsubscribe(session, &filter);
-            tracing::info!(client_id = %info.identity.client_id, mqtt_client_id = %info.mqtt_client_id,
-                %filter, "inherited subscription no longer authorized: dropped");
+            tracing::info!(client_id = %info.identity.client_id.escape_debug(), mqtt_client_id = %info.mqtt_client_id.escape_debug(),
+                filter = %filter.escape_debug(), "inherited subscription no longer authorized: dropped");
         }
     }
 }

@@ -110,7 +110,7 @@ where
             return None;
         }
         Ok(Err(reason)) => {
-            tracing::info!(%peer, %reason, "closed before CONNECT");
+            tracing::info!(%peer, reason = %reason.escape_debug(), "closed before CONNECT");
             return None;
         }
         Ok(Ok(v)) => v,
@@ -183,9 +183,9 @@ where
     // The session's teardown completes once its `disconnect` is in the event log (after the
     // socket is closed, so the device never waits for it).
     disconnect_logged.await;
-    tracing::info!(client_id = %session.live.info.identity.client_id,
-        mqtt_client_id = %session.live.info.mqtt_client_id, %peer,
-        reason = end.reason.as_str(), detail = %end.detail, "disconnected");
+    tracing::info!(client_id = %session.live.info.identity.client_id.escape_debug(),
+        mqtt_client_id = %session.live.info.mqtt_client_id.escape_debug(), %peer,
+        reason = end.reason.as_str(), detail = %end.detail.escape_debug(), "disconnected");
 }
 
 /// The MQTT 5 Reason String of a DISCONNECT: the detail logged, kept short.

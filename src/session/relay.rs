@@ -276,7 +276,7 @@ impl Relay<'_> {
                 .dropped_too_large
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if n == 0 || (n + 1).is_power_of_two() {
-                tracing::info!(client_id = %self.info.identity.client_id, mqtt_client_id = %self.info.mqtt_client_id,
+                tracing::info!(client_id = %self.info.identity.client_id.escape_debug(), mqtt_client_id = %self.info.mqtt_client_id.escape_debug(),
                     "PUBLISH larger than the device's maximum packet size not sent");
             }
             return Ok(());
@@ -600,7 +600,7 @@ impl Relay<'_> {
         publish_id: Option<u16>,
     ) -> Result<(), End> {
         let topic = String::from_utf8_lossy(topic);
-        tracing::info!(client_id = %self.info.identity.client_id, %topic, ?refusal, qos, "publish refused");
+        tracing::info!(client_id = %self.info.identity.client_id.escape_debug(), topic = %topic.escape_debug(), ?refusal, qos, "publish refused");
         if !self.v5() {
             // 3.1.1 has no way to refuse a PUBLISH: close, as SuperMQ does.
             return Err(End::protocol(
@@ -685,7 +685,7 @@ impl Relay<'_> {
                         .has_room_for(&canonical, bounds.max_subscriptions)
                     {
                         self.ctx.metrics.limit_hit("subscriptions");
-                        tracing::info!(client_id = %self.info.identity.client_id, filter = %filter.path,
+                        tracing::info!(client_id = %self.info.identity.client_id.escape_debug(), filter = %filter.path.escape_debug(),
                             max = bounds.max_subscriptions, "subscribe refused: subscription limit reached");
                         codes.push(if v5 {
                             SubscribeReasonCode::QuotaExceeded
@@ -722,7 +722,7 @@ impl Relay<'_> {
                     }
                 }
                 refused => {
-                    tracing::info!(client_id = %self.info.identity.client_id, filter = %filter.path, "subscribe refused");
+                    tracing::info!(client_id = %self.info.identity.client_id.escape_debug(), filter = %filter.path.escape_debug(), "subscribe refused");
                     codes.push(match (v5, refused) {
                         (false, _) => SubscribeReasonCode::Failure,
                         (true, TopicDecision::Invalid(_)) => {
