@@ -73,6 +73,12 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_PACKET_SIZE", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(64..=268_435_455))]
     pub max_packet_size: u32,
 
+    /// Largest CONNECT accepted, in bytes: until a device is authenticated it may make the
+    /// adapter hold no more than this (over WebSocket, this plus 16 KiB for the upgrade request
+    /// and framing). Beyond: the socket is closed. At most the maximum packet size.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_CONNECT_SIZE", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(64..=268_435_455))]
+    pub max_connect_size: u32,
+
     /// Connection events queued in memory: for stdout, while it is slow; with a store, those
     /// handed to the event log's writer and not yet written. Beyond it they are counted as
     /// dropped.

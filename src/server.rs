@@ -34,6 +34,10 @@ use crate::session::limits::{Limits, SessionBounds};
 use crate::session::SessionContext;
 use crate::topic::TopicBounds;
 
+/// What a WebSocket may send before its CONNECT beyond the CONNECT itself: the HTTP upgrade
+/// request and the frame headers.
+const WS_UPGRADE_ALLOWANCE: usize = 16 * 1024;
+
 /// A configuration the adapter cannot start with; the message names what to change.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -240,6 +244,7 @@ impl Server {
             hooks,
             connect_timeout: config.connect_timeout(),
             max_packet_size: config.max_packet_size as usize,
+            max_connect_size: config.max_connect_size as usize,
             max_keep_alive: config.max_keep_alive,
             topic_alias_maximum: config.topic_alias_maximum,
             shutdown: CancellationToken::new(),
@@ -270,6 +275,8 @@ impl Server {
             handshake_timeout: config.handshake_timeout(),
             // A WebSocket message carries at most one MQTT packet's worth, plus framing slack.
             max_ws_message: config.max_packet_size as usize + 1024,
+            ws_connect_budget: config.max_connect_size.min(config.max_packet_size) as usize
+                + WS_UPGRADE_ALLOWANCE,
             connect_rate: NonZeroU32::new(config.connect_rate_per_ip).map(ConnectRate::new),
             open_sockets: Arc::default(),
         });

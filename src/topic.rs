@@ -126,6 +126,12 @@ impl TopicBounds {
                 max: self.max_length,
             });
         }
+        self.check_levels(topic)
+    }
+
+    /// Refuses a topic with more levels than the bound. Run on the topic as sent and again on
+    /// its canonical form, where `%2F` and a subtopic's `.` have become levels.
+    pub fn check_levels(&self, topic: &[u8]) -> Result<(), TopicError> {
         if self.max_levels < usize::MAX {
             let levels = 1 + topic.iter().filter(|&&b| b == b'/').count();
             if levels > self.max_levels {

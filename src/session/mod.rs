@@ -35,6 +35,8 @@ pub struct SessionContext {
     pub hooks: Hooks,
     pub connect_timeout: Duration,
     pub max_packet_size: usize,
+    /// Largest CONNECT read before authentication (at most `max_packet_size`).
+    pub max_connect_size: usize,
     /// MQTT 5 Server Keep Alive in seconds (0: accept what the device asks).
     pub max_keep_alive: u16,
     /// MQTT 5 Topic Alias Maximum offered to devices (0: none).
@@ -117,7 +119,12 @@ where
     };
     let codec = connect.codec.clone();
     let accept = Box::pin(handshake::accept(ctx, stream, peer, conn, connect));
-    Some((accept.await?, codec))
+    let accepted = accept.await?;
+    // Authenticated: the device may now send packets up to the maximum packet size.
+    if let Some(budget) = &conn.connect_budget {
+        budget.lift();
+    }
+    Some((accepted, codec))
 }
 
 /// An accepted session: relay until the end, then close the connection (an `async move`

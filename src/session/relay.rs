@@ -65,6 +65,8 @@ struct Relay<'a> {
     /// The MQTT 5 device's Maximum Packet Size: larger PUBLISHes are not sent to it.
     device_max_packet: Option<usize>,
     aliases: TopicAliases,
+    /// The CONNECT set no session expiry (see [`Accepted::expiry_zero`]).
+    expiry_zero: bool,
 }
 
 /// The relay of one session until it ends. An `async move` block rather than an `async fn`,
@@ -97,6 +99,7 @@ where
             scratch: Vec::new(),
             device_max_packet: accepted.device_max_packet,
             aliases: TopicAliases::new(ctx.topic_alias_maximum, accepted.device_alias_max),
+            expiry_zero: accepted.expiry_zero,
         };
         // A resumed session first completes what the previous connection left in flight.
         for outgoing in relay.session.resend() {
@@ -195,6 +198,28 @@ where
         rbuf.extend_from_slice(buf.filled());
         std::task::Poll::Ready(Ok(buf.filled().len()))
     })
+}
+
+/// A codec error as logged, naming the packet it was found in (the codec's own text for a bad
+/// reason code speaks of "connect" whatever the packet).
+fn codec_error(kind: u8, e: rumqttd::protocol::Error) -> String {
+    let packet = match kind {
+        frame::PUBLISH => "PUBLISH",
+        4 => "PUBACK",
+        5 => "PUBREC",
+        frame::PUBREL => "PUBREL",
+        7 => "PUBCOMP",
+        frame::SUBSCRIBE => "SUBSCRIBE",
+        frame::UNSUBSCRIBE => "UNSUBSCRIBE",
+        12 => "PINGREQ",
+        _ => "packet",
+    };
+    match e {
+        rumqttd::protocol::Error::InvalidConnectReturnCode(code) => {
+            format!("malformed {packet}: invalid reason code {code:#04x}")
+        }
+        e => format!("malformed {packet}: {e}"),
+    }
 }
 
 /// Why the broker (or the server) ended the connection.
@@ -347,7 +372,16 @@ impl Relay<'_> {
                     .get(header.header_len)
                     .copied()
                     .filter(|_| header.remaining_len > 0);
+                let raised = self.v5()
+                    && self.expiry_zero
+                    && frame::disconnect_session_expiry(rbuf, &header).is_some_and(|s| s > 0);
                 let _ = rbuf.split_to(header.frame_len());
+                if raised {
+                    return Err(End::protocol(
+                        DisconnectReasonCode::ProtocolError,
+                        "DISCONNECT sets a session expiry where the CONNECT set none",
+                    ));
+                }
                 let mut end = End::new(DisconnectReason::ClientDisconnect, None, "DISCONNECT");
                 end.publish_will = reason == Some(WITH_WILL);
                 return Err(end);
@@ -362,12 +396,16 @@ impl Relay<'_> {
                     3 => return Err(End::malformed("PUBLISH with QoS 3")),
                     _ => publish_id = frame::publish_packet_id(rbuf, &header),
                 }
+                if self.v5() {
+                    frame::check_publish_properties(rbuf, &header)
+                        .map_err(|why| End::protocol(DisconnectReasonCode::ProtocolError, why))?;
+                }
             }
             let qos = header.publish_qos();
             let packet = self
                 .codec
                 .read(rbuf)
-                .map_err(|e| End::malformed(format!("malformed packet: {e}")))?;
+                .map_err(|e| End::malformed(codec_error(kind, e)))?;
             self.packet(packet, qos, publish_id).await?;
         }
     }
@@ -453,6 +491,16 @@ impl Relay<'_> {
                 "publish rate limit exceeded",
             ));
         }
+        // Bounded before an alias can store it: a topic beyond the bounds sets up no alias.
+        // (An empty topic passes; the alias it names held a topic already checked.)
+        if self
+            .ctx
+            .limits
+            .check_topic(&publish.topic, &self.ctx.metrics)
+            .is_err()
+        {
+            return self.refuse_publish(&publish.topic, Refusal::Invalid, qos, publish_id);
+        }
         if self.v5() {
             let alias = props.as_ref().and_then(|p| p.topic_alias);
             publish.topic = self.aliases.resolve(&publish.topic, alias).map_err(|e| {
@@ -462,14 +510,6 @@ impl Relay<'_> {
                 };
                 End::protocol(code, e.to_string())
             })?;
-        }
-        if self
-            .ctx
-            .limits
-            .check_topic(&publish.topic, &self.ctx.metrics)
-            .is_err()
-        {
-            return self.refuse_publish(&publish.topic, Refusal::Invalid, qos, publish_id);
         }
         // A revocation since the cache was filled may have taken any of its answers back.
         let epoch = self.ctx.rights.current();
@@ -578,6 +618,15 @@ impl Relay<'_> {
             .await
         {
             TopicDecision::Allow(canonical) => {
+                // Levels again once `%2F` and `.` are levels: the bound holds for what is routed.
+                if self
+                    .ctx
+                    .limits
+                    .check_levels(canonical.as_bytes(), &self.ctx.metrics)
+                    .is_err()
+                {
+                    return Err(Refusal::Invalid);
+                }
                 let channel = match topic::parse(&canonical, Usage::Publish) {
                     Ok(TopicKind::Channel(c)) => Some(c),
                     _ => None,
@@ -637,9 +686,15 @@ impl Relay<'_> {
         subscribe: Subscribe,
         props: Option<SubscribeProperties>,
     ) -> Result<(), End> {
-        let id = props
-            .and_then(|p| p.id)
-            .and_then(|id| u32::try_from(id).ok());
+        let id = props.and_then(|p| p.id);
+        if id == Some(0) {
+            // MQTT 3.8.2.1.2.
+            return Err(End::protocol(
+                DisconnectReasonCode::ProtocolError,
+                "Subscription Identifier 0",
+            ));
+        }
+        let id = id.and_then(|id| u32::try_from(id).ok());
         let v5 = self.v5();
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut granted = Vec::with_capacity(subscribe.filters.len());
@@ -669,10 +724,23 @@ impl Relay<'_> {
             {
                 TopicDecision::Invalid(e)
             } else {
-                self.ctx
+                match self
+                    .ctx
                     .hooks
                     .authorize(&self.info.identity, path, Usage::Subscribe)
                     .await
+                {
+                    // Levels again once `%2F` and `.` are levels (see `decide_publish`).
+                    TopicDecision::Allow(inner) => match self
+                        .ctx
+                        .limits
+                        .check_levels(inner.as_bytes(), &self.ctx.metrics)
+                    {
+                        Ok(()) => TopicDecision::Allow(inner),
+                        Err(e) => TopicDecision::Invalid(e),
+                    },
+                    other => other,
+                }
             };
             match decision {
                 TopicDecision::Allow(inner) => {
