@@ -124,24 +124,22 @@ async fn list(
     if limit > MAX_LIMIT {
         return bad_request(format!("limit must be at most {MAX_LIMIT}"));
     }
-    let mut clients = admin.broker.live_clients();
-    if let Some(id) = query.get("client_id") {
-        clients.retain(|c| &c.key.client_id == id);
-    }
-    let page: Vec<Value> = clients.iter().skip(offset).take(limit).map(entry).collect();
-    json_response(
-        StatusCode::OK,
-        json!({ "total": clients.len(), "clients": page }),
-    )
+    // Only the page is copied: a small page of many sessions stays small.
+    let client_id = query.get("client_id");
+    let (total, clients) = admin.broker.live_page(
+        |key| client_id.is_none_or(|id| key.client_id == *id),
+        offset,
+        limit,
+    );
+    let page: Vec<Value> = clients.iter().map(entry).collect();
+    json_response(StatusCode::OK, json!({ "total": total, "clients": page }))
 }
 
 async fn one(State(admin): State<Admin>, Path(mqtt_client_id): Path<String>) -> Response {
-    match admin
+    let (_, found) = admin
         .broker
-        .live_clients()
-        .iter()
-        .find(|c| c.key.mqtt_client_id == mqtt_client_id)
-    {
+        .live_page(|key| key.mqtt_client_id == mqtt_client_id, 0, 1);
+    match found.first() {
         Some(client) => json_response(StatusCode::OK, entry(client)),
         None => not_found(&mqtt_client_id),
     }

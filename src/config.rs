@@ -246,6 +246,16 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_RETAINED", default_value_t = 100_000)]
     pub max_retained: u64,
 
+    /// Bytes of retained messages kept in memory (topic, payload and MQTT 5 properties); beyond
+    /// it a retained PUBLISH is refused as for SMQ_MQTT_ADAPTER_MAX_RETAINED.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_RETAINED_BYTES", default_value_t = 256 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_retained_bytes: u64,
+
+    /// The share (percent) of SMQ_MQTT_ADAPTER_MAX_RETAINED and _MAX_RETAINED_BYTES one client
+    /// id may hold, so one tenant filling the store leaves room for the others; 100: no share.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_RETAINED_CLIENT_SHARE", default_value_t = 25, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub retained_client_share: u8,
+
     /// URL of the platform's clients service (Authenticate), e.g. http://clients:7005 (https:// for TLS); required with
     /// `--auth supermq`.
     #[arg(long, env = "SMQ_CLIENTS_GRPC_URL")]

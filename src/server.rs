@@ -147,6 +147,8 @@ impl Server {
                 max_bytes: usize::try_from(config.max_queued_bytes).unwrap_or(usize::MAX),
             },
             max_retained: usize::try_from(config.max_retained).unwrap_or(usize::MAX),
+            max_retained_bytes: usize::try_from(config.max_retained_bytes).unwrap_or(usize::MAX),
+            retained_client_share: config.retained_client_share,
         });
         let bridge = match config.message_broker_url.as_deref() {
             None | Some("") => None,
@@ -188,7 +190,7 @@ impl Server {
         })
         .await?;
         metrics.watch_outbox(events.store, events.stats());
-        metrics.watch_broker(broker.stats());
+        metrics.watch_broker(&broker);
         let authenticator = Arc::new(TimedAuthenticator::new(authenticator, metrics.clone()));
         let mut hooks = Hooks::new(authenticator, authorizer)
             .with_events(Arc::new(

@@ -442,3 +442,172 @@ async fn the_admin_token_scheme_is_case_insensitive() {
     }
     adapter.shutdown().await;
 }
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kb * 1024
+}
+
+/// Every admin call used to copy every session and subscription, whatever the page: a 26-byte
+/// answer (`limit=0`) with 150 × 1,000 subscriptions cost 193 MB at its peak. Only the page is
+/// copied now.
+#[tokio::test]
+async fn an_admin_page_copies_only_the_page() {
+    const SESSIONS: usize = 100;
+    let adapter = Adapter::start_with(CLIENTS, &[("SMQ_MQTT_ADAPTER_ADMIN_TOKEN", "tok")]).await;
+    let mut held = Vec::with_capacity(SESSIONS);
+    for s in 0..SESSIONS {
+        let id = format!("many-{s:03}");
+        let mut dev =
+            RawClient::connect_ok(adapter.port, &Connect::new(V311, &id, "c1", "s1")).await;
+        for batch in 0..10u16 {
+            let filters: Vec<String> = (0..100)
+                .map(|f| format!("m/d1/c/ch1/{}/{batch}/{f}", "x".repeat(900)))
+                .collect();
+            let filters: Vec<(&str, u8)> = filters.iter().map(|f| (f.as_str(), 0)).collect();
+            let codes = dev.subscribe(V311, batch + 1, &filters).await;
+            assert!(codes.iter().all(|&c| c == 0), "{codes:?}");
+        }
+        held.push(dev);
+    }
+    let before = peak_rss(adapter.pid());
+    let url = format!("http://127.0.0.1:{}/clients?limit=0", adapter.ports.http);
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            tokio::process::Command::new("curl")
+                .args(["-s", "-H", "Authorization: Bearer tok"])
+                .arg(&url)
+                .output()
+        })
+        .collect();
+    for call in futures_util::future::join_all(calls).await {
+        let out = call.expect("run curl");
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(body.contains(&format!("\"total\":{SESSIONS}")), "{body}");
+    }
+    let grown = peak_rss(adapter.pid()).saturating_sub(before);
+    // Copying all 100,000 subscriptions (about 920 bytes each) cost over 90 MB per call.
+    assert!(grown < 50 << 20, "peak RSS grew by {} MB", grown >> 20);
+    drop(held);
+    adapter.shutdown().await;
+}
+
+/// A retained PUBLISH (retain flag set) with an MQTT 5 PUBACK/PUBREC reason back.
+async fn publish_retained(client: &mut RawClient, topic: &str, pkid: u16, payload: &[u8]) -> u8 {
+    let mut packet = raw::publish(V5, topic, 1, pkid, payload, &[]);
+    packet[0] |= 0x01;
+    client.send(&packet).await;
+    client.expect_kind(raw::PUBACK).await.puback_reason()
+}
+
+/// The retained store was bounded by count only, one bound for all tenants: 200 × 1 MB retained
+/// kept 200 MB, and once one tenant filled the count every other tenant's retained PUBLISH was
+/// refused. It has a byte bound now, and each client id at most its share of both.
+#[tokio::test]
+async fn the_retained_store_is_bounded_in_bytes_and_shared_between_clients() {
+    let mut adapter = Adapter::start_with(
+        CLIENTS,
+        &[
+            ("SMQ_MQTT_ADAPTER_MAX_RETAINED", "8"),
+            ("SMQ_MQTT_ADAPTER_MAX_RETAINED_BYTES", "1048576"),
+            ("SMQ_MQTT_ADAPTER_RETAINED_CLIENT_SHARE", "50"),
+        ],
+    )
+    .await;
+    let port = adapter.port;
+    let mut greedy = RawClient::connect_ok(port, &Connect::new(V5, "rs-greedy", "c1", "s1")).await;
+    adapter.expect_connect("c1").await;
+    for n in 1..=4u16 {
+        let topic = format!("m/d1/c/ch1/r/{n}");
+        assert_eq!(publish_retained(&mut greedy, &topic, n, b"v").await, 0);
+    }
+    // Its share of 8 topics is 4: the fifth is refused, and replacing one of its own is fine.
+    assert_eq!(
+        publish_retained(&mut greedy, "m/d1/c/ch1/r/5", 5, b"v").await,
+        0x97
+    );
+    assert_eq!(
+        publish_retained(&mut greedy, "m/d1/c/ch1/r/1", 6, b"w").await,
+        0
+    );
+    // Another tenant is not starved.
+    let mut other = RawClient::connect_ok(port, &Connect::new(V5, "rs-other", "c2", "s2")).await;
+    adapter.expect_connect("c2").await;
+    assert_eq!(
+        publish_retained(&mut other, "m/d1/c/ch1/r/6", 1, b"v").await,
+        0
+    );
+    // Bytes: 300 KB fits c3's share of 512 KiB, a second 300 KB does not.
+    let mut big = RawClient::connect_ok(port, &Connect::new(V5, "rs-big", "c3", "s3")).await;
+    adapter.expect_connect("c3").await;
+    let payload = vec![b'b'; 300_000];
+    assert_eq!(
+        publish_retained(&mut big, "m/d1/c/ch1/big/1", 1, &payload).await,
+        0
+    );
+    assert_eq!(
+        publish_retained(&mut big, "m/d1/c/ch1/big/2", 2, &payload).await,
+        0x97
+    );
+
+    let metrics = scrape(&adapter).await;
+    assert_eq!(
+        metric(&metrics, "mqtt_adapter_retained_messages"),
+        Some(6.0),
+        "{metrics}"
+    );
+    let bytes = metric(&metrics, "mqtt_adapter_retained_bytes").expect("retained bytes gauge");
+    assert!((300_000.0..1_048_576.0).contains(&bytes), "{bytes}");
+    assert_eq!(limit_hits(&metrics, "retained"), 2.0);
+    adapter.shutdown().await;
+}
+
+/// Offline persistent sessions, their subscriptions and what is queued for them were invisible
+/// on /metrics. The core's state is reported now.
+#[tokio::test]
+async fn sessions_subscriptions_and_queued_bytes_are_on_metrics() {
+    let mut adapter = Adapter::start(CLIENTS).await;
+    let port = adapter.port;
+    let mut persistent = Connect::new(V5, "gauge-offline", "c2", "s2");
+    persistent.clean = false;
+    persistent.properties = raw::session_expiry(600);
+    let mut away = RawClient::connect_ok(port, &persistent).await;
+    adapter.expect_connect("c2").await;
+    assert_eq!(
+        away.subscribe(V5, 1, &[("m/d1/c/ch1/a/#", 1), ("m/d1/c/ch1/b/#", 1)])
+            .await,
+        [1, 1]
+    );
+    away.send(&raw::disconnect(V5)).await;
+    adapter.expect_disconnect("c2").await;
+    let mut here = RawClient::connect_ok(port, &Connect::new(V5, "gauge-online", "c1", "s1")).await;
+    adapter.expect_connect("c1").await;
+    here.send(&raw::publish(
+        V5,
+        "m/d1/c/ch1/a/x",
+        1,
+        1,
+        &[b'q'; 1000],
+        &[],
+    ))
+    .await;
+    assert_eq!(here.expect_kind(raw::PUBACK).await.puback_reason(), 0);
+
+    let metrics = scrape(&adapter).await;
+    for (series, value) in [
+        ("mqtt_adapter_sessions{state=\"online\"}", 1.0),
+        ("mqtt_adapter_sessions{state=\"offline\"}", 1.0),
+        ("mqtt_adapter_subscriptions", 2.0),
+    ] {
+        assert_eq!(metric(&metrics, series), Some(value), "{series}\n{metrics}");
+    }
+    let queued = metric(&metrics, "mqtt_adapter_queued_bytes").expect("queued bytes gauge");
+    assert!(queued >= 1000.0, "{queued}");
+    adapter.shutdown().await;
+}

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use message::{Message, Origin};
 pub use queue::{Delivery, Outgoing, QueueLimits};
+pub use retained::RetainedLimits;
 use retained::{Retained, RetainedStore};
 pub use session::{
     Attachment, ConnectionControl, ConnectionMeta, DeferredWill, Expiry, Kick, Session, SessionKey,
@@ -38,6 +39,10 @@ pub struct BrokerConfig {
     pub queue: QueueLimits,
     /// Retained topics kept.
     pub max_retained: usize,
+    /// Bytes of retained messages kept.
+    pub max_retained_bytes: usize,
+    /// The share (percent) of both retained bounds one publishing client may hold.
+    pub retained_client_share: u8,
 }
 
 impl Default for BrokerConfig {
@@ -48,6 +53,8 @@ impl Default for BrokerConfig {
                 max_bytes: 64 * 1024 * 1024,
             },
             max_retained: 100_000,
+            max_retained_bytes: 256 * 1024 * 1024,
+            retained_client_share: 100,
         }
     }
 }
@@ -65,6 +72,21 @@ pub struct BrokerStats {
     pub dropped_too_large: AtomicU64,
     /// Retained PUBLISHes not retained because the store was full (still delivered).
     pub retained_refused: AtomicU64,
+}
+
+/// The core's state as the metrics report it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerGauges {
+    /// Sessions with a connection attached.
+    pub sessions_online: usize,
+    /// Persistent sessions kept without a connection.
+    pub sessions_offline: usize,
+    /// Subscriptions in the trie (shared groups count once per filter and group).
+    pub subscriptions: usize,
+    pub retained_messages: usize,
+    pub retained_bytes: usize,
+    /// Bytes queued for every session (topic, payload and properties, as the queue bound counts).
+    pub queued_bytes: usize,
 }
 
 /// What a subscription in the trie points at.
@@ -127,7 +149,11 @@ impl Broker {
             config,
             trie: RwLock::new(Trie::default()),
             groups: Mutex::default(),
-            retained: RwLock::new(RetainedStore::new(config.max_retained)),
+            retained: RwLock::new(RetainedStore::new(RetainedLimits {
+                max_messages: config.max_retained,
+                max_bytes: config.max_retained_bytes,
+                client_share_percent: config.retained_client_share,
+            })),
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             stats: Arc::default(),
@@ -536,18 +562,24 @@ impl Broker {
     /// among its matching subscriptions, capped at the message's own QoS) and stores it if it is
     /// retained. Returns the number of sessions it was queued for.
     pub fn publish(&self, message: Arc<Message>) -> usize {
+        self.publish_from("", message)
+    }
+
+    /// [`Broker::publish`] for a message client `owner` published: a retained one counts
+    /// against that client's share of the retained store.
+    pub fn publish_from(&self, owner: &str, message: Arc<Message>) -> usize {
         if message.retain {
             let stored = self
                 .retained
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
-                .store(message.clone());
+                .store(message.clone(), owner);
             if stored == Retained::Refused {
                 // MQTT 3.1.1 and QoS 0 cannot be told: delivered, but not retained.
                 let n = self.stats.retained_refused.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
                     tracing::warn!(topic = %message.topic_str().escape_debug(), refused = n,
-                        "retained store full: message delivered but not retained (SMQ_MQTT_ADAPTER_MAX_RETAINED)");
+                        "retained store full: message delivered but not retained (SMQ_MQTT_ADAPTER_MAX_RETAINED, _MAX_RETAINED_BYTES, _RETAINED_CLIENT_SHARE)");
                 }
             }
         }
@@ -615,9 +647,34 @@ impl Broker {
 
     /// Every live connection, ordered by MQTT client identifier then client id.
     pub fn live_clients(&self) -> Vec<LiveClient> {
-        let sessions: Vec<Arc<Session>> = self.table().values().cloned().collect();
-        let mut live: Vec<LiveClient> = sessions
+        self.live_page(|_| true, 0, usize::MAX).1
+    }
+
+    /// The live connections whose key `which` accepts, ordered by (MQTT client identifier,
+    /// client id): how many there are, and the page `offset..offset + limit` of them. Only the
+    /// page's subscriptions are copied, so a small page of many sessions costs little more than
+    /// a pointer per session.
+    pub fn live_page(
+        &self,
+        which: impl Fn(&SessionKey) -> bool,
+        offset: usize,
+        limit: usize,
+    ) -> (usize, Vec<LiveClient>) {
+        let mut sessions: Vec<Arc<Session>> = self
+            .table()
+            .values()
+            .filter(|s| which(&s.key))
+            .cloned()
+            .collect();
+        sessions.retain(|s| s.is_attached());
+        sessions.sort_unstable_by(|a, b| {
+            (&a.key.mqtt_client_id, &a.key.client_id)
+                .cmp(&(&b.key.mqtt_client_id, &b.key.client_id))
+        });
+        let page = sessions
             .iter()
+            .skip(offset)
+            .take(limit)
             .filter_map(|s| {
                 let state = s.lock();
                 let attached = state.attached.as_ref()?;
@@ -631,11 +688,22 @@ impl Broker {
                 })
             })
             .collect();
-        live.sort_unstable_by(|a, b| {
-            (&a.key.mqtt_client_id, &a.key.client_id)
-                .cmp(&(&b.key.mqtt_client_id, &b.key.client_id))
-        });
-        live
+        (sessions.len(), page)
+    }
+
+    /// The keys of the live connections `which` accepts.
+    pub fn live_keys(&self, which: impl Fn(&SessionKey) -> bool) -> Vec<SessionKey> {
+        let sessions: Vec<Arc<Session>> = self
+            .table()
+            .values()
+            .filter(|s| which(&s.key))
+            .cloned()
+            .collect();
+        sessions
+            .into_iter()
+            .filter(|s| s.is_attached())
+            .map(|s| s.key.clone())
+            .collect()
     }
 
     /// Tells the live connections matching `which` to end, for `why`; returns their controls
@@ -682,15 +750,15 @@ impl Broker {
         (trie.len(), trie.node_count())
     }
 
-    /// Whether a retained PUBLISH on `topic` would be kept: it clears the topic, the topic holds
-    /// one already, or the store has room.
-    pub fn retained_accepts(&self, topic: &str, clears: bool) -> bool {
-        clears
+    /// Whether a retained PUBLISH of `message` by client `owner` would be kept: it clears its
+    /// topic, or the store and the client's share have room for it.
+    pub fn retained_accepts(&self, owner: &str, message: &Message) -> bool {
+        message.payload.is_empty()
             || self
                 .retained
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
-                .accepts(topic)
+                .accepts(message.topic_str(), owner, message.size())
     }
 
     /// Counts a retained PUBLISH refused before routing because the store is full.
@@ -698,7 +766,7 @@ impl Broker {
         let n = self.stats.retained_refused.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
             tracing::warn!(topic = %topic.escape_debug(), refused = n,
-                "retained store full: retained PUBLISH on a new topic refused (SMQ_MQTT_ADAPTER_MAX_RETAINED)");
+                "retained store full: retained PUBLISH refused (SMQ_MQTT_ADAPTER_MAX_RETAINED, _MAX_RETAINED_BYTES, _RETAINED_CLIENT_SHARE)");
         }
     }
 
@@ -708,6 +776,29 @@ impl Broker {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+
+    /// What the metrics report of the core's state, read at scrape time: one pass over the
+    /// session table (a short lock of each session), and the trie's and retained store's counts.
+    pub fn gauges(&self) -> BrokerGauges {
+        let mut gauges = BrokerGauges::default();
+        {
+            let table = self.table();
+            for session in table.values() {
+                let state = session.lock();
+                if state.attached.is_some() {
+                    gauges.sessions_online += 1;
+                } else {
+                    gauges.sessions_offline += 1;
+                }
+                gauges.queued_bytes += state.mailbox.queued_bytes();
+            }
+        }
+        gauges.subscriptions = self.subscription_count().0;
+        let retained = self.retained.read().unwrap_or_else(|p| p.into_inner());
+        gauges.retained_messages = retained.len();
+        gauges.retained_bytes = retained.bytes();
+        gauges
     }
 
     /// Stops expiry timers (server shutdown).
@@ -925,6 +1016,7 @@ mod tests {
                 max_bytes: usize::MAX,
             },
             max_retained: 10,
+            ..BrokerConfig::default()
         });
         let stop = CancellationToken::new();
         let slow = broker.attach(key("c1", "slow"), CLEAN, meta(), &stop).await;

@@ -538,19 +538,6 @@ impl Relay<'_> {
             Ok(route) => route,
             Err(refusal) => return self.refuse_publish(&publish.topic, refusal, qos, publish_id),
         };
-        // Where MQTT can say so (5, QoS 1/2), a retained PUBLISH the full store cannot keep is
-        // refused rather than delivered without being retained.
-        if publish.retain && self.v5() && qos > 0 {
-            let topic = std::str::from_utf8(&route.topic).unwrap_or("");
-            if !self
-                .ctx
-                .broker
-                .retained_accepts(topic, publish.payload.is_empty())
-            {
-                self.ctx.broker.count_retained_refused(topic);
-                return self.refuse_publish(&publish.topic, Refusal::Quota, qos, publish_id);
-            }
-        }
         if qos == 2 && self.session.incoming_held() >= usize::from(self.ctx.limits.max_inflight()) {
             self.ctx
                 .metrics
@@ -577,6 +564,19 @@ impl Relay<'_> {
             origin: Origin::Session(self.session.id),
             expires_at,
         });
+        // Where MQTT can say so (5, QoS 1/2), a retained PUBLISH the store (or this client's
+        // share of it) cannot keep is refused rather than delivered without being retained.
+        if publish.retain
+            && self.v5()
+            && qos > 0
+            && !self
+                .ctx
+                .broker
+                .retained_accepts(&self.info.identity.client_id, &message)
+        {
+            self.ctx.broker.count_retained_refused(message.topic_str());
+            return self.refuse_publish(&publish.topic, Refusal::Quota, qos, publish_id);
+        }
         let pkid = publish_id.unwrap_or(0);
         match qos {
             0 => {

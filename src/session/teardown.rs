@@ -125,7 +125,7 @@ pub(super) fn route_message(
     message: Arc<Message>,
 ) {
     ctx.hooks.published(info, route, &message);
-    ctx.broker.publish(message);
+    ctx.broker.publish_from(&info.identity.client_id, message);
 }
 
 /// The route of an already authorized, canonical topic.
