@@ -224,6 +224,17 @@ pub struct Config {
     )]
     pub topic_alias_maximum: u16,
 
+    /// Concurrent connections to the HTTP port (/health, /metrics, admin API); beyond, a new
+    /// socket is closed at accept. They come out of the 128 file descriptors kept in reserve
+    /// beside the device sockets, so keep it well below that.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_HTTP_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub http_max_connections: u16,
+
+    /// Time an HTTP request's headers may take to arrive (`10s`, `500ms`); then the connection
+    /// is closed.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
     /// Bearer token of the admin API (`GET /clients`, `GET/DELETE /clients/{mqtt_client_id}` on
     /// the HTTP port); unset: those endpoints answer 404.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_ADMIN_TOKEN", hide_env_values = true)]

@@ -34,6 +34,9 @@ use crate::session::limits::{Limits, SessionBounds};
 use crate::session::SessionContext;
 use crate::topic::TopicBounds;
 
+/// Longest life of one HTTP connection: a scraper's keep-alive connection is renewed this often.
+const HTTP_CONNECTION_AGE: Duration = Duration::from_secs(60);
+
 /// What a WebSocket may send before its CONNECT beyond the CONNECT itself: the HTTP upgrade
 /// request and the frame headers.
 const WS_UPGRADE_ALLOWANCE: usize = 16 * 1024;
@@ -310,11 +313,17 @@ impl Server {
             .as_deref()
             .filter(|t| !t.is_empty())
             .map(|token| crate::admin::routes(token, ctx.broker.clone()));
+        let http_limits = http::HttpLimits {
+            max_connections: usize::from(config.http_max_connections),
+            header_timeout: config.http_header_timeout,
+            max_connection_age: HTTP_CONNECTION_AGE,
+        };
         let http_task = tokio::spawn(http::serve(
             http_listener,
             health.clone(),
             metrics,
             admin,
+            http_limits,
             http_stop.clone(),
         ));
         tracing::info!(addr = %http_addr, "HTTP /health and /metrics ready");

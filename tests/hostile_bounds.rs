@@ -611,3 +611,52 @@ async fn sessions_subscriptions_and_queued_bytes_are_on_metrics() {
     assert!(queued >= 1000.0, "{queued}");
     adapter.shutdown().await;
 }
+
+/// The HTTP port had no header timeout and no connection cap: 2,000 half-sent requests were
+/// held for over a minute. Beyond the cap a socket is closed at accept (counted), a request
+/// whose headers do not arrive in time is closed, and /health is served again.
+#[tokio::test]
+async fn the_http_port_caps_connections_and_times_out_half_sent_requests() {
+    let adapter = Adapter::start_with(
+        CLIENTS,
+        &[
+            ("SMQ_MQTT_ADAPTER_HTTP_MAX_CONNECTIONS", "8"),
+            ("SMQ_MQTT_ADAPTER_HTTP_HEADER_TIMEOUT", "2s"),
+        ],
+    )
+    .await;
+    let half = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n";
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut socket = TcpStream::connect(("127.0.0.1", adapter.ports.http))
+            .await
+            .expect("connect to the HTTP port");
+        socket.write_all(half).await.expect("half a request");
+        held.push(socket);
+    }
+    // The ninth is closed at once: the cap is reached.
+    let mut ninth = TcpStream::connect(("127.0.0.1", adapter.ports.http))
+        .await
+        .expect("connect to the HTTP port");
+    let _ = ninth.write_all(half).await;
+    let mut scratch = [0u8; 256];
+    let end = tokio::time::timeout(WAIT, ninth.read(&mut scratch)).await;
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection beyond the cap was kept: {end:?}"
+    );
+    // The half-sent requests are closed by the header timeout (answered 408 or just closed).
+    for socket in &mut held {
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(30), socket.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "a half-sent request was held for 30 s");
+        assert!(!answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    }
+    let (status, metrics) = http_get(adapter.ports.http, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(limit_hits(&metrics, "http_connections"), 1.0, "{metrics}");
+    let (status, _) = http_get(adapter.ports.http, "/health").await;
+    assert_eq!(status, 200);
+    adapter.shutdown().await;
+}
