@@ -262,6 +262,12 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_RETAINED_BYTES", default_value_t = 256 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_retained_bytes: u64,
 
+    /// Offline persistent sessions one client id keeps (each MQTT client identifier is a
+    /// session); when one more goes offline, the client's oldest offline session is discarded
+    /// (what it queued is counted as dropped, its will published).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_OFFLINE_SESSIONS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_offline_sessions: u32,
+
     /// The share (percent) of SMQ_MQTT_ADAPTER_MAX_RETAINED and _MAX_RETAINED_BYTES one client
     /// id may hold, so one tenant filling the store leaves room for the others; 100: no share.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_RETAINED_CLIENT_SHARE", default_value_t = 25, value_parser = clap::value_parser!(u8).range(1..=100))]

@@ -337,6 +337,10 @@ impl Metrics {
                     &self.limit_hits.with_label_values(&["retained"]),
                     retained_refused,
                 );
+                follow(
+                    &self.limit_hits.with_label_values(&["offline_sessions"]),
+                    stats.sessions_evicted.load(Relaxed),
+                );
             }
         }
         {

@@ -152,6 +152,8 @@ impl Server {
             max_retained: usize::try_from(config.max_retained).unwrap_or(usize::MAX),
             max_retained_bytes: usize::try_from(config.max_retained_bytes).unwrap_or(usize::MAX),
             retained_client_share: config.retained_client_share,
+            max_offline_sessions: usize::try_from(config.max_offline_sessions)
+                .unwrap_or(usize::MAX),
         });
         let bridge = match config.message_broker_url.as_deref() {
             None | Some("") => None,

@@ -464,8 +464,10 @@ async fn an_admin_page_copies_only_the_page() {
     let mut held = Vec::with_capacity(SESSIONS);
     for s in 0..SESSIONS {
         let id = format!("many-{s:03}");
-        let mut dev =
-            RawClient::connect_ok(adapter.port, &Connect::new(V311, &id, "c1", "s1")).await;
+        // No keep-alive: setting up 100,000 subscriptions may take longer than one.
+        let mut connect = Connect::new(V311, &id, "c1", "s1");
+        connect.keep_alive = 0;
+        let mut dev = RawClient::connect_ok(adapter.port, &connect).await;
         for batch in 0..10u16 {
             let filters: Vec<String> = (0..100)
                 .map(|f| format!("m/d1/c/ch1/{}/{batch}/{f}", "x".repeat(900)))
@@ -621,7 +623,8 @@ async fn the_http_port_caps_connections_and_times_out_half_sent_requests() {
         CLIENTS,
         &[
             ("SMQ_MQTT_ADAPTER_HTTP_MAX_CONNECTIONS", "8"),
-            ("SMQ_MQTT_ADAPTER_HTTP_HEADER_TIMEOUT", "2s"),
+            // Long enough that the held requests are still held when the ninth arrives.
+            ("SMQ_MQTT_ADAPTER_HTTP_HEADER_TIMEOUT", "15s"),
         ],
     )
     .await;
@@ -649,8 +652,8 @@ async fn the_http_port_caps_connections_and_times_out_half_sent_requests() {
     for socket in &mut held {
         let mut answer = Vec::new();
         let read =
-            tokio::time::timeout(Duration::from_secs(30), socket.read_to_end(&mut answer)).await;
-        assert!(read.is_ok(), "a half-sent request was held for 30 s");
+            tokio::time::timeout(Duration::from_secs(60), socket.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "a half-sent request was held for 60 s");
         assert!(!answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
     }
     let (status, metrics) = http_get(adapter.ports.http, "/metrics").await;
@@ -658,5 +661,47 @@ async fn the_http_port_caps_connections_and_times_out_half_sent_requests() {
     assert_eq!(limit_hits(&metrics, "http_connections"), 1.0, "{metrics}");
     let (status, _) = http_get(adapter.ports.http, "/health").await;
     assert_eq!(status, 200);
+    adapter.shutdown().await;
+}
+
+/// Offline persistent sessions were unlimited: one client id could keep any number (100 × 1,000
+/// filters: +120 MB, never expiring). Beyond SMQ_MQTT_ADAPTER_MAX_OFFLINE_SESSIONS the client's
+/// oldest offline session is discarded, counted.
+#[tokio::test]
+async fn one_client_id_keeps_a_bounded_number_of_offline_sessions() {
+    let mut adapter =
+        Adapter::start_with(CLIENTS, &[("SMQ_MQTT_ADAPTER_MAX_OFFLINE_SESSIONS", "3")]).await;
+    let port = adapter.port;
+    let persistent = |id: &'static str| {
+        let mut connect = Connect::new(V5, id, "c2", "s2");
+        connect.clean = false;
+        connect.properties = raw::session_expiry(600);
+        connect
+    };
+    for id in ["off-1", "off-2", "off-3", "off-4", "off-5"] {
+        let mut dev = RawClient::connect_ok(port, &persistent(id)).await;
+        adapter.expect_connect("c2").await;
+        assert_eq!(dev.subscribe(V5, 1, &[("m/d1/c/ch1/#", 1)]).await, [1]);
+        dev.send(&raw::disconnect(V5)).await;
+        adapter.expect_disconnect("c2").await;
+    }
+    let metrics = scrape(&adapter).await;
+    assert_eq!(
+        metric(&metrics, "mqtt_adapter_sessions{state=\"offline\"}"),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(limit_hits(&metrics, "offline_sessions"), 2.0);
+    // The two oldest are gone (no session present), the newest is kept.
+    for (id, present) in [("off-1", 0), ("off-5", 1)] {
+        let mut dev = RawClient::open(port).await;
+        dev.send(&persistent(id).encode()).await;
+        let connack = dev.expect_packet().await;
+        assert_eq!(connack.connack_code(), 0);
+        assert_eq!(connack.body[0] & 1, present, "session present for {id}");
+        adapter.expect_connect("c2").await;
+        dev.send(&raw::disconnect(V5)).await;
+        adapter.expect_disconnect("c2").await;
+    }
     adapter.shutdown().await;
 }

@@ -76,6 +76,7 @@ fn context() -> Arc<SessionContext> {
         max_retained: 4,
         max_retained_bytes: 4096,
         retained_client_share: 50,
+        max_offline_sessions: 4,
     });
     let limits =
         Limits::new(64, 8, NonZeroU32::new(1000), false).with_session_bounds(SessionBounds {

@@ -14,7 +14,7 @@ pub mod session;
 pub mod shared;
 pub mod trie;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
@@ -43,6 +43,8 @@ pub struct BrokerConfig {
     pub max_retained_bytes: usize,
     /// The share (percent) of both retained bounds one publishing client may hold.
     pub retained_client_share: u8,
+    /// Offline persistent sessions one client id keeps; beyond, its oldest is discarded.
+    pub max_offline_sessions: usize,
 }
 
 impl Default for BrokerConfig {
@@ -55,6 +57,7 @@ impl Default for BrokerConfig {
             max_retained: 100_000,
             max_retained_bytes: 256 * 1024 * 1024,
             retained_client_share: 100,
+            max_offline_sessions: usize::MAX,
         }
     }
 }
@@ -72,6 +75,8 @@ pub struct BrokerStats {
     pub dropped_too_large: AtomicU64,
     /// Retained PUBLISHes not retained because the store was full (still delivered).
     pub retained_refused: AtomicU64,
+    /// Offline sessions discarded because their client id kept too many.
+    pub sessions_evicted: AtomicU64,
 }
 
 /// The core's state as the metrics report it.
@@ -136,6 +141,9 @@ pub struct Broker {
     groups: Mutex<HashMap<GroupKey, Arc<SharedGroup>>>,
     retained: RwLock<RetainedStore>,
     sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
+    /// Offline persistent sessions by client id, oldest (lowest session id) first. Taken only
+    /// under the session table's lock.
+    offline: Mutex<HashMap<Box<str>, BTreeMap<u64, SessionKey>>>,
     next_id: AtomicU64,
     stats: Arc<BrokerStats>,
     /// Ends pending expiry timers.
@@ -155,6 +163,7 @@ impl Broker {
                 client_share_percent: config.retained_client_share,
             })),
             sessions: Mutex::new(HashMap::new()),
+            offline: Mutex::default(),
             next_id: AtomicU64::new(1),
             stats: Arc::default(),
             stop: CancellationToken::new(),
@@ -221,6 +230,9 @@ impl Broker {
         let connection_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (attached, control, done) = session::connection(connection_id, shutdown, meta);
         let existing = table.get(&key).cloned();
+        if let Some(s) = &existing {
+            self.offline_remove(&s.key, s.id);
+        }
         let (session, present) = match existing {
             Some(s) if !request.clean_start => (s, true),
             old => {
@@ -306,6 +318,14 @@ impl Broker {
                 Expiry::Never => false,
             }
         };
+        let evicted = if discard {
+            Vec::new()
+        } else {
+            self.went_offline(&session)
+        };
+        for old in evicted {
+            self.discard(&old);
+        }
         if let Some((deferred, _)) = will {
             // The session ends with its connection: that is sooner than any delay.
             (deferred.publish)(deferred.message);
@@ -378,11 +398,67 @@ impl Broker {
             }
             drop(state);
             table.remove(key);
+            self.offline_remove(key, id);
             session
         };
         tracing::info!(client_id = %key.client_id.escape_debug(), mqtt_client_id = %key.mqtt_client_id.escape_debug(),
             "session expired");
         self.discard(&expired);
+    }
+
+    fn offline_index(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Box<str>, BTreeMap<u64, SessionKey>>> {
+        self.offline.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn offline_remove(&self, key: &SessionKey, id: u64) {
+        let mut offline = self.offline_index();
+        if let Some(sessions) = offline.get_mut(key.client_id.as_str()) {
+            sessions.remove(&id);
+            if sessions.is_empty() {
+                offline.remove(key.client_id.as_str());
+            }
+        }
+    }
+
+    /// A persistent session went offline: indexes it under its client id and takes out of the
+    /// table the client's oldest offline sessions beyond the bound (returned, to discard
+    /// outside the table lock; counted, logged).
+    fn went_offline(&self, session: &Arc<Session>) -> Vec<Arc<Session>> {
+        let mut table = self.table();
+        // Resumed (or replaced) since it detached: not offline.
+        if !table
+            .get(&session.key)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+            || session.is_attached()
+        {
+            return Vec::new();
+        }
+        let mut evicted = Vec::new();
+        let mut offline = self.offline_index();
+        let mine = offline
+            .entry(session.key.client_id.as_str().into())
+            .or_default();
+        mine.insert(session.id, session.key.clone());
+        while mine.len() > self.config.max_offline_sessions {
+            let Some((_, key)) = mine.pop_first() else {
+                break;
+            };
+            if let Some(old) = table.remove(&key) {
+                evicted.push(old);
+            }
+        }
+        drop(offline);
+        drop(table);
+        for old in &evicted {
+            let n = self.stats.sessions_evicted.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(client_id = %old.key.client_id.escape_debug(), mqtt_client_id = %old.key.mqtt_client_id.escape_debug(),
+                    evicted = n, "offline session discarded: its client id keeps too many (SMQ_MQTT_ADAPTER_MAX_OFFLINE_SESSIONS)");
+            }
+        }
+        evicted
     }
 
     fn discard_later(&self, session: Arc<Session>) {
@@ -1213,6 +1289,45 @@ mod tests {
         // A session that ends with its connection publishes at once, whatever the delay.
         let published = offline_with_will(&broker, "x", CLEAN, "w/2", minute).await;
         assert!(published.try_recv().is_ok());
+    }
+
+    #[tokio::test]
+    async fn one_client_keeps_a_bounded_number_of_offline_sessions() {
+        let broker = Broker::new(BrokerConfig {
+            max_offline_sessions: 2,
+            ..BrokerConfig::default()
+        });
+        let stop = CancellationToken::new();
+        for mqtt in ["m1", "m2", "m3"] {
+            let mut a = broker
+                .attach(key("c1", mqtt), PERSISTENT, meta(), &stop)
+                .await;
+            broker.subscribe(&a.session, &format!("t/{mqtt}"), SubOptions::qos(1));
+            broker.detach(&mut a);
+            Broker::release(&mut a);
+        }
+        // Another client's sessions are its own account.
+        let mut other = broker
+            .attach(key("c2", "m1"), PERSISTENT, meta(), &stop)
+            .await;
+        broker.detach(&mut other);
+        Broker::release(&mut other);
+        assert_eq!(broker.session_count(), 3);
+        assert!(
+            broker.session(&key("c1", "m1")).is_none(),
+            "the oldest went"
+        );
+        assert_eq!(broker.stats().sessions_evicted.load(Ordering::Relaxed), 1);
+        assert_eq!(broker.gauges().sessions_offline, 3);
+        // A resumed session leaves the offline account, and comes back to it.
+        let mut b = broker
+            .attach(key("c1", "m2"), PERSISTENT, meta(), &stop)
+            .await;
+        assert!(b.present);
+        broker.detach(&mut b);
+        Broker::release(&mut b);
+        assert_eq!(broker.session_count(), 3);
+        assert_eq!(broker.stats().sessions_evicted.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]
