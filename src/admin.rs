@@ -53,7 +53,7 @@ async fn require_token(
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .unwrap_or("");
     if constant_time_eq(presented.as_bytes(), admin.token.as_bytes()) {
         return next.run(request).await;
@@ -64,6 +64,15 @@ async fn require_token(
         json!({"error": "missing or wrong bearer token"}).to_string(),
     )
         .into_response()
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 9110 11.1), so `bearer` and `BEARER` are accepted too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 fn entry(client: &LiveClient) -> Value {
@@ -115,24 +124,22 @@ async fn list(
     if limit > MAX_LIMIT {
         return bad_request(format!("limit must be at most {MAX_LIMIT}"));
     }
-    let mut clients = admin.broker.live_clients();
-    if let Some(id) = query.get("client_id") {
-        clients.retain(|c| &c.key.client_id == id);
-    }
-    let page: Vec<Value> = clients.iter().skip(offset).take(limit).map(entry).collect();
-    json_response(
-        StatusCode::OK,
-        json!({ "total": clients.len(), "clients": page }),
-    )
+    // Only the page is copied: a small page of many sessions stays small.
+    let client_id = query.get("client_id");
+    let (total, clients) = admin.broker.live_page(
+        |key| client_id.is_none_or(|id| key.client_id == *id),
+        offset,
+        limit,
+    );
+    let page: Vec<Value> = clients.iter().map(entry).collect();
+    json_response(StatusCode::OK, json!({ "total": total, "clients": page }))
 }
 
 async fn one(State(admin): State<Admin>, Path(mqtt_client_id): Path<String>) -> Response {
-    match admin
+    let (_, found) = admin
         .broker
-        .live_clients()
-        .iter()
-        .find(|c| c.key.mqtt_client_id == mqtt_client_id)
-    {
+        .live_page(|key| key.mqtt_client_id == mqtt_client_id, 0, 1);
+    match found.first() {
         Some(client) => json_response(StatusCode::OK, entry(client)),
         None => not_found(&mqtt_client_id),
     }
@@ -154,7 +161,7 @@ async fn kick(State(admin): State<Admin>, Path(mqtt_client_id): Path<String>) ->
     if kicked.is_empty() {
         return not_found(&mqtt_client_id);
     }
-    tracing::info!(%mqtt_client_id, sessions = kicked.len(), "closed by the admin API");
+    tracing::info!(mqtt_client_id = %mqtt_client_id.escape_debug(), sessions = kicked.len(), "closed by the admin API");
     for control in kicked {
         if tokio::time::timeout(KICK_WAIT, control.ended())
             .await

@@ -73,6 +73,12 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_PACKET_SIZE", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(64..=268_435_455))]
     pub max_packet_size: u32,
 
+    /// Largest CONNECT accepted, in bytes: until a device is authenticated it may make the
+    /// adapter hold no more than this (over WebSocket, this plus 16 KiB for the upgrade request
+    /// and framing). Beyond: the socket is closed. At most the maximum packet size.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_CONNECT_SIZE", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(64..=268_435_455))]
+    pub max_connect_size: u32,
+
     /// Connection events queued in memory: for stdout, while it is slow; with a store, those
     /// handed to the event log's writer and not yet written. Beyond it they are counted as
     /// dropped.
@@ -218,6 +224,17 @@ pub struct Config {
     )]
     pub topic_alias_maximum: u16,
 
+    /// Concurrent connections to the HTTP port (/health, /metrics, admin API); beyond, a new
+    /// socket is closed at accept. They come out of the 128 file descriptors kept in reserve
+    /// beside the device sockets, so keep it well below that.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_HTTP_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub http_max_connections: u16,
+
+    /// Time an HTTP request's headers may take to arrive (`10s`, `500ms`); then the connection
+    /// is closed.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
     /// Bearer token of the admin API (`GET /clients`, `GET/DELETE /clients/{mqtt_client_id}` on
     /// the HTTP port); unset: those endpoints answer 404.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_ADMIN_TOKEN", hide_env_values = true)]
@@ -239,6 +256,22 @@ pub struct Config {
     /// QoS 0 (both counted).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_RETAINED", default_value_t = 100_000)]
     pub max_retained: u64,
+
+    /// Bytes of retained messages kept in memory (topic, payload and MQTT 5 properties); beyond
+    /// it a retained PUBLISH is refused as for SMQ_MQTT_ADAPTER_MAX_RETAINED.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_RETAINED_BYTES", default_value_t = 256 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_retained_bytes: u64,
+
+    /// Offline persistent sessions one client id keeps (each MQTT client identifier is a
+    /// session); when one more goes offline, the client's oldest offline session is discarded
+    /// (what it queued is counted as dropped, its will published).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_OFFLINE_SESSIONS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_offline_sessions: u32,
+
+    /// The share (percent) of SMQ_MQTT_ADAPTER_MAX_RETAINED and _MAX_RETAINED_BYTES one client
+    /// id may hold, so one tenant filling the store leaves room for the others; 100: no share.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_RETAINED_CLIENT_SHARE", default_value_t = 25, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub retained_client_share: u8,
 
     /// URL of the platform's clients service (Authenticate), e.g. http://clients:7005 (https:// for TLS); required with
     /// `--auth supermq`.

@@ -15,7 +15,7 @@ use prometheus::{
 
 use crate::auth::{AuthError, Authenticator, Credentials, Identity};
 use crate::bridge::BridgeMetrics;
-use crate::broker::BrokerStats;
+use crate::broker::{Broker, BrokerGauges, BrokerStats};
 use crate::events::OutboxStats;
 use crate::hooks::{DisconnectReason, SessionInfo, SessionObserver};
 
@@ -50,6 +50,14 @@ pub struct Metrics {
     /// Retained PUBLISHes not retained because the store was full.
     retained_refused: IntCounter,
     broker: Mutex<Option<Arc<BrokerStats>>>,
+    /// The core whose state the gauges below report (weak: the metrics never keep it alive).
+    broker_state: Mutex<std::sync::Weak<Broker>>,
+    /// Sessions by state (`online`, `offline`).
+    sessions: IntGaugeVec,
+    subscriptions: IntGauge,
+    retained_messages: IntGauge,
+    retained_bytes: IntGauge,
+    queued_bytes: IntGauge,
     events_pending: IntGauge,
     events_published: IntCounterVec,
     events_dropped: IntCounter,
@@ -200,6 +208,34 @@ impl Metrics {
                 "Retained PUBLISHes not retained because the retained store was full (MQTT 5 QoS 1/2: refused with 0x97; otherwise delivered)",
             ),
             broker: Mutex::new(None),
+            broker_state: Mutex::new(std::sync::Weak::new()),
+            sessions: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "mqtt_adapter_sessions",
+                        "Broker sessions: online (a connection attached), offline (persistent, kept without one)",
+                    ),
+                    &["state"],
+                )
+                .expect("valid metric name"),
+            ),
+            subscriptions: gauge(
+                "mqtt_adapter_subscriptions",
+                "Subscriptions held by all sessions, online and offline",
+            ),
+            retained_messages: gauge(
+                "mqtt_adapter_retained_messages",
+                "Retained messages kept",
+            ),
+            retained_bytes: gauge(
+                "mqtt_adapter_retained_bytes",
+                "Bytes of retained messages kept (topic, payload, MQTT 5 properties)",
+            ),
+            queued_bytes: gauge(
+                "mqtt_adapter_queued_bytes",
+                "Bytes queued for all sessions, online and offline",
+            ),
             events_pending: gauge(
                 "mqtt_adapter_events_pending",
                 "Connection events accepted but not yet acknowledged by the event store",
@@ -276,8 +312,32 @@ impl Metrics {
     }
 
     /// Reports the broker core's counters (read at every scrape).
-    pub fn watch_broker(&self, stats: Arc<BrokerStats>) {
+    pub fn watch_broker_stats(&self, stats: Arc<BrokerStats>) {
         *self.broker.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
+    }
+
+    /// Reports the broker core's counters and state (sessions, subscriptions, retained and
+    /// queued bytes), read at every scrape.
+    pub fn watch_broker(&self, broker: &Arc<Broker>) {
+        self.watch_broker_stats(broker.stats());
+        *self.broker_state.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(broker);
+    }
+
+    fn set_broker_gauges(&self, g: BrokerGauges) {
+        let set =
+            |gauge: &IntGauge, value: usize| gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        set(
+            &self.sessions.with_label_values(&["online"]),
+            g.sessions_online,
+        );
+        set(
+            &self.sessions.with_label_values(&["offline"]),
+            g.sessions_offline,
+        );
+        set(&self.subscriptions, g.subscriptions);
+        set(&self.retained_messages, g.retained_messages);
+        set(&self.retained_bytes, g.retained_bytes);
+        set(&self.queued_bytes, g.queued_bytes);
     }
 
     /// Reports the bus bridge's counters (read at every scrape).
@@ -287,6 +347,14 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        let broker = self
+            .broker_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .upgrade();
+        if let Some(broker) = broker {
+            self.set_broker_gauges(broker.gauges());
+        }
         {
             // Counters follow the core's atomics; the lock keeps two scrapes from adding twice.
             let broker = self.broker.lock().unwrap_or_else(|p| p.into_inner());
@@ -310,6 +378,10 @@ impl Metrics {
                 follow(
                     &self.limit_hits.with_label_values(&["retained"]),
                     retained_refused,
+                );
+                follow(
+                    &self.limit_hits.with_label_values(&["offline_sessions"]),
+                    stats.sessions_evicted.load(Relaxed),
                 );
             }
         }
@@ -432,7 +504,7 @@ mod tests {
         broker
             .dropped_queue_full
             .store(7, std::sync::atomic::Ordering::Relaxed);
-        metrics.watch_broker(broker);
+        metrics.watch_broker_stats(broker);
         let text = metrics.render();
         for line in [
             "mqtt_adapter_messages_dropped_total{reason=\"queue_full\"} 7",

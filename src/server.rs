@@ -35,6 +35,13 @@ use crate::session::limits::{Limits, SessionBounds};
 use crate::session::SessionContext;
 use crate::topic::TopicBounds;
 
+/// Longest life of one HTTP connection: a scraper's keep-alive connection is renewed this often.
+const HTTP_CONNECTION_AGE: Duration = Duration::from_secs(60);
+
+/// What a WebSocket may send before its CONNECT beyond the CONNECT itself: the HTTP upgrade
+/// request and the frame headers.
+const WS_UPGRADE_ALLOWANCE: usize = 16 * 1024;
+
 /// A configuration the adapter cannot start with; the message names what to change.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -111,25 +118,31 @@ impl Server {
         let mut platform_auth_metrics = None;
         let mut reloadable = None;
         let mut caches: Option<Arc<dyn DecisionCaches>> = None;
-        let (authenticator, authorizer): (Arc<dyn Authenticator>, Arc<dyn Authorizer>) =
-            match (&config.auth, &config.clients_file) {
-                (AuthBackend::Static, Some(path)) => {
-                    let registry = Arc::new(StaticRegistry::from_file(path)?);
-                    reloadable = Some((registry.clone(), path.clone()));
-                    (registry.clone(), registry)
+        let (authenticator, authorizer): (Arc<dyn Authenticator>, Arc<dyn Authorizer>) = match (
+            &config.auth,
+            &config.clients_file,
+        ) {
+            (AuthBackend::Static, Some(path)) => {
+                let registry = Arc::new(StaticRegistry::from_file(path)?);
+                if registry.clients() == 0 {
+                    tracing::warn!(file = %path.display(),
+                            "the clients file has no [[clients]]: every CONNECT with credentials is refused; a SIGHUP reload will need at least one client");
                 }
-                (AuthBackend::Static, None) => {
-                    demo_registry = true;
-                    let registry = Arc::new(StaticRegistry::demo());
-                    (registry.clone(), registry)
-                }
-                (AuthBackend::Supermq, _) => {
-                    let platform = Arc::new(platform_auth(config)?);
-                    platform_auth_metrics = Some(platform.metrics());
-                    caches = Some(platform.clone());
-                    (platform.clone(), platform)
-                }
-            };
+                reloadable = Some((registry.clone(), path.clone()));
+                (registry.clone(), registry)
+            }
+            (AuthBackend::Static, None) => {
+                demo_registry = true;
+                let registry = Arc::new(StaticRegistry::demo());
+                (registry.clone(), registry)
+            }
+            (AuthBackend::Supermq, _) => {
+                let platform = Arc::new(platform_auth(config)?);
+                platform_auth_metrics = Some(platform.metrics());
+                caches = Some(platform.clone());
+                (platform.clone(), platform)
+            }
+        };
 
         let instance_id = uuid::Uuid::new_v4().to_string();
         let broker = Broker::new(BrokerConfig {
@@ -138,6 +151,10 @@ impl Server {
                 max_bytes: usize::try_from(config.max_queued_bytes).unwrap_or(usize::MAX),
             },
             max_retained: usize::try_from(config.max_retained).unwrap_or(usize::MAX),
+            max_retained_bytes: usize::try_from(config.max_retained_bytes).unwrap_or(usize::MAX),
+            retained_client_share: config.retained_client_share,
+            max_offline_sessions: usize::try_from(config.max_offline_sessions)
+                .unwrap_or(usize::MAX),
         });
         let bus_url = config
             .message_broker_url
@@ -196,7 +213,7 @@ impl Server {
         })
         .await?;
         metrics.watch_outbox(events.store, events.stats());
-        metrics.watch_broker(broker.stats());
+        metrics.watch_broker(&broker);
         let authenticator = Arc::new(TimedAuthenticator::new(authenticator, metrics.clone()));
         let mut hooks = Hooks::new(authenticator, authorizer)
             .with_events(Arc::new(
@@ -252,6 +269,7 @@ impl Server {
             hooks,
             connect_timeout: config.connect_timeout(),
             max_packet_size: config.max_packet_size as usize,
+            max_connect_size: config.max_connect_size as usize,
             max_keep_alive: config.max_keep_alive,
             topic_alias_maximum: config.topic_alias_maximum,
             shutdown: CancellationToken::new(),
@@ -282,6 +300,8 @@ impl Server {
             handshake_timeout: config.handshake_timeout(),
             // A WebSocket message carries at most one MQTT packet's worth, plus framing slack.
             max_ws_message: config.max_packet_size as usize + 1024,
+            ws_connect_budget: config.max_connect_size.min(config.max_packet_size) as usize
+                + WS_UPGRADE_ALLOWANCE,
             connect_rate: NonZeroU32::new(config.connect_rate_per_ip).map(ConnectRate::new),
             open_sockets: Arc::default(),
         });
@@ -313,11 +333,17 @@ impl Server {
             .as_deref()
             .filter(|t| !t.is_empty())
             .map(|token| crate::admin::routes(token, ctx.broker.clone()));
+        let http_limits = http::HttpLimits {
+            max_connections: usize::from(config.http_max_connections),
+            header_timeout: config.http_header_timeout,
+            max_connection_age: HTTP_CONNECTION_AGE,
+        };
         let http_task = tokio::spawn(http::serve(
             http_listener,
             health.clone(),
             metrics,
             admin,
+            http_limits,
             http_stop.clone(),
         ));
         tracing::info!(addr = %http_addr, "HTTP /health and /metrics ready");

@@ -1,5 +1,11 @@
 //! The SuperMQ topic scheme: which channel a PUBLISH topic or SUBSCRIBE filter names, and the
-//! canonical form under which it is routed (so `/m/d/c/ch/a%2Fb` and `m/d/c/ch/a/b` meet).
+//! canonical form under which it is routed (so `/m/d/c/ch/a%2Fb`, `m/d/c/ch/a.b` and
+//! `m/d/c/ch/a/b` meet, here and on every other instance through the bus).
+//!
+//! The bus writes a channel as the subject `m.<domain>.c.<channel>.<a>.<b>`, so a name is safe on
+//! it only if it cannot add, remove or merge subject tokens: [`check_bus_name`] is the rule every
+//! domain and channel id obeys (registry, platform answers, topics), and a subtopic's `.` is a
+//! level separator, as SuperMQ's own adapters read it.
 
 use percent_encoding::percent_decode_str;
 
@@ -60,6 +66,41 @@ pub enum TopicError {
     TooLong { len: usize, max: usize },
     #[error("topic has {levels} levels, more than the {max} allowed")]
     TooManyLevels { levels: usize, max: usize },
+    #[error("domain or channel {0}")]
+    BadName(&'static str),
+}
+
+/// Checks a domain or channel id (or a route naming one) against what the bus can carry as one
+/// subject token: not empty, and no `.` (the token separator), `*` or `>` (NATS wildcards),
+/// whitespace or control characters, nor `/`, `+` or `#` (which no topic level can name).
+/// Without this, domain `d1.c.ch1` with channel `z` would be subject `m.d1.c.ch1.c.z`: channel
+/// `ch1` of domain `d1` on every other instance. The error says what is wrong.
+pub fn check_bus_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("is empty");
+    }
+    for c in name.chars() {
+        match c {
+            '.' => return Err("contains '.', the bus's level separator"),
+            '*' | '>' => return Err("contains '*' or '>', wildcards on the bus"),
+            '/' | '+' | '#' => return Err("contains '/', '+' or '#'"),
+            c if c.is_whitespace() => return Err("contains whitespace"),
+            c if c.is_control() => return Err("contains a control character"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether a topic or filter that is not a channel topic would reach channel messages all the
+/// same: a topic in the channel namespace (first level `m`, after an optional leading `/`, as
+/// channel topics are read), or a filter whose first level is a wildcard (`#`, `+/…`), which
+/// matches every channel's canonical topic. Plain grants (`[[acl]]`, `[anonymous]`) never allow
+/// these: only channel connections grant channels.
+pub fn reaches_channels(topic_or_filter: &str) -> bool {
+    let first = topic_or_filter.split('/').next().unwrap_or("");
+    let trimmed = topic_or_filter.strip_prefix('/').unwrap_or(topic_or_filter);
+    first == "+" || first == "#" || trimmed.split('/').next() == Some("m")
 }
 
 /// How long a PUBLISH topic or SUBSCRIBE filter may be, as sent by the device: in bytes, and in
@@ -85,6 +126,12 @@ impl TopicBounds {
                 max: self.max_length,
             });
         }
+        self.check_levels(topic)
+    }
+
+    /// Refuses a topic with more levels than the bound. Run on the topic as sent and again on
+    /// its canonical form, where `%2F` and a subtopic's `.` have become levels.
+    pub fn check_levels(&self, topic: &[u8]) -> Result<(), TopicError> {
         if self.max_levels < usize::MAX {
             let levels = 1 + topic.iter().filter(|&&b| b == b'/').count();
             if levels > self.max_levels {
@@ -116,9 +163,10 @@ pub enum Usage {
 
 /// Whether a topic, or a subscription filter taken level by level, falls under the grant
 /// `filter` (`+` one level, a trailing `#` the rest, its parent level included). A topic
-/// starting with `$` never does. Works on whole levels, so any UTF-8 text is safe.
+/// starting with `$` is matched by no grant whose first level is a wildcard (MQTT 4.7.2), but
+/// by a literal `$x/#`. Works on whole levels, so any UTF-8 text is safe.
 pub fn matches(topic: &str, filter: &str) -> bool {
-    if topic.starts_with('$') {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
     }
     let mut levels = topic.split('/');
@@ -161,6 +209,9 @@ pub fn parse(topic: &str, usage: Usage) -> Result<TopicKind, TopicError> {
             if is_wild(domain) || is_wild(channel) {
                 return Err(TopicError::WildcardInChannel);
             }
+            check_bus_name(domain)
+                .and_then(|()| check_bus_name(channel))
+                .map_err(TopicError::BadName)?;
             let subtopic = match levels.next() {
                 Some(rest) => normalise_subtopic(rest, usage)?,
                 None => String::new(),
@@ -171,7 +222,9 @@ pub fn parse(topic: &str, usage: Usage) -> Result<TopicKind, TopicError> {
                 subtopic,
             }))
         }
-        (Some("hc"), Some(domain), None, None) if !domain.is_empty() && !is_wild(domain) => {
+        (Some("hc"), Some(domain), None, None)
+            if !is_wild(domain) && check_bus_name(domain).is_ok() =>
+        {
             Ok(TopicKind::Health {
                 domain: domain.to_owned(),
             })
@@ -184,8 +237,10 @@ fn is_wild(level: &str) -> bool {
     level.contains('+') || level.contains('#')
 }
 
-/// SuperMQ's subtopic rules: percent-decode, trim `/` and spaces at both ends, then refuse what
-/// the bus cannot carry. Returns the levels joined by `/`.
+/// SuperMQ's subtopic rules: percent-decode, trim `/` and spaces at both ends, read `.` as a
+/// level separator (the bus does: `a.b` and `a/b` are one subtopic there, so they are one here
+/// too, and a message is delivered under the same topic on every instance), then refuse what the
+/// bus cannot carry. Returns the levels joined by `/`.
 fn normalise_subtopic(raw: &str, usage: Usage) -> Result<String, TopicError> {
     let decoded = percent_decode_str(raw)
         .decode_utf8()
@@ -204,16 +259,24 @@ fn normalise_subtopic(raw: &str, usage: Usage) -> Result<String, TopicError> {
         return Err(TopicError::BadSubtopic("percent-encoded twice"));
     }
     let trimmed = decoded.trim_matches(|c| c == '/' || c == ' ');
-    if trimmed.contains(' ') {
-        return Err(TopicError::BadSubtopic("contains a space"));
+    // Any whitespace or control character, not only the space: a line break in a subject would
+    // be read by NATS as the end of a protocol line.
+    if trimmed.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        return Err(TopicError::BadSubtopic(
+            "contains whitespace or a control character",
+        ));
     }
     if trimmed.contains('*') || trimmed.contains('>') {
         return Err(TopicError::BadSubtopic("contains '*' or '>'"));
     }
-    if trimmed.replace('/', ".").contains("..") {
+    if trimmed.is_empty() {
+        return Ok(String::new());
+    }
+    let canonical = trimmed.replace('.', "/");
+    if canonical.split('/').any(str::is_empty) {
         return Err(TopicError::BadSubtopic("contains an empty level or '..'"));
     }
-    let mut levels = trimmed.split('/').peekable();
+    let mut levels = canonical.split('/').peekable();
     while let Some(level) = levels.next() {
         let wild = is_wild(level);
         if wild && usage == Usage::Publish {
@@ -227,7 +290,7 @@ fn normalise_subtopic(raw: &str, usage: Usage) -> Result<String, TopicError> {
             return Err(TopicError::BadSubtopic("'#' must be the last level"));
         }
     }
-    Ok(trimmed.to_owned())
+    Ok(canonical)
 }
 
 #[cfg(test)]
@@ -245,6 +308,11 @@ mod tests {
         assert!(!matches("a/b/c", "a/b"));
         assert!(!matches("a/b", "a/b/c"));
         assert!(!matches("$SYS/x", "#"));
+        assert!(!matches("$SYS/x", "+/x"));
+        // Only a wildcard first level skips `$` topics (MQTT 4.7.2): a literal `$` grant matches.
+        assert!(matches("$x/y", "$x/#"));
+        assert!(matches("$x/y", "$x/+"));
+        assert!(!matches("$x/y", "$z/#"));
         // Found by fuzzing: a multi-byte first character made a byte slice panic.
         assert!(!matches("é/x", "a/#"));
         assert!(matches("é/x", "é/+"));
@@ -379,6 +447,78 @@ mod tests {
         // Empty levels count: `//` is three levels.
         assert!(bounds.check(b"///").is_err());
         assert_eq!(TopicBounds::UNLIMITED.check(&[b'/'; 1000]), Ok(()));
+    }
+
+    /// The bus reads `.` as a level separator, so a subtopic's `.` is one here too: `a.b` is
+    /// delivered as `a/b` locally, as another instance delivers it from the bus.
+    #[test]
+    fn a_dot_in_a_subtopic_is_a_level_separator() {
+        for usage in [Usage::Publish, Usage::Subscribe] {
+            let c = channel("m/d/c/ch/a.b/c", usage);
+            assert_eq!(c.subtopic, "a/b/c");
+            assert_eq!(c.canonical(), "m/d/c/ch/a/b/c");
+            assert_eq!(c.dotted_subtopic(), "a.b.c");
+            assert_eq!(channel("m/d/c/ch/a%2Eb", usage).subtopic, "a/b");
+            for bad in [
+                "m/d/c/ch/a..b",
+                "m/d/c/ch/.a",
+                "m/d/c/ch/a.",
+                "m/d/c/ch/a./b",
+            ] {
+                assert!(parse(bad, usage).is_err(), "{bad}");
+            }
+        }
+        assert_eq!(
+            channel("m/d/c/ch/a.b/+", Usage::Subscribe).subtopic,
+            "a/b/+"
+        );
+        assert_eq!(
+            channel("m/d/c/ch/a.b/#", Usage::Subscribe).subtopic,
+            "a/b/#"
+        );
+        assert_eq!(channel("m/d/c/ch/", Usage::Publish).subtopic, "");
+    }
+
+    #[test]
+    fn whitespace_and_control_characters_are_refused_in_a_subtopic() {
+        for bad in ["m/d/c/ch/a\tb", "m/d/c/ch/a%0D%0APUB", "m/d/c/ch/a\u{85}b"] {
+            assert!(parse(bad, Usage::Publish).is_err(), "{bad:?}");
+        }
+    }
+
+    /// Domain `d1.c.ch1` with channel `z` would be subject `m.d1.c.ch1.c.z` on the bus: channel
+    /// `ch1` of `d1` on every other instance.
+    #[test]
+    fn domain_and_channel_names_must_be_single_bus_tokens() {
+        for bad in [
+            "", "d1.c.ch1", "a*", "a>", "a b", "a\tb", "a\u{7f}", "a/b", "a+", "a#",
+        ] {
+            assert!(check_bus_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["d1", "4e5f-aa_b", "é", "$x"] {
+            assert_eq!(check_bus_name(good), Ok(()), "{good}");
+        }
+        for usage in [Usage::Publish, Usage::Subscribe] {
+            assert!(matches!(
+                parse("m/d1.c.ch1/c/z", usage),
+                Err(TopicError::BadName(_))
+            ));
+            assert!(matches!(
+                parse("m/d1/c/ch1.x/a", usage),
+                Err(TopicError::BadName(_))
+            ));
+        }
+        assert_eq!(parse("hc/d1.x", Usage::Publish), Ok(TopicKind::Plain));
+    }
+
+    #[test]
+    fn plain_topics_that_reach_channels() {
+        for reach in ["m/d1/x", "/m/d1", "m", "#", "+/d1/c/ch1", "+", "m/#"] {
+            assert!(reaches_channels(reach), "{reach}");
+        }
+        for plain in ["sensors/#", "/+/x", "/#", "mm/x", "a/m/x", "hc/#"] {
+            assert!(!reaches_channels(plain), "{plain}");
+        }
     }
 
     #[test]

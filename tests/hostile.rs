@@ -480,7 +480,15 @@ async fn topics_beyond_the_length_and_level_bounds_are_malformed() {
 /// counted; replacing a retained topic still works and the oldest is still there.
 #[tokio::test]
 async fn a_full_retained_store_refuses_new_topics_and_evicts_nothing() {
-    let mut adapter = Adapter::start_with(CLIENTS, &[("SMQ_MQTT_ADAPTER_MAX_RETAINED", "2")]).await;
+    // One client fills the store here: no per-client share.
+    let mut adapter = Adapter::start_with(
+        CLIENTS,
+        &[
+            ("SMQ_MQTT_ADAPTER_MAX_RETAINED", "2"),
+            ("SMQ_MQTT_ADAPTER_RETAINED_CLIENT_SHARE", "100"),
+        ],
+    )
+    .await;
     let port = adapter.port;
     let mut live = RawClient::connect_ok(port, &Connect::new(V311, "rt-live", "c2", "s2")).await;
     adapter.expect_connect("c2").await;

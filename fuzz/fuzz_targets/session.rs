@@ -74,6 +74,9 @@ fn context() -> Arc<SessionContext> {
             max_bytes: 4096,
         },
         max_retained: 4,
+        max_retained_bytes: 4096,
+        retained_client_share: 50,
+        max_offline_sessions: 4,
     });
     let limits =
         Limits::new(64, 8, NonZeroU32::new(1000), false).with_session_bounds(SessionBounds {
@@ -88,6 +91,7 @@ fn context() -> Arc<SessionContext> {
         hooks: Hooks::new(shared.registry.clone(), shared.registry.clone()),
         connect_timeout: Duration::from_secs(5),
         max_packet_size: 4096,
+        max_connect_size: 1024,
         max_keep_alive: 0,
         topic_alias_maximum: 4,
         shutdown: CancellationToken::new(),

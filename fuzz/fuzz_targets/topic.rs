@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mqtt_adapter::broker::retained::RetainedStore;
+use mqtt_adapter::broker::retained::{RetainedLimits, RetainedStore};
 use mqtt_adapter::broker::trie::Trie;
 use mqtt_adapter::broker::{Message, Origin};
 use mqtt_adapter::topic::{self, TopicBounds, TopicKind, Usage};
@@ -84,9 +84,13 @@ fuzz_target!(|data: &[u8]| {
             .collect();
         assert_eq!(found, want, "topic {topic:?}, filters {filters:?}");
 
-        let mut retained = RetainedStore::new(4);
+        let mut retained = RetainedStore::new(RetainedLimits {
+            max_messages: 4,
+            max_bytes: 1 << 20,
+            client_share_percent: 50,
+        });
         let message = Message::new(topic.to_owned().into(), "v".into(), 1, true, Origin::Bus);
-        retained.store(message);
+        retained.store(message, "fuzz");
         for filter in &filters {
             let mut hits = 0;
             retained.for_each_match(filter, |_| hits += 1);

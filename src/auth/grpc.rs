@@ -283,12 +283,20 @@ impl PlatformAuth {
     }
 }
 
-/// The id in a `RetrieveEntityRes`; an empty one is no answer.
+/// The id in a `RetrieveEntityRes`; an empty one is no answer, and one the bus would split
+/// (`d1.c.ch1`) is refused and logged: topics naming that route are then refused.
 fn entity_id(answer: Option<RetrieveEntityRes>) -> Option<String> {
     answer
         .and_then(|res| res.entity)
         .map(|entity| entity.id)
         .filter(|id| !id.is_empty())
+        .filter(|id| match crate::topic::check_bus_name(id) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(id = ?id, why, "platform answered a route with an id that is not a single bus subject token: refused");
+                false
+            }
+        })
 }
 
 /// The username inside an `AuthnReq.token`, if it decodes.
@@ -406,7 +414,7 @@ impl Authorizer for PlatformAuth {
         match self.authz.get_or_fetch(key, fetch).await {
             Ok(allowed) => allowed,
             Err(e) => {
-                tracing::warn!(client_id = %who.client_id, domain, channel, ?action, error = %e,
+                tracing::warn!(client_id = %who.client_id.escape_debug(), domain, channel, ?action, error = %e,
                     "channels service unavailable: access refused");
                 false
             }

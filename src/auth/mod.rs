@@ -97,11 +97,19 @@ pub trait Authorizer: Send + Sync {
 
 /// The channel topic with its domain and channel resolved to ids; `None` when either is an
 /// unknown route.
+/// An id the bus would split (a backend answering `d1.c.ch1` for a route) is refused and logged,
+/// as an unknown route is.
 async fn resolve_ids(authorizer: &dyn Authorizer, channel: ChannelTopic) -> Option<ChannelTopic> {
     let domain = authorizer.resolve_domain(&channel.domain).await?;
     let id = authorizer
         .resolve_channel(&domain, &channel.channel)
         .await?;
+    for (kind, name) in [("domain", &domain), ("channel", &id)] {
+        if let Err(why) = topic::check_bus_name(name) {
+            tracing::warn!(kind, id = ?name, why, "resolved id refused: not a single bus subject token");
+            return None;
+        }
+    }
     Some(ChannelTopic {
         domain,
         channel: id,
@@ -137,7 +145,9 @@ pub enum TopicDecision {
 }
 
 /// Applies SPEC §2: channel topics (their routes resolved to ids) ask the authorizer, `hc/` topics are open to every session,
-/// anything else needs a plain grant.
+/// anything else needs a plain grant. Plain grants (`[[acl]]`, `[anonymous]`) are plain: they
+/// never grant a channel topic, nor a plain topic or filter that reaches channel messages (`m/…`,
+/// `#`, `+/…`; see [`topic::reaches_channels`]).
 pub async fn authorize_topic(
     authorizer: &dyn Authorizer,
     who: &Identity,
@@ -153,11 +163,10 @@ pub async fn authorize_topic(
             let Some(channel) = resolve_ids(authorizer, channel).await else {
                 return TopicDecision::Deny;
             };
-            if (!who.anonymous
+            if !who.anonymous
                 && authorizer
                     .authorize_channel(who, &channel.domain, &channel.channel, action)
-                    .await)
-                || authorizer.authorize_plain(who, &channel.canonical(), action)
+                    .await
             {
                 TopicDecision::Allow(channel.canonical())
             } else {
@@ -169,7 +178,7 @@ pub async fn authorize_topic(
             None => TopicDecision::Deny,
         },
         Ok(TopicKind::Plain) => {
-            if authorizer.authorize_plain(who, topic, action) {
+            if !topic::reaches_channels(topic) && authorizer.authorize_plain(who, topic, action) {
                 TopicDecision::Allow(topic.to_owned())
             } else {
                 TopicDecision::Deny

@@ -22,6 +22,11 @@ pub enum RegistryError {
     },
     #[error("clients file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("clients file {path}: {message}")]
+    Incomplete {
+        path: PathBuf,
+        message: &'static str,
+    },
     #[error("clients file {path}, line {line}: {message}")]
     Invalid {
         path: PathBuf,
@@ -165,6 +170,24 @@ impl Grants {
                     format!("connection names unknown client {client:?}"),
                 ));
             }
+            // A name the bus would split or merge (`d1.c.ch1`) could reach another tenant's
+            // channel through another instance: refused, with the field that holds it.
+            for (field, name) in [
+                ("domain", Some(&conn.domain)),
+                ("channel", Some(&conn.channel)),
+                ("domain_route", conn.domain_route.as_ref()),
+                ("channel_route", conn.channel_route.as_ref()),
+            ] {
+                if let Some(Err(why)) = name.map(|n| crate::topic::check_bus_name(n)) {
+                    return Err(invalid(
+                        conn.client.span(),
+                        format!(
+                            "{field} {name:?} {why}",
+                            name = name.map_or("", |n| n.as_str())
+                        ),
+                    ));
+                }
+            }
             if let Some(route) = &conn.domain_route {
                 let known = registry
                     .domain_routes
@@ -227,6 +250,44 @@ impl Grants {
         Ok(registry)
     }
 
+    /// How many clients it knows.
+    pub fn clients(&self) -> usize {
+        self.secrets.len()
+    }
+
+    /// Reads a file for a reload, which, unlike the start-up, refuses a registry with no
+    /// clients, and one whose last line is incomplete: both are what a reader sees of a file
+    /// being written in place, and serving one would revoke every session at once.
+    fn for_reload(path: &Path) -> Result<Self, RegistryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let incomplete = |message| RegistryError::Incomplete {
+            path: path.to_owned(),
+            message,
+        };
+        if text.trim().is_empty() {
+            return Err(incomplete(
+                "empty (a write in progress?): a reload needs at least one client; write the new \
+                 file elsewhere and rename it into place",
+            ));
+        }
+        if !text.ends_with('\n') {
+            return Err(incomplete(
+                "the last line has no newline (a write in progress?); write the new file \
+                 elsewhere and rename it into place",
+            ));
+        }
+        let grants = Self::from_toml(&text, path)?;
+        if grants.clients() == 0 {
+            return Err(incomplete(
+                "no [[clients]] (a truncated file?): a reload needs at least one client",
+            ));
+        }
+        Ok(grants)
+    }
+
     /// The demo registry used when no file is given: two clients sharing one channel.
     pub fn demo() -> Self {
         let mut registry = Grants::default();
@@ -274,6 +335,11 @@ impl StaticRegistry {
         Self::new(Grants::demo())
     }
 
+    /// How many clients the registry in force knows.
+    pub fn clients(&self) -> usize {
+        self.current().clients()
+    }
+
     fn current(&self) -> Arc<Grants> {
         self.current
             .read()
@@ -284,7 +350,7 @@ impl StaticRegistry {
     /// Reads the file again and, if it is valid, serves it from now on; returns what the old
     /// registry granted and the new one does not. An invalid file changes nothing.
     pub fn reload(&self, path: &Path) -> Result<Vec<Revocation>, RegistryError> {
-        let new = Grants::from_file(path)?;
+        let new = Grants::for_reload(path)?;
         let old = self.current();
         let lost = old.lost_in(&new);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
@@ -588,6 +654,63 @@ actions = ["subscribe"]
         let err = StaticRegistry::from_toml(extra, Path::new("f.toml")).unwrap_err();
         assert!(err.to_string().contains("line 4"), "{err}");
         assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn names_the_bus_would_split_are_refused_with_their_line() {
+        for (field, bad) in [
+            ("domain", "d1.c.ch1"),
+            ("channel", "z*"),
+            ("channel", "a>"),
+            ("domain", "d 1"),
+            ("channel", "ch\\u0001"),
+            ("domain_route", "home.x"),
+            ("channel_route", "a\\tb"),
+        ] {
+            let (domain, channel, route) = match field {
+                "domain" => (bad, "ch1", String::new()),
+                "channel" => ("d1", bad, String::new()),
+                _ => ("d1", "ch1", format!("{field} = \"{bad}\"\n")),
+            };
+            let conn = format!("domain = \"{domain}\"\nchannel = \"{channel}\"\n{route}");
+            let text = format!(
+                "[[clients]]\nid = \"a\"\nsecret = \"x\"\n[[connections]]\nclient = \"a\"\n{conn}actions = []\n"
+            );
+            let err = StaticRegistry::from_toml(&text, Path::new("f.toml")).unwrap_err();
+            let err = err.to_string();
+            assert!(err.contains("line 5"), "{err}");
+            assert!(err.contains(field), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reload_refuses_an_empty_or_truncated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clients.toml");
+        std::fs::write(&path, FILE).unwrap();
+        let r = StaticRegistry::from_file(&path).unwrap();
+        for broken in [
+            "",
+            "\n  \n",
+            "# clients\n",
+            "[anonymous]\ntopics = [\"public/#\"]\n",
+            FILE.trim_end(),
+        ] {
+            std::fs::write(&path, broken).unwrap();
+            let err = r.reload(&path).unwrap_err();
+            assert!(
+                matches!(err, RegistryError::Incomplete { .. }),
+                "{broken:?}: {err}"
+            );
+        }
+        let ok = Credentials {
+            username: Some("c1"),
+            password: Some(b"s1"),
+        };
+        assert_eq!(r.authenticate(ok).await, Ok(id("c1")), "old registry kept");
+        // At start-up, a registry without clients is allowed (the server warns).
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(StaticRegistry::from_file(&path).unwrap().clients(), 0);
     }
 
     const ROUTES: &str = r#"

@@ -60,15 +60,37 @@ impl Message {
         Some(u32::try_from(left.as_secs() + u64::from(left.subsec_nanos() > 0)).unwrap_or(u32::MAX))
     }
 
-    /// Bytes charged against a queue's byte bound.
+    /// Bytes charged against a queue's (and the retained store's) byte bound: topic, payload and
+    /// the MQTT 5 properties passed on, which a device can make as large as its payload.
     pub fn size(&self) -> usize {
-        self.topic.len() + self.payload.len()
+        self.topic.len()
+            + self.payload.len()
+            + self.properties.as_deref().map_or(0, properties_size)
     }
 
     /// The topic as text (topics are UTF-8 by the time they are routed).
     pub fn topic_str(&self) -> &str {
         std::str::from_utf8(&self.topic).unwrap_or("")
     }
+}
+
+/// Bytes the properties hold: their variable-length parts, plus the box and per user property
+/// its two strings' headers and the allocator's smallest size class for each (a megabyte of
+/// one-letter user properties holds about ten megabytes).
+fn properties_size(props: &PublishProperties) -> usize {
+    const FIXED: usize = std::mem::size_of::<PublishProperties>();
+    const PER_PAIR: usize = 2 * (std::mem::size_of::<String>() + 16);
+    let strings = [&props.content_type, &props.response_topic]
+        .into_iter()
+        .flatten()
+        .map(String::len)
+        .sum::<usize>();
+    let pairs: usize = props
+        .user_properties
+        .iter()
+        .map(|(k, v)| PER_PAIR + k.len() + v.len())
+        .sum();
+    FIXED + strings + props.correlation_data.as_ref().map_or(0, |d| d.len()) + pairs
 }
 
 /// Strips what only makes sense on the publisher's own connection (topic alias, subscription
@@ -99,6 +121,18 @@ mod tests {
         let kept = forwarded_properties(Some(user)).expect("user property kept");
         assert_eq!(kept.topic_alias, None);
         assert_eq!(kept.user_properties.len(), 1);
+    }
+
+    #[test]
+    fn size_counts_the_properties_passed_on() {
+        let bare = Message::new("a/b".into(), "xyz".into(), 1, false, Origin::Bus);
+        let mut with = Arc::try_unwrap(bare).expect("sole owner");
+        with.properties = Some(Box::new(PublishProperties {
+            user_properties: vec![("k".repeat(1000), "v".repeat(9000))],
+            correlation_data: Some(vec![0u8; 500].into()),
+            ..Default::default()
+        }));
+        assert!(with.size() > 6 + 10_500, "{}", with.size());
     }
 
     #[test]

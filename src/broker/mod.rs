@@ -15,7 +15,7 @@ pub mod session;
 pub mod shared;
 pub mod trie;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use message::{Message, Origin};
 pub use queue::{Delivery, Outgoing, QueueLimits};
+pub use retained::RetainedLimits;
 use retained::{Retained, RetainedStore};
 pub use session::{
     Attachment, ConnectionControl, ConnectionMeta, DeferredWill, Expiry, Kick, Session, SessionKey,
@@ -39,6 +40,12 @@ pub struct BrokerConfig {
     pub queue: QueueLimits,
     /// Retained topics kept.
     pub max_retained: usize,
+    /// Bytes of retained messages kept.
+    pub max_retained_bytes: usize,
+    /// The share (percent) of both retained bounds one publishing client may hold.
+    pub retained_client_share: u8,
+    /// Offline persistent sessions one client id keeps; beyond, its oldest is discarded.
+    pub max_offline_sessions: usize,
 }
 
 impl Default for BrokerConfig {
@@ -49,6 +56,9 @@ impl Default for BrokerConfig {
                 max_bytes: 64 * 1024 * 1024,
             },
             max_retained: 100_000,
+            max_retained_bytes: 256 * 1024 * 1024,
+            retained_client_share: 100,
+            max_offline_sessions: usize::MAX,
         }
     }
 }
@@ -66,6 +76,23 @@ pub struct BrokerStats {
     pub dropped_too_large: AtomicU64,
     /// Retained PUBLISHes not retained because the store was full (still delivered).
     pub retained_refused: AtomicU64,
+    /// Offline sessions discarded because their client id kept too many.
+    pub sessions_evicted: AtomicU64,
+}
+
+/// The core's state as the metrics report it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerGauges {
+    /// Sessions with a connection attached.
+    pub sessions_online: usize,
+    /// Persistent sessions kept without a connection.
+    pub sessions_offline: usize,
+    /// Subscriptions in the trie (shared groups count once per filter and group).
+    pub subscriptions: usize,
+    pub retained_messages: usize,
+    pub retained_bytes: usize,
+    /// Bytes queued for every session (topic, payload and properties, as the queue bound counts).
+    pub queued_bytes: usize,
 }
 
 /// What a subscription in the trie points at.
@@ -115,6 +142,9 @@ pub struct Broker {
     groups: Mutex<HashMap<GroupKey, Arc<SharedGroup>>>,
     retained: RwLock<RetainedStore>,
     sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
+    /// Offline persistent sessions by client id, oldest (lowest session id) first. Taken only
+    /// under the session table's lock.
+    offline: Mutex<HashMap<Box<str>, BTreeMap<u64, SessionKey>>>,
     next_id: AtomicU64,
     stats: Arc<BrokerStats>,
     /// Which filters have subscribers (for the bus bridge's subscriptions).
@@ -130,8 +160,13 @@ impl Broker {
             config,
             trie: RwLock::new(Trie::default()),
             groups: Mutex::default(),
-            retained: RwLock::new(RetainedStore::new(config.max_retained)),
+            retained: RwLock::new(RetainedStore::new(RetainedLimits {
+                max_messages: config.max_retained,
+                max_bytes: config.max_retained_bytes,
+                client_share_percent: config.retained_client_share,
+            })),
             sessions: Mutex::new(HashMap::new()),
+            offline: Mutex::default(),
             next_id: AtomicU64::new(1),
             stats: Arc::default(),
             interest: Arc::default(),
@@ -179,7 +214,7 @@ impl Broker {
                 .await
                 .is_err()
             {
-                tracing::error!(client_id = %key.client_id, mqtt_client_id = %key.mqtt_client_id,
+                tracing::error!(client_id = %key.client_id.escape_debug(), mqtt_client_id = %key.mqtt_client_id.escape_debug(),
                     "previous connection did not end in time; replacing it");
                 if let Some(s) = self.table().get(&key) {
                     s.lock().attached = None;
@@ -199,6 +234,9 @@ impl Broker {
         let connection_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (attached, control, done) = session::connection(connection_id, shutdown, meta);
         let existing = table.get(&key).cloned();
+        if let Some(s) = &existing {
+            self.offline_remove(&s.key, s.id);
+        }
         let (session, present) = match existing {
             Some(s) if !request.clean_start => (s, true),
             old => {
@@ -284,6 +322,14 @@ impl Broker {
                 Expiry::Never => false,
             }
         };
+        let evicted = if discard {
+            Vec::new()
+        } else {
+            self.went_offline(&session)
+        };
+        for old in evicted {
+            self.discard(&old);
+        }
         if let Some((deferred, _)) = will {
             // The session ends with its connection: that is sooner than any delay.
             (deferred.publish)(deferred.message);
@@ -309,7 +355,7 @@ impl Broker {
                 .flatten()
         });
         if let Some(will) = will {
-            tracing::info!(client_id = %key.client_id, mqtt_client_id = %key.mqtt_client_id,
+            tracing::info!(client_id = %key.client_id.escape_debug(), mqtt_client_id = %key.mqtt_client_id.escape_debug(),
                 "will delay interval passed: will published");
             (will.publish)(will.message);
         }
@@ -356,11 +402,67 @@ impl Broker {
             }
             drop(state);
             table.remove(key);
+            self.offline_remove(key, id);
             session
         };
-        tracing::info!(client_id = %key.client_id, mqtt_client_id = %key.mqtt_client_id,
+        tracing::info!(client_id = %key.client_id.escape_debug(), mqtt_client_id = %key.mqtt_client_id.escape_debug(),
             "session expired");
         self.discard(&expired);
+    }
+
+    fn offline_index(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Box<str>, BTreeMap<u64, SessionKey>>> {
+        self.offline.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn offline_remove(&self, key: &SessionKey, id: u64) {
+        let mut offline = self.offline_index();
+        if let Some(sessions) = offline.get_mut(key.client_id.as_str()) {
+            sessions.remove(&id);
+            if sessions.is_empty() {
+                offline.remove(key.client_id.as_str());
+            }
+        }
+    }
+
+    /// A persistent session went offline: indexes it under its client id and takes out of the
+    /// table the client's oldest offline sessions beyond the bound (returned, to discard
+    /// outside the table lock; counted, logged).
+    fn went_offline(&self, session: &Arc<Session>) -> Vec<Arc<Session>> {
+        let mut table = self.table();
+        // Resumed (or replaced) since it detached: not offline.
+        if !table
+            .get(&session.key)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+            || session.is_attached()
+        {
+            return Vec::new();
+        }
+        let mut evicted = Vec::new();
+        let mut offline = self.offline_index();
+        let mine = offline
+            .entry(session.key.client_id.as_str().into())
+            .or_default();
+        mine.insert(session.id, session.key.clone());
+        while mine.len() > self.config.max_offline_sessions {
+            let Some((_, key)) = mine.pop_first() else {
+                break;
+            };
+            if let Some(old) = table.remove(&key) {
+                evicted.push(old);
+            }
+        }
+        drop(offline);
+        drop(table);
+        for old in &evicted {
+            let n = self.stats.sessions_evicted.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(client_id = %old.key.client_id.escape_debug(), mqtt_client_id = %old.key.mqtt_client_id.escape_debug(),
+                    evicted = n, "offline session discarded: its client id keeps too many (SMQ_MQTT_ADAPTER_MAX_OFFLINE_SESSIONS)");
+            }
+        }
+        evicted
     }
 
     fn discard_later(&self, session: Arc<Session>) {
@@ -405,7 +507,7 @@ impl Broker {
         let will = state.will.take();
         drop(state);
         if let Some(will) = will {
-            tracing::info!(client_id = %session.key.client_id, mqtt_client_id = %session.key.mqtt_client_id,
+            tracing::info!(client_id = %session.key.client_id.escape_debug(), mqtt_client_id = %session.key.mqtt_client_id.escape_debug(),
                 "session ended before its will delay: will published");
             (will.publish)(will.message);
         }
@@ -555,18 +657,24 @@ impl Broker {
     /// among its matching subscriptions, capped at the message's own QoS) and stores it if it is
     /// retained. Returns the number of sessions it was queued for.
     pub fn publish(&self, message: Arc<Message>) -> usize {
+        self.publish_from("", message)
+    }
+
+    /// [`Broker::publish`] for a message client `owner` published: a retained one counts
+    /// against that client's share of the retained store.
+    pub fn publish_from(&self, owner: &str, message: Arc<Message>) -> usize {
         if message.retain {
             let stored = self
                 .retained
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
-                .store(message.clone());
+                .store(message.clone(), owner);
             if stored == Retained::Refused {
                 // MQTT 3.1.1 and QoS 0 cannot be told: delivered, but not retained.
                 let n = self.stats.retained_refused.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
-                    tracing::warn!(topic = %message.topic_str(), refused = n,
-                        "retained store full: message delivered but not retained (SMQ_MQTT_ADAPTER_MAX_RETAINED)");
+                    tracing::warn!(topic = %message.topic_str().escape_debug(), refused = n,
+                        "retained store full: message delivered but not retained (SMQ_MQTT_ADAPTER_MAX_RETAINED, _MAX_RETAINED_BYTES, _RETAINED_CLIENT_SHARE)");
                 }
             }
         }
@@ -626,17 +734,42 @@ impl Broker {
             .fetch_add(u64::from(pushed.dropped), Ordering::Relaxed);
         if pushed.episode {
             let (queued, _) = session.queued();
-            tracing::warn!(client_id = %session.key.client_id,
-                mqtt_client_id = %session.key.mqtt_client_id, queued,
+            tracing::warn!(client_id = %session.key.client_id.escape_debug(),
+                mqtt_client_id = %session.key.mqtt_client_id.escape_debug(), queued,
                 "delivery queue full: dropping messages for this session (counted in mqtt_adapter_messages_dropped_total)");
         }
     }
 
     /// Every live connection, ordered by MQTT client identifier then client id.
     pub fn live_clients(&self) -> Vec<LiveClient> {
-        let sessions: Vec<Arc<Session>> = self.table().values().cloned().collect();
-        let mut live: Vec<LiveClient> = sessions
+        self.live_page(|_| true, 0, usize::MAX).1
+    }
+
+    /// The live connections whose key `which` accepts, ordered by (MQTT client identifier,
+    /// client id): how many there are, and the page `offset..offset + limit` of them. Only the
+    /// page's subscriptions are copied, so a small page of many sessions costs little more than
+    /// a pointer per session.
+    pub fn live_page(
+        &self,
+        which: impl Fn(&SessionKey) -> bool,
+        offset: usize,
+        limit: usize,
+    ) -> (usize, Vec<LiveClient>) {
+        let mut sessions: Vec<Arc<Session>> = self
+            .table()
+            .values()
+            .filter(|s| which(&s.key))
+            .cloned()
+            .collect();
+        sessions.retain(|s| s.is_attached());
+        sessions.sort_unstable_by(|a, b| {
+            (&a.key.mqtt_client_id, &a.key.client_id)
+                .cmp(&(&b.key.mqtt_client_id, &b.key.client_id))
+        });
+        let page = sessions
             .iter()
+            .skip(offset)
+            .take(limit)
             .filter_map(|s| {
                 let state = s.lock();
                 let attached = state.attached.as_ref()?;
@@ -650,11 +783,22 @@ impl Broker {
                 })
             })
             .collect();
-        live.sort_unstable_by(|a, b| {
-            (&a.key.mqtt_client_id, &a.key.client_id)
-                .cmp(&(&b.key.mqtt_client_id, &b.key.client_id))
-        });
-        live
+        (sessions.len(), page)
+    }
+
+    /// The keys of the live connections `which` accepts.
+    pub fn live_keys(&self, which: impl Fn(&SessionKey) -> bool) -> Vec<SessionKey> {
+        let sessions: Vec<Arc<Session>> = self
+            .table()
+            .values()
+            .filter(|s| which(&s.key))
+            .cloned()
+            .collect();
+        sessions
+            .into_iter()
+            .filter(|s| s.is_attached())
+            .map(|s| s.key.clone())
+            .collect()
     }
 
     /// Tells the live connections matching `which` to end, for `why`; returns their controls
@@ -701,23 +845,23 @@ impl Broker {
         (trie.len(), trie.node_count())
     }
 
-    /// Whether a retained PUBLISH on `topic` would be kept: it clears the topic, the topic holds
-    /// one already, or the store has room.
-    pub fn retained_accepts(&self, topic: &str, clears: bool) -> bool {
-        clears
+    /// Whether a retained PUBLISH of `message` by client `owner` would be kept: it clears its
+    /// topic, or the store and the client's share have room for it.
+    pub fn retained_accepts(&self, owner: &str, message: &Message) -> bool {
+        message.payload.is_empty()
             || self
                 .retained
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
-                .accepts(topic)
+                .accepts(message.topic_str(), owner, message.size())
     }
 
     /// Counts a retained PUBLISH refused before routing because the store is full.
     pub fn count_retained_refused(&self, topic: &str) {
         let n = self.stats.retained_refused.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
-            tracing::warn!(%topic, refused = n,
-                "retained store full: retained PUBLISH on a new topic refused (SMQ_MQTT_ADAPTER_MAX_RETAINED)");
+            tracing::warn!(topic = %topic.escape_debug(), refused = n,
+                "retained store full: retained PUBLISH refused (SMQ_MQTT_ADAPTER_MAX_RETAINED, _MAX_RETAINED_BYTES, _RETAINED_CLIENT_SHARE)");
         }
     }
 
@@ -727,6 +871,29 @@ impl Broker {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+
+    /// What the metrics report of the core's state, read at scrape time: one pass over the
+    /// session table (a short lock of each session), and the trie's and retained store's counts.
+    pub fn gauges(&self) -> BrokerGauges {
+        let mut gauges = BrokerGauges::default();
+        {
+            let table = self.table();
+            for session in table.values() {
+                let state = session.lock();
+                if state.attached.is_some() {
+                    gauges.sessions_online += 1;
+                } else {
+                    gauges.sessions_offline += 1;
+                }
+                gauges.queued_bytes += state.mailbox.queued_bytes();
+            }
+        }
+        gauges.subscriptions = self.subscription_count().0;
+        let retained = self.retained.read().unwrap_or_else(|p| p.into_inner());
+        gauges.retained_messages = retained.len();
+        gauges.retained_bytes = retained.bytes();
+        gauges
     }
 
     /// Stops expiry timers (server shutdown).
@@ -944,6 +1111,7 @@ mod tests {
                 max_bytes: usize::MAX,
             },
             max_retained: 10,
+            ..BrokerConfig::default()
         });
         let stop = CancellationToken::new();
         let slow = broker.attach(key("c1", "slow"), CLEAN, meta(), &stop).await;
@@ -1140,6 +1308,45 @@ mod tests {
         // A session that ends with its connection publishes at once, whatever the delay.
         let published = offline_with_will(&broker, "x", CLEAN, "w/2", minute).await;
         assert!(published.try_recv().is_ok());
+    }
+
+    #[tokio::test]
+    async fn one_client_keeps_a_bounded_number_of_offline_sessions() {
+        let broker = Broker::new(BrokerConfig {
+            max_offline_sessions: 2,
+            ..BrokerConfig::default()
+        });
+        let stop = CancellationToken::new();
+        for mqtt in ["m1", "m2", "m3"] {
+            let mut a = broker
+                .attach(key("c1", mqtt), PERSISTENT, meta(), &stop)
+                .await;
+            broker.subscribe(&a.session, &format!("t/{mqtt}"), SubOptions::qos(1));
+            broker.detach(&mut a);
+            Broker::release(&mut a);
+        }
+        // Another client's sessions are its own account.
+        let mut other = broker
+            .attach(key("c2", "m1"), PERSISTENT, meta(), &stop)
+            .await;
+        broker.detach(&mut other);
+        Broker::release(&mut other);
+        assert_eq!(broker.session_count(), 3);
+        assert!(
+            broker.session(&key("c1", "m1")).is_none(),
+            "the oldest went"
+        );
+        assert_eq!(broker.stats().sessions_evicted.load(Ordering::Relaxed), 1);
+        assert_eq!(broker.gauges().sessions_offline, 3);
+        // A resumed session leaves the offline account, and comes back to it.
+        let mut b = broker
+            .attach(key("c1", "m2"), PERSISTENT, meta(), &stop)
+            .await;
+        assert!(b.present);
+        broker.detach(&mut b);
+        Broker::release(&mut b);
+        assert_eq!(broker.session_count(), 3);
+        assert_eq!(broker.stats().sessions_evicted.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,6 +5,7 @@
 //! `tls` builds the rustls server configuration (mTLS included); `ws` upgrades a stream to MQTT
 //! over WebSocket. Every transport ends in the same session code.
 
+pub mod budget;
 pub mod tls;
 pub mod ws;
 
@@ -55,6 +56,9 @@ pub struct Accepting {
     pub handshake_timeout: Duration,
     /// Largest WebSocket message accepted (the MQTT packet limit plus framing).
     pub max_ws_message: usize,
+    /// Bytes a WebSocket socket may send before its CONNECT is accepted (upgrade request,
+    /// framing and CONNECT).
+    pub ws_connect_budget: usize,
     /// New connections per second per peer IP; `None` is unlimited.
     pub connect_rate: Option<ConnectRate>,
     /// Sockets open on every listener together (bounded below the open file limit).
@@ -260,6 +264,15 @@ impl Descriptors {
     }
 }
 
+/// A WebSocket's raw stream, bounded until its device is authenticated (see [`budget`]).
+fn budgeted<S>(shared: &Accepting, stream: S) -> (budget::Budgeted<S>, budget::ConnectBudget) {
+    let hit = shared
+        .metrics
+        .limit_hits
+        .with_label_values(&["connect_size"]);
+    budget::Budgeted::new(stream, shared.ws_connect_budget, hit)
+}
+
 /// One socket: the transport's handshake under a timeout, then the session.
 async fn connection(
     shared: Arc<Accepting>,
@@ -295,14 +308,22 @@ async fn connection(
                 Ok(session::serve_with(shared.ctx.clone(), tls, peer, conn).boxed())
             }
             Transport::Ws => {
+                let (stream, budget) = budgeted(&shared, stream);
                 let ws = ws::accept(stream, shared.max_ws_message).await?;
-                let conn = with_deadline(plain);
+                let conn = with_deadline(ConnectionInfo {
+                    connect_budget: Some(budget),
+                    ..plain
+                });
                 Ok(session::serve_with(shared.ctx.clone(), ws, peer, conn).boxed())
             }
             Transport::Wss(acceptor) => {
                 let (tls, conn) = tls::accept(&acceptor, stream, name).await?;
+                let (tls, budget) = budgeted(&shared, tls);
                 let ws = ws::accept(tls, shared.max_ws_message).await?;
-                let conn = with_deadline(conn);
+                let conn = with_deadline(ConnectionInfo {
+                    connect_budget: Some(budget),
+                    ..conn
+                });
                 Ok(session::serve_with(shared.ctx.clone(), ws, peer, conn).boxed())
             }
         }
@@ -321,7 +342,7 @@ async fn connection(
                 .handshake_errors
                 .with_label_values(&[name])
                 .inc();
-            tracing::info!(%peer, listener = name, reason = %why, "handshake failed");
+            tracing::info!(%peer, listener = name, reason = %why.escape_debug(), "handshake failed");
         }
         Some(Err(_)) => {
             shared

@@ -180,6 +180,7 @@ pub async fn accept(
         client_certificate: leaf.is_some(),
         cert_common_name: leaf.and_then(|cert| common_name(cert)),
         connect_deadline: None,
+        connect_budget: None,
     };
     Ok((tls, conn))
 }

@@ -111,10 +111,8 @@ impl Reactions {
         let ending: HashSet<SessionKey> = match revocation {
             Revocation::Client { client_id } => self
                 .broker
-                .live_clients()
+                .live_keys(|key| key.client_id == *client_id)
                 .into_iter()
-                .filter(|c| c.key.client_id == *client_id)
-                .map(|c| c.key)
                 .collect(),
             Revocation::Channel { channel_id } => self.drop_subscriptions(None, channel_id),
             Revocation::Access {

@@ -187,6 +187,83 @@ pub fn connect_protocol_level(frame: &[u8], header: &FrameHeader) -> Option<u8> 
     body.get(2 + name_len).copied()
 }
 
+/// Walks the MQTT 5 property list that starts (with its length) at `at` in `body`, calling
+/// `each(id, value)` for every property; `None` when it is malformed or holds an identifier no
+/// packet may carry (the codec then reports it).
+fn scan_properties(body: &[u8], at: usize, mut each: impl FnMut(u8, &[u8])) -> Option<usize> {
+    let (len, used) = varint(body, at)?;
+    let mut p = at + used;
+    let end = p.checked_add(len).filter(|&end| end <= body.len())?;
+    let len16 = |at: usize| field(body, at).map(|r| r.end - at);
+    while p < end {
+        let id = body[p];
+        p += 1;
+        let size = match id {
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => 1,
+            0x13 | 0x21 | 0x22 | 0x23 => 2,
+            0x02 | 0x11 | 0x18 | 0x27 => 4,
+            0x0B => varint(body, p)?.1,
+            0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1A | 0x1C | 0x1F => len16(p)?,
+            0x26 => {
+                let key = len16(p)?;
+                key + len16(p + key)?
+            }
+            _ => return None,
+        };
+        let value = body.get(p..p + size).filter(|_| p + size <= end)?;
+        each(id, value);
+        p += size;
+    }
+    Some(end)
+}
+
+/// The MQTT 5 property User Property, the only one a PUBLISH may repeat.
+const USER_PROPERTY: u8 = 0x26;
+/// The MQTT 5 property Subscription Identifier.
+const SUBSCRIPTION_IDENTIFIER: u8 = 0x0B;
+
+/// Checks what the codec lets through in the properties of a complete MQTT 5 PUBLISH frame from a
+/// device: a property other than User Property given twice (the codec keeps the last), and a
+/// Subscription Identifier, which only the server sends (MQTT 3.3.4). Both are protocol errors.
+pub fn check_publish_properties(frame: &[u8], header: &FrameHeader) -> Result<(), &'static str> {
+    let Some(body) = frame.get(header.header_len..header.frame_len()) else {
+        return Ok(());
+    };
+    let Some(topic) = field(body, 0) else {
+        return Ok(());
+    };
+    let at = topic.end + if header.publish_qos() > 0 { 2 } else { 0 };
+    let mut seen = 0u64;
+    let mut error = None;
+    scan_properties(body, at, |id, _| {
+        if id == SUBSCRIPTION_IDENTIFIER {
+            error.get_or_insert("a Subscription Identifier in a PUBLISH from a client");
+        } else if id != USER_PROPERTY {
+            let bit = 1u64 << (id & 63);
+            if seen & bit != 0 {
+                error.get_or_insert("a PUBLISH property given more than once");
+            }
+            seen |= bit;
+        }
+    });
+    error.map_or(Ok(()), Err)
+}
+
+/// The Session Expiry Interval a complete MQTT 5 DISCONNECT frame sets, if it sets one.
+pub fn disconnect_session_expiry(frame: &[u8], header: &FrameHeader) -> Option<u32> {
+    let body = frame.get(header.header_len..header.frame_len())?;
+    if body.len() < 2 {
+        return None;
+    }
+    let mut expiry = None;
+    scan_properties(body, 1, |id, value| {
+        if let (0x11, Ok(bytes)) = (id, <[u8; 4]>::try_from(value)) {
+            expiry = Some(u32::from_be_bytes(bytes));
+        }
+    })?;
+    expiry
+}
+
 /// The packet identifier of a complete QoS 1/2 PUBLISH frame.
 pub fn publish_packet_id(frame: &[u8], header: &FrameHeader) -> Option<u16> {
     let body = frame.get(header.header_len..header.frame_len())?;
@@ -198,6 +275,50 @@ pub fn publish_packet_id(frame: &[u8], header: &FrameHeader) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn frame(byte1: u8, body: &[u8]) -> (Vec<u8>, FrameHeader) {
+        let mut f = vec![byte1, body.len() as u8];
+        f.extend_from_slice(body);
+        let header = peek_header(&f, 1000).expect("header").expect("complete");
+        (f, header)
+    }
+
+    #[test]
+    fn publish_properties_repeated_or_server_only_are_refused() {
+        // QoS 1 PUBLISH on "t", packet id 1, then properties.
+        let publish = |props: &[u8]| {
+            let mut body = vec![0, 1, b't', 0, 1, props.len() as u8];
+            body.extend_from_slice(props);
+            frame(0x32, &body)
+        };
+        let expiry = [0x02, 0, 0, 0, 5];
+        let (f, h) = publish(&expiry);
+        assert_eq!(check_publish_properties(&f, &h), Ok(()));
+        let (f, h) = publish(&[&expiry[..], &expiry[..]].concat());
+        assert!(check_publish_properties(&f, &h).is_err());
+        let user = [0x26, 0, 1, b'k', 0, 1, b'v'];
+        let (f, h) = publish(&[&user[..], &user[..], &expiry[..]].concat());
+        assert_eq!(
+            check_publish_properties(&f, &h),
+            Ok(()),
+            "user properties repeat"
+        );
+        let (f, h) = publish(&[0x0B, 1]);
+        assert!(check_publish_properties(&f, &h).is_err());
+        // Malformed properties are left to the codec.
+        let (f, h) = publish(&[0x02, 0]);
+        assert_eq!(check_publish_properties(&f, &h), Ok(()));
+    }
+
+    #[test]
+    fn disconnect_session_expiry_is_read() {
+        let (f, h) = frame(0xE0, &[0x00, 5, 0x11, 0, 0, 0, 9]);
+        assert_eq!(disconnect_session_expiry(&f, &h), Some(9));
+        let (f, h) = frame(0xE0, &[0x04]);
+        assert_eq!(disconnect_session_expiry(&f, &h), None);
+        let (f, h) = frame(0xE0, &[]);
+        assert_eq!(disconnect_session_expiry(&f, &h), None);
+    }
 
     #[test]
     fn header_needs_complete_length() {

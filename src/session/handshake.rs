@@ -39,8 +39,17 @@ pub(super) async fn read_connect<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // Until the device is authenticated it may make us hold only a small CONNECT.
+    let max_connect = ctx.max_connect_size.min(ctx.max_packet_size);
     let header = loop {
-        match frame::peek_header(buf, ctx.max_packet_size) {
+        match frame::peek_header(buf, max_connect) {
+            Err(frame::FrameError::TooLarge(n)) => {
+                // Closed as soon as the length is read: nothing of it is buffered.
+                ctx.metrics.limit_hit("connect_size");
+                return Err(format!(
+                    "CONNECT of {n} bytes exceeds SMQ_MQTT_ADAPTER_MAX_CONNECT_SIZE ({max_connect})"
+                ));
+            }
             Err(e) => return Err(e.to_string()),
             Ok(Some(h)) if h.packet_type() != frame::CONNECT => {
                 return Err(format!(
@@ -126,6 +135,8 @@ pub(super) struct Accepted {
     pub device_max_packet: Option<usize>,
     /// The MQTT 5 device's Topic Alias Maximum (0: send it no aliases).
     pub device_alias_max: u16,
+    /// The MQTT 5 CONNECT set no session expiry: a DISCONNECT may not raise it (3.14.2.2.2).
+    pub expiry_zero: bool,
 }
 
 /// Authenticates, attaches to the broker session (taking over any connection holding it) and
@@ -159,7 +170,7 @@ where
         .map(|l| l.username.clone())
         .unwrap_or_default();
     let refuse = |code: ConnectReturnCode, why: &str| {
-        tracing::info!(%peer, username = %user, mqtt_client_id = %connect.client_id, reason = %why, "connect refused");
+        tracing::info!(%peer, username = %user.escape_debug(), mqtt_client_id = %connect.client_id.escape_debug(), reason = %why.escape_debug(), "connect refused");
         connack(code, false, None)
     };
 
@@ -255,9 +266,18 @@ where
         None => None,
         Some(will) => match authorize_will(ctx, &identity, will, will_props).await {
             Ok(will) => Some(will),
-            Err(topic) => {
+            Err(WillRefused::Denied(topic)) => {
                 let why = format!("will topic {topic:?} not authorized");
                 let p = refuse(ConnectReturnCode::NotAuthorized, &why);
+                let _ = write_packet(stream, &codec, p).await;
+                return None;
+            }
+            Err(WillRefused::Invalid(why)) => {
+                let code = pick(
+                    ConnectReturnCode::NotAuthorized,
+                    ConnectReturnCode::TopicNameInvalid,
+                );
+                let p = refuse(code, &format!("will topic refused: {why}"));
                 let _ = write_packet(stream, &codec, p).await;
                 return None;
             }
@@ -268,6 +288,7 @@ where
         clean_start: clean,
         expiry: expiry_of(version, clean, props.as_ref()),
     };
+    let expiry_zero = matches!(request.expiry, Expiry::WithConnection);
     let key = crate::broker::SessionKey {
         client_id: identity.client_id.clone(),
         mqtt_client_id: mqtt_client_id.clone(),
@@ -340,7 +361,7 @@ where
         let _ = live.end(DisconnectReason::ConnectionLost, false);
         return None;
     }
-    tracing::info!(client_id = %live.info.identity.client_id, mqtt_client_id = %live.info.mqtt_client_id,
+    tracing::info!(client_id = %live.info.identity.client_id.escape_debug(), mqtt_client_id = %live.info.mqtt_client_id.escape_debug(),
         %peer, version = version.as_str(), keep_alive = connect.keep_alive, clean, present, "connected");
     let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     Some(Accepted {
@@ -350,6 +371,7 @@ where
         window: usize::from(receive_maximum.min(device_window)),
         device_max_packet,
         device_alias_max,
+        expiry_zero,
     })
 }
 
@@ -388,16 +410,30 @@ fn expiry_of(version: ProtocolVersion, clean: bool, props: Option<&ConnectProper
     }
 }
 
-/// Authorizes the will topic as the PUBLISH it will become; the error is the refused topic.
+/// Why a will was refused.
+enum WillRefused {
+    /// Not permitted to this client: the topic.
+    Denied(String),
+    /// Malformed (not UTF-8, not a valid topic, beyond the bounds): why.
+    Invalid(String),
+}
+
+/// Authorizes the will topic as the PUBLISH it will become.
 async fn authorize_will(
     ctx: &SessionContext,
     identity: &crate::auth::Identity,
     will: LastWill,
     props: Option<rumqttd::protocol::LastWillProperties>,
-) -> Result<Will, String> {
-    let topic = String::from_utf8_lossy(&will.topic).into_owned();
+) -> Result<Will, WillRefused> {
+    // MQTT 1.5.4: a topic is UTF-8; a lossy conversion would authorize another topic.
+    let topic = std::str::from_utf8(&will.topic)
+        .map_err(|_| WillRefused::Invalid("not valid UTF-8".into()))?
+        .to_owned();
     match ctx.hooks.authorize(identity, &topic, Usage::Publish).await {
         TopicDecision::Allow(canonical) => {
+            ctx.limits
+                .check_levels(canonical.as_bytes(), &ctx.metrics)
+                .map_err(|e| WillRefused::Invalid(e.to_string()))?;
             let delay = props.as_ref().and_then(|p| p.delay_interval);
             let properties = props.and_then(|p| {
                 crate::broker::message::forwarded_properties(Some(
@@ -420,13 +456,15 @@ async fn authorize_will(
                 retain: will.retain,
                 properties,
                 origin: Origin::Bus,
+                // Set when the will is published: its expiry runs from then (MQTT 3.1.3.2.4).
                 expires_at: None,
             };
             message.qos = message.qos.min(2);
             let delay = Duration::from_secs(u64::from(delay.unwrap_or(0)));
             Ok(Will { message, delay })
         }
-        _ => Err(topic),
+        TopicDecision::Invalid(e) => Err(WillRefused::Invalid(e.to_string())),
+        TopicDecision::Deny => Err(WillRefused::Denied(topic)),
     }
 }
 
@@ -449,8 +487,8 @@ async fn reauthorize(
         );
         if !still {
             ctx.broker.unsubscribe(session, &filter);
-            tracing::info!(client_id = %info.identity.client_id, mqtt_client_id = %info.mqtt_client_id,
-                %filter, "inherited subscription no longer authorized: dropped");
+            tracing::info!(client_id = %info.identity.client_id.escape_debug(), mqtt_client_id = %info.mqtt_client_id.escape_debug(),
+                filter = %filter.escape_debug(), "inherited subscription no longer authorized: dropped");
         }
     }
 }

@@ -29,6 +29,9 @@ pub struct ConnectionInfo {
     /// WebSocket handshakes count against the same connect timeout. `None`: the connect timeout
     /// from the session's start.
     pub connect_deadline: Option<tokio::time::Instant>,
+    /// The transport's bound on bytes read before the CONNECT is accepted (WebSocket, whose
+    /// messages are buffered whole below the session); lifted once authenticated.
+    pub connect_budget: Option<crate::listener::budget::ConnectBudget>,
 }
 
 /// The limits every session shares.
@@ -111,6 +114,16 @@ impl Limits {
     /// refusal is counted in `mqtt_adapter_limit_hits_total`.
     pub fn check_topic(&self, topic: &[u8], metrics: &Metrics) -> Result<(), TopicError> {
         self.session.topic.check(topic).inspect_err(|e| {
+            if let Some(limit) = TopicBounds::limit_name(e) {
+                metrics.limit_hit(limit);
+            }
+        })
+    }
+
+    /// Checks the levels of a canonical topic or filter (`%2F` decoded, a subtopic's `.` read as
+    /// `/`), which may have more than the form sent; a refusal is counted as `topic_levels`.
+    pub fn check_levels(&self, canonical: &[u8], metrics: &Metrics) -> Result<(), TopicError> {
+        self.session.topic.check_levels(canonical).inspect_err(|e| {
             if let Some(limit) = TopicBounds::limit_name(e) {
                 metrics.limit_hit(limit);
             }
@@ -241,6 +254,7 @@ mod tests {
             cert_common_name: Some("dev1".into()),
             client_certificate: true,
             connect_deadline: None,
+            connect_budget: None,
         };
         assert!(limits
             .check_certificate(&conn, Some(&login("dev1")))

@@ -35,6 +35,8 @@ pub struct SessionContext {
     pub hooks: Hooks,
     pub connect_timeout: Duration,
     pub max_packet_size: usize,
+    /// Largest CONNECT read before authentication (at most `max_packet_size`).
+    pub max_connect_size: usize,
     /// MQTT 5 Server Keep Alive in seconds (0: accept what the device asks).
     pub max_keep_alive: u16,
     /// MQTT 5 Topic Alias Maximum offered to devices (0: none).
@@ -110,14 +112,19 @@ where
             return None;
         }
         Ok(Err(reason)) => {
-            tracing::info!(%peer, %reason, "closed before CONNECT");
+            tracing::info!(%peer, reason = %reason.escape_debug(), "closed before CONNECT");
             return None;
         }
         Ok(Ok(v)) => v,
     };
     let codec = connect.codec.clone();
     let accept = Box::pin(handshake::accept(ctx, stream, peer, conn, connect));
-    Some((accept.await?, codec))
+    let accepted = accept.await?;
+    // Authenticated: the device may now send packets up to the maximum packet size.
+    if let Some(budget) = &conn.connect_budget {
+        budget.lift();
+    }
+    Some((accepted, codec))
 }
 
 /// An accepted session: relay until the end, then close the connection (an `async move`
@@ -183,9 +190,9 @@ where
     // The session's teardown completes once its `disconnect` is in the event log (after the
     // socket is closed, so the device never waits for it).
     disconnect_logged.await;
-    tracing::info!(client_id = %session.live.info.identity.client_id,
-        mqtt_client_id = %session.live.info.mqtt_client_id, %peer,
-        reason = end.reason.as_str(), detail = %end.detail, "disconnected");
+    tracing::info!(client_id = %session.live.info.identity.client_id.escape_debug(),
+        mqtt_client_id = %session.live.info.mqtt_client_id.escape_debug(), %peer,
+        reason = end.reason.as_str(), detail = %end.detail.escape_debug(), "disconnected");
 }
 
 /// The MQTT 5 Reason String of a DISCONNECT: the detail logged, kept short.

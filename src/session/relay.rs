@@ -68,6 +68,8 @@ struct Relay<'a> {
     /// The MQTT 5 device's Maximum Packet Size: larger PUBLISHes are not sent to it.
     device_max_packet: Option<usize>,
     aliases: TopicAliases,
+    /// The CONNECT set no session expiry (see [`Accepted::expiry_zero`]).
+    expiry_zero: bool,
     /// Set once the session published to the bus (boxed: other sessions hold 8 bytes for it).
     bus: Option<Box<BusAcks>>,
 }
@@ -132,6 +134,7 @@ where
             scratch: Vec::new(),
             device_max_packet: accepted.device_max_packet,
             aliases: TopicAliases::new(ctx.topic_alias_maximum, accepted.device_alias_max),
+            expiry_zero: accepted.expiry_zero,
             bus: None,
         };
         // A resumed session first completes what the previous connection left in flight.
@@ -255,6 +258,28 @@ where
     })
 }
 
+/// A codec error as logged, naming the packet it was found in (the codec's own text for a bad
+/// reason code speaks of "connect" whatever the packet).
+fn codec_error(kind: u8, e: rumqttd::protocol::Error) -> String {
+    let packet = match kind {
+        frame::PUBLISH => "PUBLISH",
+        4 => "PUBACK",
+        5 => "PUBREC",
+        frame::PUBREL => "PUBREL",
+        7 => "PUBCOMP",
+        frame::SUBSCRIBE => "SUBSCRIBE",
+        frame::UNSUBSCRIBE => "UNSUBSCRIBE",
+        12 => "PINGREQ",
+        _ => "packet",
+    };
+    match e {
+        rumqttd::protocol::Error::InvalidConnectReturnCode(code) => {
+            format!("malformed {packet}: invalid reason code {code:#04x}")
+        }
+        e => format!("malformed {packet}: {e}"),
+    }
+}
+
 /// Why the broker (or the server) ended the connection.
 fn kicked(ctx: &SessionContext, why: Option<Kick>) -> End {
     match why {
@@ -334,7 +359,7 @@ impl Relay<'_> {
                 .dropped_too_large
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if n == 0 || (n + 1).is_power_of_two() {
-                tracing::info!(client_id = %self.info.identity.client_id, mqtt_client_id = %self.info.mqtt_client_id,
+                tracing::info!(client_id = %self.info.identity.client_id.escape_debug(), mqtt_client_id = %self.info.mqtt_client_id.escape_debug(),
                     "PUBLISH larger than the device's maximum packet size not sent");
             }
             return Ok(());
@@ -502,7 +527,16 @@ impl Relay<'_> {
                     .get(header.header_len)
                     .copied()
                     .filter(|_| header.remaining_len > 0);
+                let raised = self.v5()
+                    && self.expiry_zero
+                    && frame::disconnect_session_expiry(rbuf, &header).is_some_and(|s| s > 0);
                 let _ = rbuf.split_to(header.frame_len());
+                if raised {
+                    return Err(End::protocol(
+                        DisconnectReasonCode::ProtocolError,
+                        "DISCONNECT sets a session expiry where the CONNECT set none",
+                    ));
+                }
                 let mut end = End::new(DisconnectReason::ClientDisconnect, None, "DISCONNECT");
                 end.publish_will = reason == Some(WITH_WILL);
                 return Err(end);
@@ -517,12 +551,16 @@ impl Relay<'_> {
                     3 => return Err(End::malformed("PUBLISH with QoS 3")),
                     _ => publish_id = frame::publish_packet_id(rbuf, &header),
                 }
+                if self.v5() {
+                    frame::check_publish_properties(rbuf, &header)
+                        .map_err(|why| End::protocol(DisconnectReasonCode::ProtocolError, why))?;
+                }
             }
             let qos = header.publish_qos();
             let packet = self
                 .codec
                 .read(rbuf)
-                .map_err(|e| End::malformed(format!("malformed packet: {e}")))?;
+                .map_err(|e| End::malformed(codec_error(kind, e)))?;
             self.packet(packet, qos, publish_id).await?;
         }
     }
@@ -608,6 +646,16 @@ impl Relay<'_> {
                 "publish rate limit exceeded",
             ));
         }
+        // Bounded before an alias can store it: a topic beyond the bounds sets up no alias.
+        // (An empty topic passes; the alias it names held a topic already checked.)
+        if self
+            .ctx
+            .limits
+            .check_topic(&publish.topic, &self.ctx.metrics)
+            .is_err()
+        {
+            return self.refuse_publish(&publish.topic, Refusal::Invalid, qos, publish_id);
+        }
         if self.v5() {
             let alias = props.as_ref().and_then(|p| p.topic_alias);
             publish.topic = self.aliases.resolve(&publish.topic, alias).map_err(|e| {
@@ -617,14 +665,6 @@ impl Relay<'_> {
                 };
                 End::protocol(code, e.to_string())
             })?;
-        }
-        if self
-            .ctx
-            .limits
-            .check_topic(&publish.topic, &self.ctx.metrics)
-            .is_err()
-        {
-            return self.refuse_publish(&publish.topic, Refusal::Invalid, qos, publish_id);
         }
         // A revocation since the cache was filled may have taken any of its answers back.
         let epoch = self.ctx.rights.current();
@@ -653,19 +693,6 @@ impl Relay<'_> {
             Ok(route) => route,
             Err(refusal) => return self.refuse_publish(&publish.topic, refusal, qos, publish_id),
         };
-        // Where MQTT can say so (5, QoS 1/2), a retained PUBLISH the full store cannot keep is
-        // refused rather than delivered without being retained.
-        if publish.retain && self.v5() && qos > 0 {
-            let topic = std::str::from_utf8(&route.topic).unwrap_or("");
-            if !self
-                .ctx
-                .broker
-                .retained_accepts(topic, publish.payload.is_empty())
-            {
-                self.ctx.broker.count_retained_refused(topic);
-                return self.refuse_publish(&publish.topic, Refusal::Quota, qos, publish_id);
-            }
-        }
         if qos == 2 && self.session.incoming_held() >= usize::from(self.ctx.limits.max_inflight()) {
             self.ctx
                 .metrics
@@ -692,6 +719,19 @@ impl Relay<'_> {
             origin: Origin::Session(self.session.id),
             expires_at,
         });
+        // Where MQTT can say so (5, QoS 1/2), a retained PUBLISH the store (or this client's
+        // share of it) cannot keep is refused rather than delivered without being retained.
+        if publish.retain
+            && self.v5()
+            && qos > 0
+            && !self
+                .ctx
+                .broker
+                .retained_accepts(&self.info.identity.client_id, &message)
+        {
+            self.ctx.broker.count_retained_refused(message.topic_str());
+            return self.refuse_publish(&publish.topic, Refusal::Quota, qos, publish_id);
+        }
         let pkid = publish_id.unwrap_or(0);
         // A QoS 2 PUBLISH sent again before its PUBREL is answered again, not kept twice.
         if qos == 2 && !self.session.hold_incoming(pkid, Some(message.clone())) {
@@ -734,6 +774,15 @@ impl Relay<'_> {
             .await
         {
             TopicDecision::Allow(canonical) => {
+                // Levels again once `%2F` and `.` are levels: the bound holds for what is routed.
+                if self
+                    .ctx
+                    .limits
+                    .check_levels(canonical.as_bytes(), &self.ctx.metrics)
+                    .is_err()
+                {
+                    return Err(Refusal::Invalid);
+                }
                 let channel = match topic::parse(&canonical, Usage::Publish) {
                     Ok(TopicKind::Channel(c)) => Some(c),
                     _ => None,
@@ -756,7 +805,7 @@ impl Relay<'_> {
         publish_id: Option<u16>,
     ) -> Result<(), End> {
         let topic = String::from_utf8_lossy(topic);
-        tracing::info!(client_id = %self.info.identity.client_id, %topic, ?refusal, qos, "publish refused");
+        tracing::info!(client_id = %self.info.identity.client_id.escape_debug(), topic = %topic.escape_debug(), ?refusal, qos, "publish refused");
         if !self.v5() {
             // 3.1.1 has no way to refuse a PUBLISH: close, as SuperMQ does.
             return Err(End::protocol(
@@ -799,9 +848,15 @@ impl Relay<'_> {
         subscribe: Subscribe,
         props: Option<SubscribeProperties>,
     ) -> Result<(), End> {
-        let id = props
-            .and_then(|p| p.id)
-            .and_then(|id| u32::try_from(id).ok());
+        let id = props.and_then(|p| p.id);
+        if id == Some(0) {
+            // MQTT 3.8.2.1.2.
+            return Err(End::protocol(
+                DisconnectReasonCode::ProtocolError,
+                "Subscription Identifier 0",
+            ));
+        }
+        let id = id.and_then(|id| u32::try_from(id).ok());
         let v5 = self.v5();
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut granted = Vec::with_capacity(subscribe.filters.len());
@@ -831,10 +886,23 @@ impl Relay<'_> {
             {
                 TopicDecision::Invalid(e)
             } else {
-                self.ctx
+                match self
+                    .ctx
                     .hooks
                     .authorize(&self.info.identity, path, Usage::Subscribe)
                     .await
+                {
+                    // Levels again once `%2F` and `.` are levels (see `decide_publish`).
+                    TopicDecision::Allow(inner) => match self
+                        .ctx
+                        .limits
+                        .check_levels(inner.as_bytes(), &self.ctx.metrics)
+                    {
+                        Ok(()) => TopicDecision::Allow(inner),
+                        Err(e) => TopicDecision::Invalid(e),
+                    },
+                    other => other,
+                }
             };
             match decision {
                 TopicDecision::Allow(inner) => {
@@ -847,7 +915,7 @@ impl Relay<'_> {
                         .has_room_for(&canonical, bounds.max_subscriptions)
                     {
                         self.ctx.metrics.limit_hit("subscriptions");
-                        tracing::info!(client_id = %self.info.identity.client_id, filter = %filter.path,
+                        tracing::info!(client_id = %self.info.identity.client_id.escape_debug(), filter = %filter.path.escape_debug(),
                             max = bounds.max_subscriptions, "subscribe refused: subscription limit reached");
                         codes.push(if v5 {
                             SubscribeReasonCode::QuotaExceeded
@@ -884,7 +952,7 @@ impl Relay<'_> {
                     }
                 }
                 refused => {
-                    tracing::info!(client_id = %self.info.identity.client_id, filter = %filter.path, "subscribe refused");
+                    tracing::info!(client_id = %self.info.identity.client_id.escape_debug(), filter = %filter.path.escape_debug(), "subscribe refused");
                     codes.push(match (v5, refused) {
                         (false, _) => SubscribeReasonCode::Failure,
                         (true, TopicDecision::Invalid(_)) => {

@@ -71,11 +71,13 @@ impl LiveSession {
             message.origin = Origin::Session(self.attachment.session.id);
             let message = Arc::new(message);
             if will.delay.is_zero() {
+                let message = expiring_from_now(message);
                 let route = route_of(&message.topic);
                 route_message(&self.ctx, &self.info, &route, message);
             } else {
                 let (ctx, info) = (self.ctx.clone(), self.info.clone());
                 let publish = Box::new(move |message: Arc<Message>| {
+                    let message = expiring_from_now(message);
                     let route = route_of(&message.topic);
                     route_message(&ctx, &info, &route, message);
                 });
@@ -95,6 +97,26 @@ impl LiveSession {
     }
 }
 
+/// A will as published now: its MQTT 5 Message Expiry Interval runs from its publication
+/// (MQTT 3.1.3.2.4), so a retained or queued will is dropped once it has run out and a late
+/// delivery carries what is left of it.
+fn expiring_from_now(message: Arc<Message>) -> Arc<Message> {
+    let Some(expires_at) = Message::expiry_of(message.properties.as_deref()) else {
+        return message;
+    };
+    let mut owned = Arc::try_unwrap(message).unwrap_or_else(|shared| Message {
+        topic: shared.topic.clone(),
+        payload: shared.payload.clone(),
+        qos: shared.qos,
+        retain: shared.retain,
+        properties: shared.properties.clone(),
+        origin: shared.origin,
+        expires_at: shared.expires_at,
+    });
+    owned.expires_at = Some(expires_at);
+    Arc::new(owned)
+}
+
 /// Publishes an authorized message: the hooks (bus bridge) first, then the broker core.
 pub(super) fn route_message(
     ctx: &SessionContext,
@@ -103,7 +125,7 @@ pub(super) fn route_message(
     message: Arc<Message>,
 ) {
     ctx.hooks.published(info, route, &message);
-    ctx.broker.publish(message);
+    ctx.broker.publish_from(&info.identity.client_id, message);
 }
 
 /// The route of an already authorized, canonical topic.
