@@ -223,3 +223,35 @@ async fn nats_state_is_refused_at_start_up_as_not_available_yet() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn with_no_setting_the_state_is_local_in_a_data_directory_created_in_the_working_directory() {
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let port = common::free_port();
+    let mut cmd = common::adapter_command(port, None, &[]);
+    cmd.env_remove("SMQ_MQTT_ADAPTER_STATE")
+        .current_dir(cwd.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn mqtt-adapter");
+    // The README's run command: the demo registry, no variable but the port.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let connect = Connect::new(V311, "readme", "demo-app", "demo-app-secret");
+    let code = loop {
+        if let Some((_, code)) = RawClient::try_connect(port, &connect).await {
+            break code;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the adapter did not accept on {port}"
+        );
+        assert!(child.try_wait().expect("try_wait").is_none(), "it exited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, 0, "CONNACK");
+    assert!(cwd.path().join("data/state/state.redb").is_file());
+    let _ = child.kill().await;
+}
