@@ -1,6 +1,7 @@
 //! Retained messages across restarts of the real binary (`SMQ_MQTT_ADAPTER_STATE`): with `local`
 //! (the default) a retained message that was acknowledged survives a SIGTERM restart and a
-//! `kill -9` right after its PUBACK, over MQTT 3.1.1 and 5; a cleared one stays cleared; an MQTT 5
+//! `kill -9` right after its PUBACK (QoS 1) or PUBCOMP (QoS 2), over MQTT 3.1.1 and 5; a cleared
+//! one stays cleared; an MQTT 5
 //! message whose expiry ran out meanwhile is not delivered; with `memory` nothing is kept.
 //!
 //! "Not delivered" is asserted by order, never by waiting: the subscriber asks for the topic
@@ -13,6 +14,9 @@ mod common;
 use std::time::Duration;
 
 use common::raw::{self, Packet, PUBACK, PUBLISH, SUBACK};
+
+/// MQTT packet type of PUBCOMP.
+const PUBCOMP: u8 = 7;
 use common::{Adapter, Connect, RawClient, CLIENTS, V311, V5};
 
 const TOPIC: &str = "m/d1/c/ch1/state";
@@ -254,4 +258,26 @@ async fn with_no_setting_the_state_is_local_in_a_data_directory_created_in_the_w
     assert_eq!(code, 0, "CONNACK");
     assert!(cwd.path().join("data/state/state.redb").is_file());
     let _ = child.kill().await;
+}
+
+#[tokio::test]
+async fn a_retained_qos_2_message_completed_right_before_a_kill_9_survives() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let adapter = start(data.path(), "local").await;
+    let mut publisher = client(&adapter, V5, "pub").await;
+    publisher
+        .send(&retained(V5, TOPIC, 2, 9, b"exactly once", None))
+        .await;
+    assert_eq!(publisher.expect_kind(raw::PUBREC).await.pubrec_reason(), 0);
+    // PUBREL: routed (and kept) now; PUBCOMP once it is on disk.
+    publisher
+        .send(&raw::packet(0x62, &9u16.to_be_bytes()))
+        .await;
+    publisher.expect_kind(PUBCOMP).await;
+    adapter.kill().await;
+    let adapter = start(data.path(), "local").await;
+    assert_eq!(
+        first_retained(&adapter, V5, &[TOPIC]).await,
+        (TOPIC.to_owned(), b"exactly once".to_vec(), true)
+    );
 }
