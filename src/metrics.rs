@@ -18,6 +18,7 @@ use crate::bridge::BridgeMetrics;
 use crate::broker::BrokerStats;
 use crate::events::OutboxStats;
 use crate::hooks::{DisconnectReason, SessionInfo, SessionObserver};
+use crate::state::StateStore;
 
 /// Every metric the adapter exports.
 pub struct Metrics {
@@ -50,6 +51,9 @@ pub struct Metrics {
     /// Retained PUBLISHes not retained because the store was full.
     retained_refused: IntCounter,
     broker: Mutex<Option<Arc<BrokerStats>>>,
+    /// Commits of the state store that failed (their changes are in memory only).
+    state_write_errors: IntCounter,
+    state: Mutex<Option<Arc<dyn StateStore>>>,
     events_pending: IntGauge,
     events_published: IntCounterVec,
     events_dropped: IntCounter,
@@ -200,6 +204,11 @@ impl Metrics {
                 "Retained PUBLISHes not retained because the retained store was full (MQTT 5 QoS 1/2: refused with 0x97; otherwise delivered)",
             ),
             broker: Mutex::new(None),
+            state_write_errors: counter(
+                "mqtt_adapter_state_write_errors_total",
+                "Writes of the state store (SMQ_MQTT_ADAPTER_STATE) that failed: those retained changes are kept in memory only",
+            ),
+            state: Mutex::new(None),
             events_pending: gauge(
                 "mqtt_adapter_events_pending",
                 "Connection events accepted but not yet acknowledged by the event store",
@@ -280,6 +289,11 @@ impl Metrics {
         *self.broker.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
     }
 
+    /// Reports the state store's failed writes (read at every scrape).
+    pub fn watch_state(&self, state: Arc<dyn StateStore>) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+    }
+
     /// Reports the bus bridge's counters (read at every scrape).
     pub fn watch_bridge(&self, bridge: Arc<BridgeMetrics>) {
         *self.bridge.lock().unwrap_or_else(|p| p.into_inner()) = Some(bridge);
@@ -287,6 +301,15 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        {
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(state) = state.as_ref() {
+                let failed = state.failed_writes();
+                let counted = self.state_write_errors.get();
+                self.state_write_errors
+                    .inc_by(failed.saturating_sub(counted));
+            }
+        }
         {
             // Counters follow the core's atomics; the lock keeps two scrapes from adding twice.
             let broker = self.broker.lock().unwrap_or_else(|p| p.into_inner());

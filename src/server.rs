@@ -217,6 +217,7 @@ impl Server {
         .await?;
         metrics.watch_outbox(events.store, events.stats());
         metrics.watch_broker(broker.stats());
+        metrics.watch_state(broker.state().clone());
         let authenticator = Arc::new(TimedAuthenticator::new(authenticator, metrics.clone()));
         let mut hooks = Hooks::new(authenticator, authorizer)
             .with_events(Arc::new(

@@ -102,11 +102,6 @@ impl LocalState {
         shared.wake.notify_one();
         StateTicket::on(shared.committed.subscribe(), ticket)
     }
-
-    /// Commits that failed so far.
-    pub fn failed_commits(&self) -> u64 {
-        self.shared.failed.load(Ordering::Relaxed)
-    }
 }
 
 impl StateStore for LocalState {
@@ -157,6 +152,10 @@ impl StateStore for LocalState {
 
     fn clear_retained(&self, topic: &str) -> StateTicket {
         self.hand_over(Change::Clear(topic.into()))
+    }
+
+    fn failed_writes(&self) -> u64 {
+        self.shared.failed.load(Ordering::Relaxed)
     }
 
     fn close(&self) {
@@ -269,7 +268,7 @@ mod tests {
             topics(&again),
             [("a".into(), "2".into()), ("c".into(), "1".into())]
         );
-        assert_eq!(again.failed_commits(), 0);
+        assert_eq!(again.failed_writes(), 0);
     }
 
     #[tokio::test]

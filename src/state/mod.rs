@@ -62,6 +62,11 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Writes what was handed over and stops; later writes are not kept.
     fn close(&self);
+
+    /// Writes that failed so far (their changes are in memory only).
+    fn failed_writes(&self) -> u64 {
+        0
+    }
 }
 
 /// Resolves once a write handed to a [`StateStore`] is kept (committed, and on disk for
