@@ -10,6 +10,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser, ValueEnum};
 
 pub use crate::events::{EventLayout, FsyncMode};
+pub use crate::state::StateBackend;
 
 /// Which backend authenticates CONNECTs and authorizes channel access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -89,10 +90,18 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,
 
-    /// Directory of the durable event log (used when SMQ_ES_URL is set); one adapter process
-    /// per directory.
+    /// Directory of the durable event log (with SMQ_ES_URL), the bridge's message log (with
+    /// SMQ_MESSAGE_BROKER_URL) and the `local` state store (`state/`); created if missing; one
+    /// adapter process per directory.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+
+    /// Where MQTT state that outlives the process (retained messages) is kept: `local` (on disk
+    /// in SMQ_MQTT_ADAPTER_DATA_DIR/state: survives a restart and a kill -9; a retained QoS 1/2
+    /// PUBLISH is acknowledged once it is there), `memory` (a restart forgets it) or `nats`
+    /// (JetStream, shared by every instance: not available yet, refused at start-up).
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_STATE", value_enum, default_value_t = StateBackend::Local)]
+    pub state: StateBackend,
 
     /// Largest size in bytes of the on-disk event log; when full, the oldest undelivered events
     /// are dropped (counted and logged).
@@ -603,6 +612,7 @@ mod tests {
         assert_eq!(config.auth, AuthBackend::Static);
         assert_eq!(config.connect_timeout(), Duration::from_secs(10));
         assert_eq!(config.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.state, StateBackend::Local);
         assert!(!config.event_details);
         assert_eq!(config.event_fsync, FsyncMode::Off);
         assert_eq!(config.event_fsync_interval, Duration::from_millis(100));

@@ -20,6 +20,7 @@ pub mod presence;
 pub mod revocation;
 pub mod server;
 pub mod session;
+pub mod state;
 pub mod topic;
 
 pub use config::Config;

@@ -18,6 +18,7 @@ use crate::bridge::BridgeMetrics;
 use crate::broker::{Broker, BrokerGauges, BrokerStats};
 use crate::events::OutboxStats;
 use crate::hooks::{DisconnectReason, SessionInfo, SessionObserver};
+use crate::state::StateStore;
 
 /// Every metric the adapter exports.
 pub struct Metrics {
@@ -58,6 +59,9 @@ pub struct Metrics {
     retained_messages: IntGauge,
     retained_bytes: IntGauge,
     queued_bytes: IntGauge,
+    /// Commits of the state store that failed (their changes are in memory only).
+    state_write_errors: IntCounter,
+    state: Mutex<Option<Arc<dyn StateStore>>>,
     events_pending: IntGauge,
     events_published: IntCounterVec,
     events_dropped: IntCounter,
@@ -236,6 +240,11 @@ impl Metrics {
                 "mqtt_adapter_queued_bytes",
                 "Bytes queued for all sessions, online and offline",
             ),
+            state_write_errors: counter(
+                "mqtt_adapter_state_write_errors_total",
+                "Writes of the state store (SMQ_MQTT_ADAPTER_STATE) that failed: those retained changes are kept in memory only",
+            ),
+            state: Mutex::new(None),
             events_pending: gauge(
                 "mqtt_adapter_events_pending",
                 "Connection events accepted but not yet acknowledged by the event store",
@@ -340,6 +349,11 @@ impl Metrics {
         set(&self.queued_bytes, g.queued_bytes);
     }
 
+    /// Reports the state store's failed writes (read at every scrape).
+    pub fn watch_state(&self, state: Arc<dyn StateStore>) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+    }
+
     /// Reports the bus bridge's counters (read at every scrape).
     pub fn watch_bridge(&self, bridge: Arc<BridgeMetrics>) {
         *self.bridge.lock().unwrap_or_else(|p| p.into_inner()) = Some(bridge);
@@ -354,6 +368,15 @@ impl Metrics {
             .upgrade();
         if let Some(broker) = broker {
             self.set_broker_gauges(broker.gauges());
+        }
+        {
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(state) = state.as_ref() {
+                let failed = state.failed_writes();
+                let counted = self.state_write_errors.get();
+                self.state_write_errors
+                    .inc_by(failed.saturating_sub(counted));
+            }
         }
         {
             // Counters follow the core's atomics; the lock keeps two scrapes from adding twice.

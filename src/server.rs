@@ -33,6 +33,7 @@ use crate::metrics::{Metrics, TimedAuthenticator};
 use crate::revocation::{self, DecisionCaches, PlatformEventsError, Reactions, RightsEpoch};
 use crate::session::limits::{Limits, SessionBounds};
 use crate::session::SessionContext;
+use crate::state::{StateBackend, StateError};
 use crate::topic::TopicBounds;
 
 /// Longest life of one HTTP connection: a scraper's keep-alive connection is renewed this often.
@@ -67,6 +68,8 @@ pub enum StartError {
     Bridge(#[from] BridgeError),
     #[error(transparent)]
     PlatformEvents(#[from] PlatformEventsError),
+    #[error("SMQ_MQTT_ADAPTER_STATE: {0}")]
+    State(#[from] StateError),
 }
 
 impl From<EventStartError> for StartError {
@@ -145,27 +148,45 @@ impl Server {
         };
 
         let instance_id = uuid::Uuid::new_v4().to_string();
-        let broker = Broker::new(BrokerConfig {
-            queue: QueueLimits {
-                max_messages: usize::try_from(config.max_queued_messages).unwrap_or(usize::MAX),
-                max_bytes: usize::try_from(config.max_queued_bytes).unwrap_or(usize::MAX),
-            },
-            max_retained: usize::try_from(config.max_retained).unwrap_or(usize::MAX),
-            max_retained_bytes: usize::try_from(config.max_retained_bytes).unwrap_or(usize::MAX),
-            retained_client_share: config.retained_client_share,
-            max_offline_sessions: usize::try_from(config.max_offline_sessions)
-                .unwrap_or(usize::MAX),
-        });
         let bus_url = config
             .message_broker_url
             .as_deref()
             .filter(|url| !url.is_empty());
-        // One process per data directory: the event log and the message log share its lock.
-        let data_dir = if bus_url.is_some() || is_external(config.es_url.as_deref()) {
+        // One process per data directory: the event log, the message log and the local state
+        // share its lock.
+        let data_dir = if bus_url.is_some()
+            || is_external(config.es_url.as_deref())
+            || config.state == StateBackend::Local
+        {
             Some(Arc::new(DataDir::open(&config.data_dir)?))
         } else {
             None
         };
+        let state = crate::state::open(config.state, data_dir.as_deref())?;
+        let broker = Broker::with_state(
+            BrokerConfig {
+                queue: QueueLimits {
+                    max_messages: usize::try_from(config.max_queued_messages).unwrap_or(usize::MAX),
+                    max_bytes: usize::try_from(config.max_queued_bytes).unwrap_or(usize::MAX),
+                },
+                max_retained: usize::try_from(config.max_retained).unwrap_or(usize::MAX),
+                max_retained_bytes: usize::try_from(config.max_retained_bytes)
+                    .unwrap_or(usize::MAX),
+                retained_client_share: config.retained_client_share,
+                max_offline_sessions: usize::try_from(config.max_offline_sessions)
+                    .unwrap_or(usize::MAX),
+            },
+            state,
+        );
+        // Before any listener accepts: the first SUBSCRIBE already gets what was retained.
+        let loading = std::time::Instant::now();
+        let retained = broker.restore_retained()?;
+        tracing::info!(
+            state = broker.state().name(),
+            retained,
+            took_ms = loading.elapsed().as_millis() as u64,
+            "MQTT state loaded"
+        );
         let bridge = match (bus_url, &data_dir) {
             (Some(url), Some(data_dir)) => {
                 let settings = BridgeSettings {
@@ -214,6 +235,7 @@ impl Server {
         .await?;
         metrics.watch_outbox(events.store, events.stats());
         metrics.watch_broker(&broker);
+        metrics.watch_state(broker.state().clone());
         let authenticator = Arc::new(TimedAuthenticator::new(authenticator, metrics.clone()));
         let mut hooks = Hooks::new(authenticator, authorizer)
             .with_events(Arc::new(
@@ -476,6 +498,14 @@ impl Server {
         let wills = self.ctx.broker.publish_pending_wills();
         if wills > 0 {
             tracing::info!(wills, "delayed wills published at shutdown");
+        }
+        // Every retained change handed over (wills included) is committed before exit.
+        let state = self.ctx.broker.state().clone();
+        if tokio::task::spawn_blocking(move || state.close())
+            .await
+            .is_err()
+        {
+            tracing::error!("the state store did not close cleanly");
         }
         let bridged = match self.bridge {
             None => true,

@@ -17,6 +17,8 @@ async fn server() -> Server {
     config.publish_rate = 0;
     // Above the 2,000 subscriptions the first test makes (the default allows 1,000).
     config.max_subscriptions = 10_000;
+    // The core's own memory is what is asserted; parallel servers share no data directory.
+    config.state = mqtt_adapter::config::StateBackend::Memory;
     Server::start(&config).await.expect("server starts")
 }
 

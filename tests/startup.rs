@@ -117,6 +117,7 @@ async fn help_lists_the_variables_with_defaults() {
         "SMQ_MQTT_ADAPTER_CONNECT_TIMEOUT",
         "SMQ_MQTT_ADAPTER_MAX_PACKET_SIZE",
         "SMQ_ES_URL",
+        "SMQ_MQTT_ADAPTER_STATE",
     ] {
         assert!(
             stdout.contains(variable),

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::state::{MemoryState, StateError, StateStore, StateTicket};
 pub use message::{Message, Origin};
 pub use queue::{Delivery, Outgoing, QueueLimits};
 pub use retained::RetainedLimits;
@@ -141,6 +142,9 @@ pub struct Broker {
     /// Shared subscription groups by (share name, filter). Taken before the trie.
     groups: Mutex<HashMap<GroupKey, Arc<SharedGroup>>>,
     retained: RwLock<RetainedStore>,
+    /// Where retained changes are kept beyond this process (written under the retained lock,
+    /// so it sees them in the order memory did).
+    state: Arc<dyn StateStore>,
     sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
     /// Offline persistent sessions by client id, oldest (lowest session id) first. Taken only
     /// under the session table's lock.
@@ -155,7 +159,14 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// A broker whose state lives in memory only.
     pub fn new(config: BrokerConfig) -> Arc<Broker> {
+        Broker::with_state(config, Arc::new(MemoryState))
+    }
+
+    /// A broker that writes its retained messages through `state`; call
+    /// [`Broker::restore_retained`] before serving.
+    pub fn with_state(config: BrokerConfig, state: Arc<dyn StateStore>) -> Arc<Broker> {
         Arc::new_cyclic(|me| Broker {
             config,
             trie: RwLock::new(Trie::default()),
@@ -165,6 +176,7 @@ impl Broker {
                 max_bytes: config.max_retained_bytes,
                 client_share_percent: config.retained_client_share,
             })),
+            state,
             sessions: Mutex::new(HashMap::new()),
             offline: Mutex::default(),
             next_id: AtomicU64::new(1),
@@ -177,6 +189,34 @@ impl Broker {
 
     pub fn stats(&self) -> Arc<BrokerStats> {
         self.stats.clone()
+    }
+
+    /// The state store retained changes are written through.
+    pub fn state(&self) -> &Arc<dyn StateStore> {
+        &self.state
+    }
+
+    /// Loads the state store's retained messages (those whose expiry passed are not), within
+    /// the retained bound. Returns how many are held.
+    pub fn restore_retained(&self) -> Result<usize, StateError> {
+        let found = self.state.load_retained()?;
+        let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
+        let mut over = 0u64;
+        for message in found {
+            // The owner is not kept: restored messages count against no client's share.
+            if retained.store(message, "") == Retained::Refused {
+                over += 1;
+            }
+        }
+        if over > 0 {
+            // Left in the store: a larger bound loads them again.
+            tracing::warn!(
+                not_loaded = over,
+                max = self.config.max_retained,
+                "more retained messages kept than SMQ_MQTT_ADAPTER_MAX_RETAINED: the rest are not served"
+            );
+        }
+        Ok(retained.len())
     }
 
     pub fn config(&self) -> &BrokerConfig {
@@ -657,27 +697,49 @@ impl Broker {
     /// among its matching subscriptions, capped at the message's own QoS) and stores it if it is
     /// retained. Returns the number of sessions it was queued for.
     pub fn publish(&self, message: Arc<Message>) -> usize {
-        self.publish_from("", message)
+        self.publish_kept("", message).0
     }
 
     /// [`Broker::publish`] for a message client `owner` published: a retained one counts
     /// against that client's share of the retained store.
     pub fn publish_from(&self, owner: &str, message: Arc<Message>) -> usize {
-        if message.retain {
-            let stored = self
-                .retained
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .store(message.clone(), owner);
-            if stored == Retained::Refused {
+        self.publish_kept(owner, message).0
+    }
+
+    /// [`Broker::publish_from`], also returning the ticket of the retained change's write to
+    /// the state store (done at once for a message that is not retained): an acknowledgement
+    /// waits for it.
+    pub fn publish_kept(&self, owner: &str, message: Arc<Message>) -> (usize, StateTicket) {
+        let kept = if message.retain {
+            self.retain(owner, &message)
+        } else {
+            StateTicket::done()
+        };
+        (self.route(message), kept)
+    }
+
+    /// Stores (or clears) the retained message in memory and hands the change to the state
+    /// store, under the retained lock.
+    fn retain(&self, owner: &str, message: &Arc<Message>) -> StateTicket {
+        let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
+        match retained.store(message.clone(), owner) {
+            Retained::Stored => self.state.put_retained(message),
+            // Also when memory held none: the store may hold one beyond the bound.
+            Retained::Cleared => self.state.clear_retained(message.topic_str()),
+            Retained::Refused => {
+                drop(retained);
                 // MQTT 3.1.1 and QoS 0 cannot be told: delivered, but not retained.
                 let n = self.stats.retained_refused.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
                     tracing::warn!(topic = %message.topic_str().escape_debug(), refused = n,
                         "retained store full: message delivered but not retained (SMQ_MQTT_ADAPTER_MAX_RETAINED, _MAX_RETAINED_BYTES, _RETAINED_CLIENT_SHARE)");
                 }
+                StateTicket::done()
             }
         }
+    }
+
+    fn route(&self, message: Arc<Message>) -> usize {
         let trie = self.trie.read().unwrap_or_else(|p| p.into_inner());
         let mut targets: Vec<&Subscriber> = Vec::new();
         let mut groups: Vec<&SharedGroup> = Vec::new();
@@ -1142,6 +1204,44 @@ mod tests {
         assert_eq!(got, [(1, true), (1, true)]);
         broker.publish(Message::new("r/1".into(), "".into(), 0, true, Origin::Bus));
         assert_eq!(broker.retained_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn retained_changes_go_through_the_state_store_and_come_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = BrokerConfig {
+            max_retained: 2,
+            ..BrokerConfig::default()
+        };
+        let open = || -> Arc<dyn StateStore> {
+            Arc::new(crate::state::LocalState::open(dir.path()).expect("open state"))
+        };
+        let broker = Broker::with_state(config, open());
+        let retained = |t: &'static str, p: &'static str| {
+            Message::new(t.into(), p.into(), 1, true, Origin::Bus)
+        };
+        broker.publish_kept("", retained("r/1", "a")).1.wait().await;
+        broker.publish_kept("", retained("r/2", "b")).1.wait().await;
+        let (_, refused) = broker.publish_kept("", retained("r/3", "c"));
+        assert!(refused.is_done(), "beyond the bound nothing is written");
+        broker.publish_kept("", retained("r/1", "")).1.wait().await;
+        let (_, plain) = broker.publish_kept(
+            "",
+            Message::new("r/4".into(), "d".into(), 1, false, Origin::Bus),
+        );
+        assert!(
+            plain.is_done(),
+            "a message that is not retained costs no write"
+        );
+        broker.state().close();
+        drop(broker);
+
+        let again = Broker::with_state(config, open());
+        assert_eq!(again.restore_retained().expect("restore"), 1);
+        let stop = CancellationToken::new();
+        let a = again.attach(key("c1", "m1"), CLEAN, meta(), &stop).await;
+        again.deliver_retained(&a.session, "r/#", SubOptions::qos(1));
+        assert_eq!(payloads(&a.session), ["b"]);
     }
 
     fn payloads(session: &Session) -> Vec<String> {

@@ -27,6 +27,7 @@ use crate::bridge::log::BusRecord;
 use crate::broker::{message, shared, Kick, Message, Origin, Outgoing, Session, SubOptions};
 use crate::hooks::{DisconnectReason, PublishRoute, SessionInfo};
 use crate::log::LogTicket;
+use crate::state::StateTicket;
 use crate::topic::{self, TopicKind, Usage};
 
 /// Deliveries taken from the session's queue per write to the device.
@@ -70,13 +71,17 @@ struct Relay<'a> {
     aliases: TopicAliases,
     /// The CONNECT set no session expiry (see [`Accepted::expiry_zero`]).
     expiry_zero: bool,
-    /// Set once the session published to the bus (boxed: other sessions hold 8 bytes for it).
-    bus: Option<Box<BusAcks>>,
+    /// Set once the session published to the bus or waited for the state store (boxed: other
+    /// sessions hold 8 bytes for it).
+    pending: Option<Box<PendingAcks>>,
 }
 
-/// A publishing session's acknowledgements waiting for the bus message log.
+/// A publishing session's acknowledgements waiting for their messages to be kept: in the bus
+/// message log, and (retained messages) in the state store.
 #[derive(Default)]
-struct BusAcks {
+struct PendingAcks {
+    /// Whether the session published to the bus (and so is pushed back when its log is full).
+    bridged: bool,
     /// Acknowledgements in the order the PUBLISHes came.
     acks: VecDeque<PendingAck>,
     /// Device messages for the bus read since the last append, and the index in `acks` of the
@@ -92,6 +97,8 @@ enum Reply {
     Nothing,
     PubAck(u16),
     PubRec(u16),
+    /// A PUBREL's answer: its message was routed (and, if retained, kept) at the PUBREL.
+    PubComp(u16, PubCompReason),
     /// A refusal (MQTT 5 reason code), kept in order behind the acknowledgements before it.
     Refusal(Box<Packet>),
 }
@@ -101,7 +108,33 @@ struct PendingAck {
     /// Set on the first acknowledgement of each group appended to the message log; the others
     /// of the group wait behind it.
     ticket: Option<LogTicket>,
+    /// Set when the PUBLISH changed a retained message: its write to the state store.
+    kept: Option<StateTicket>,
     reply: Reply,
+}
+
+impl PendingAck {
+    fn is_done(&self) -> bool {
+        self.ticket.as_ref().is_none_or(LogTicket::is_done)
+            && self.kept.as_ref().is_none_or(StateTicket::is_done)
+    }
+
+    /// A future that resolves once it is done; `None` if it has nothing to wait for.
+    fn waiter(&self) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+        if self.ticket.is_none() && self.kept.is_none() {
+            return None;
+        }
+        let ticket = self.ticket.as_ref().map(LogTicket::waiter);
+        let kept = self.kept.as_ref().map(StateTicket::waiter);
+        Some(Box::pin(async move {
+            if let Some(ticket) = ticket {
+                ticket.await;
+            }
+            if let Some(kept) = kept {
+                kept.await;
+            }
+        }))
+    }
 }
 
 /// The relay of one session until it ends. An `async move` block rather than an `async fn`,
@@ -135,7 +168,7 @@ where
             device_max_packet: accepted.device_max_packet,
             aliases: TopicAliases::new(ctx.topic_alias_maximum, accepted.device_alias_max),
             expiry_zero: accepted.expiry_zero,
-            bus: None,
+            pending: None,
         };
         // A resumed session first completes what the previous connection left in flight.
         for outgoing in relay.session.resend() {
@@ -184,13 +217,12 @@ where
             let pushed_back = relay.pushed_back();
             // Boxed, and only while an acknowledgement waits: an idle session holds no room.
             let ack_wait = relay
-                .bus
+                .pending
                 .as_ref()
                 .and_then(|b| b.acks.front())
-                .and_then(|a| a.ticket.as_ref())
-                .map(|t| Box::pin(t.waiter()));
+                .and_then(PendingAck::waiter);
             let acks_full = relay
-                .bus
+                .pending
                 .as_ref()
                 .is_some_and(|b| b.acks.len() >= usize::from(ctx.limits.max_inflight()));
             let room_wait = pushed_back.then(|| Box::pin(relay.bus_room()));
@@ -404,7 +436,7 @@ impl Relay<'_> {
     /// Appends the messages for the bus read since the last append; the first acknowledgement
     /// that waits for them gets the ticket.
     fn append_bus_group(&mut self) {
-        let (Some(pending), Some(log)) = (self.bus.as_mut(), self.ctx.hooks.bus()) else {
+        let (Some(pending), Some(log)) = (self.pending.as_mut(), self.ctx.hooks.bus()) else {
             return;
         };
         if pending.group.is_empty() {
@@ -421,12 +453,12 @@ impl Relay<'_> {
 
     /// Writes the acknowledgements whose messages are kept, in order.
     fn write_kept_acks(&mut self) -> Result<(), End> {
-        let Some(pending) = self.bus.as_mut() else {
+        let Some(pending) = self.pending.as_mut() else {
             return Ok(());
         };
         let mut kept = Vec::new();
         while let Some(front) = pending.acks.front() {
-            if !front.ticket.as_ref().is_none_or(LogTicket::is_done) {
+            if !front.is_done() {
                 break;
             }
             if let Some(front) = pending.acks.pop_front() {
@@ -457,23 +489,31 @@ impl Relay<'_> {
                 },
                 None,
             )),
+            Reply::PubComp(pkid, reason) => {
+                self.write(Packet::PubComp(PubComp { pkid, reason }, None))
+            }
             Reply::Refusal(packet) => self.write(*packet),
         }
     }
 
-    /// Answers a PUBLISH: at once, unless its message (or an earlier one) waits for the bus
-    /// message log.
-    fn reply(&mut self, reply: Reply, bridged: bool) -> Result<(), End> {
-        let pending = match self.bus.as_mut() {
-            Some(pending) if bridged || !pending.acks.is_empty() => pending,
+    /// Answers a PUBLISH (or PUBREL): at once, unless its message (or an earlier one) waits
+    /// for the bus message log or, retained, for the state store (`kept`).
+    fn reply(&mut self, reply: Reply, bridged: bool, kept: StateTicket) -> Result<(), End> {
+        let kept = (!kept.is_done()).then_some(kept);
+        if kept.is_some() && self.pending.is_none() {
+            self.pending = Some(Box::default());
+        }
+        let pending = match self.pending.as_mut() {
+            Some(pending) if bridged || kept.is_some() || !pending.acks.is_empty() => pending,
             _ => return self.write_reply(reply),
         };
         if bridged && pending.group.len() == 1 {
             pending.group_start = pending.acks.len();
         }
-        if bridged || !matches!(reply, Reply::Nothing) {
+        if bridged || kept.is_some() || !matches!(reply, Reply::Nothing) {
             pending.acks.push_back(PendingAck {
                 ticket: None,
+                kept,
                 reply,
             });
         }
@@ -482,7 +522,8 @@ impl Relay<'_> {
 
     /// Whether this session is pushed back: it publishes to the bus, whose message log is full.
     fn pushed_back(&self) -> bool {
-        self.bus.is_some() && self.ctx.hooks.bus().is_some_and(|b| !b.has_room())
+        self.pending.as_ref().is_some_and(|p| p.bridged)
+            && self.ctx.hooks.bus().is_some_and(|b| !b.has_room())
     }
 
     async fn bus_room(&self) {
@@ -574,23 +615,22 @@ impl Relay<'_> {
         match packet {
             Packet::Publish(p, props) => self.publish(p, props, qos, publish_id).await,
             Packet::PubRel(rel, _) => {
+                let mut kept = StateTicket::done();
                 let reason = match self.session.release_incoming(rel.pkid) {
                     Some(held) => {
-                        // Its bus copy was logged at the PUBLISH.
+                        // Its bus copy was logged at the PUBLISH; a retained one is kept now.
                         if let Some(message) = held {
-                            self.ctx.broker.publish(message);
+                            kept = self
+                                .ctx
+                                .broker
+                                .publish_kept(&self.info.identity.client_id, message)
+                                .1;
                         }
                         PubCompReason::Success
                     }
                     None => PubCompReason::PacketIdentifierNotFound,
                 };
-                self.write(Packet::PubComp(
-                    PubComp {
-                        pkid: rel.pkid,
-                        reason,
-                    },
-                    None,
-                ))
+                self.reply(Reply::PubComp(rel.pkid, reason), false, kept)
             }
             // Boxed (as below): an idle connection's future keeps no room for the rare await.
             Packet::Subscribe(subscribe, props) => Box::pin(self.subscribe(subscribe, props)).await,
@@ -735,7 +775,7 @@ impl Relay<'_> {
         let pkid = publish_id.unwrap_or(0);
         // A QoS 2 PUBLISH sent again before its PUBREL is answered again, not kept twice.
         if qos == 2 && !self.session.hold_incoming(pkid, Some(message.clone())) {
-            return self.reply(Reply::PubRec(pkid), false);
+            return self.reply(Reply::PubRec(pkid), false, StateTicket::done());
         }
         // The bus copy is logged now (for QoS 2 too: PUBREC promises it is kept); local
         // subscribers get the message at once, without waiting for the log.
@@ -746,20 +786,29 @@ impl Relay<'_> {
             .and_then(|bus| bus.record(&self.info, &route, &message));
         let bridged = record.is_some();
         if let Some(record) = record {
-            self.bus.get_or_insert_default().group.push(record);
+            let pending = self.pending.get_or_insert_default();
+            pending.bridged = true;
+            pending.group.push(record);
         }
         match qos {
             0 => {
-                self.ctx.broker.publish(message);
-                self.reply(Reply::Nothing, bridged)
+                // Nothing to acknowledge: a retained change is kept without being waited for.
+                self.ctx
+                    .broker
+                    .publish_from(&self.info.identity.client_id, message);
+                self.reply(Reply::Nothing, bridged, StateTicket::done())
             }
             1 => {
-                self.ctx.broker.publish(message);
-                self.reply(Reply::PubAck(pkid), bridged)
+                // Routed at once; the PUBACK waits for a retained change to be kept.
+                let (_, kept) = self
+                    .ctx
+                    .broker
+                    .publish_kept(&self.info.identity.client_id, message);
+                self.reply(Reply::PubAck(pkid), bridged, kept)
             }
             // Held (above) until PUBREL: a repeated PUBLISH with the same packet id is not
             // routed twice.
-            _ => self.reply(Reply::PubRec(pkid), bridged),
+            _ => self.reply(Reply::PubRec(pkid), bridged, StateTicket::done()),
         }
     }
 
@@ -826,6 +875,7 @@ impl Relay<'_> {
                 self.reply(
                     Reply::Refusal(Box::new(Packet::PubAck(PubAck { pkid, reason }, None))),
                     false,
+                    StateTicket::done(),
                 )
             }
             _ => {
@@ -838,6 +888,7 @@ impl Relay<'_> {
                 self.reply(
                     Reply::Refusal(Box::new(Packet::PubRec(PubRec { pkid, reason }, None))),
                     false,
+                    StateTicket::done(),
                 )
             }
         }

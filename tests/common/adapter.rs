@@ -81,7 +81,8 @@ pub fn free_port() -> u16 {
 }
 
 /// The adapter command with a clean SMQ_* environment: the MQTT port, the clients file (if any), the test
-/// instance name, free ports for the other listeners, then `extra_env` (which may override any of them).
+/// instance name, free ports for the other listeners, `memory` state (no data directory), then
+/// `extra_env` (which may override any of them).
 pub fn adapter_command(
     port: u16,
     clients_file: Option<&std::path::Path>,
@@ -100,7 +101,10 @@ pub fn adapter_command(
         .env("SMQ_MQTT_ADAPTER_WS_PORT", free_port().to_string())
         .env("SMQ_MQTT_ADAPTER_HTTP_PORT", free_port().to_string())
         .env("SMQ_MQTT_ADAPTER_MQTTS_PORT", free_port().to_string())
-        .env("SMQ_MQTT_ADAPTER_WSS_PORT", free_port().to_string());
+        .env("SMQ_MQTT_ADAPTER_WSS_PORT", free_port().to_string())
+        // The default (`local`) would lock ./data, shared by every command run at once; an
+        // [`Adapter`] runs with `local` in its own data directory.
+        .env("SMQ_MQTT_ADAPTER_STATE", "memory");
     if let Some(path) = clients_file {
         cmd.env("SMQ_MQTT_ADAPTER_CLIENTS_FILE", path);
     }
@@ -245,7 +249,10 @@ impl Adapter {
         // A private data directory unless the test names one (to restart on the same event log).
         let data_dir = dir.path().join("data");
         let data_dir = data_dir.to_string_lossy().into_owned();
-        let mut env = vec![("SMQ_MQTT_ADAPTER_DATA_DIR", data_dir.as_str())];
+        let mut env = vec![
+            ("SMQ_MQTT_ADAPTER_DATA_DIR", data_dir.as_str()),
+            ("SMQ_MQTT_ADAPTER_STATE", "local"),
+        ];
         env.extend_from_slice(extra_env);
 
         let mut cmd = adapter_command(port, clients_path.as_deref(), &env);
