@@ -193,7 +193,7 @@ impl Broker {
         shutdown: &CancellationToken,
     ) -> Attachment {
         let connection_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (attached, control, done) = session::connection(connection_id, shutdown, meta);
+        let (attached, control) = session::connection(connection_id, shutdown, meta);
         let existing = table.get(&key).cloned();
         let (session, present) = match existing {
             Some(s) if !request.clean_start => (s, true),
@@ -220,7 +220,7 @@ impl Broker {
             connection_id,
             control,
             present,
-            done: Some(done),
+            released: false,
         }
     }
 
@@ -313,7 +313,7 @@ impl Broker {
 
     /// Ends the connection's hold: a takeover waiting for it proceeds.
     pub fn release(attachment: &mut Attachment) {
-        attachment.done.take();
+        attachment.release();
     }
 
     fn schedule_expiry(&self, session: &Arc<Session>, generation: u64, after: Duration) {

@@ -50,7 +50,8 @@ enum Refusal {
 struct Relay<'a> {
     ctx: &'a SessionContext,
     codec: Codec,
-    info: SessionInfo,
+    /// Borrowed from the accepted session: an idle connection holds one copy.
+    info: &'a SessionInfo,
     session: Arc<Session>,
     wbuf: BytesMut,
     topic_cache: HashMap<Bytes, Result<Arc<PublishRoute>, Refusal>>,
@@ -72,9 +73,9 @@ struct Relay<'a> {
 #[allow(clippy::manual_async_fn)] // on purpose: see the doc comment
 pub(super) fn run<'a, S>(
     ctx: &'a SessionContext,
-    accepted: &'a mut Accepted,
+    accepted: &'a Accepted,
     stream: &'a mut S,
-    mut rbuf: BytesMut,
+    rbuf: &'a mut BytesMut,
     codec: Codec,
 ) -> impl std::future::Future<Output = End> + 'a
 where
@@ -86,7 +87,7 @@ where
         let mut relay = Relay {
             ctx,
             codec,
-            info: accepted.live.info.clone(),
+            info: &accepted.live.info,
             session,
             wbuf: BytesMut::new(),
             topic_cache: HashMap::new(),
@@ -111,7 +112,7 @@ where
 
         // Bytes after the CONNECT in the first read are the device's next packets.
         if !rbuf.is_empty() {
-            if let Err(end) = Box::pin(relay.input(&mut rbuf)).await {
+            if let Err(end) = Box::pin(relay.input(rbuf)).await {
                 return end;
             }
         }
@@ -137,7 +138,7 @@ where
             // Nothing half-read: the buffer is released, so a quiet device holds none (the next
             // read lands on the stack first, see `read_some`).
             if rbuf.is_empty() {
-                rbuf = BytesMut::new();
+                *rbuf = BytesMut::new();
             }
             let step = tokio::select! {
                 biased;
@@ -151,13 +152,13 @@ where
                         Ok(())
                     }
                 }
-                read = read_some(stream, &mut rbuf) => match read {
+                read = read_some(stream, rbuf) => match read {
                     Ok(0) => Err(End::lost("connection closed by device")),
                     Err(e) => Err(End::lost(format!("read error: {e}"))),
                     Ok(_) => {
                         last_read = Instant::now();
                         // Boxed: an idle connection holds no room for handling a packet.
-                        Box::pin(relay.input(&mut rbuf)).await
+                        Box::pin(relay.input(rbuf)).await
                     }
                 },
                 _ = relay.session.delivery_ready(), if !relay.more => {
@@ -786,9 +787,9 @@ mod footprint {
     fn an_idle_connection_holds_small_futures() {
         type Args = (
             &'static SessionContext,
-            &'static mut Accepted,
+            &'static Accepted,
             &'static mut TcpStream,
-            BytesMut,
+            &'static mut BytesMut,
             Codec,
         );
         let run = future_size(&|(c, a, s, b, k): Args| run(c, a, s, b, k));
