@@ -386,7 +386,7 @@ impl Relay<'_> {
                     Some(held) => {
                         if let Some(message) = held {
                             let route = route_of(&message.topic);
-                            route_message(self.ctx, &self.info, &route, message);
+                            route_message(self.ctx, self.info, &route, message);
                         }
                         PubCompReason::Success
                     }
@@ -541,11 +541,11 @@ impl Relay<'_> {
         let pkid = publish_id.unwrap_or(0);
         match qos {
             0 => {
-                route_message(self.ctx, &self.info, &route, message);
+                route_message(self.ctx, self.info, &route, message);
                 Ok(())
             }
             1 => {
-                route_message(self.ctx, &self.info, &route, message);
+                route_message(self.ctx, self.info, &route, message);
                 self.write(Packet::PubAck(
                     PubAck {
                         pkid,
@@ -741,7 +741,7 @@ impl Relay<'_> {
             },
             None,
         ))?;
-        self.ctx.hooks.subscribed(&self.info, &channels);
+        self.ctx.hooks.subscribed(self.info, &channels);
         // Retained messages follow the SUBACK.
         for (filter, options) in granted {
             self.ctx
