@@ -27,7 +27,9 @@ pub enum AuthBackend {
     name = "mqtt-adapter",
     version,
     about = "MQTT adapter for SuperMQ-family IoT platforms",
-    after_help = "Subcommands:\n  presence  who is online, rebuilt from the event stream \
+    after_help = "Durations: a bare number is seconds (30, 0.5); units are accepted for every \
+                  duration setting (500ms, 30s, 5m, 1h).\n\n\
+                  Subcommands:\n  presence  who is online, rebuilt from the event stream \
                   (mqtt-adapter presence --help)"
 )]
 pub struct Config {
@@ -65,10 +67,10 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_PLATFORM_EVENTS_URL")]
     pub platform_events_url: Option<String>,
 
-    /// Seconds from accept to a complete CONNECT (TLS and WebSocket handshakes included), however
+    /// Time from accept to a complete CONNECT (TLS and WebSocket handshakes included), however
     /// the device paces its bytes; then the socket is closed.
-    #[arg(long, env = "SMQ_MQTT_ADAPTER_CONNECT_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
-    pub connect_timeout: u64,
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub connect_timeout: Duration,
 
     /// Largest MQTT packet accepted from a device, in bytes.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_PACKET_SIZE", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(64..=268_435_455))]
@@ -86,9 +88,9 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_BUFFER", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub event_buffer: u64,
 
-    /// Seconds a shutdown waits for sessions to close and events to flush.
-    #[arg(long, env = "SMQ_MQTT_ADAPTER_SHUTDOWN_TIMEOUT", default_value_t = 10)]
-    pub shutdown_timeout: u64,
+    /// How long a shutdown waits for sessions to close and events to flush.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
 
     /// Directory of the durable event log (with SMQ_ES_URL), the bridge's message log (with
     /// SMQ_MESSAGE_BROKER_URL) and the `local` state store (`state/`); created if missing; one
@@ -114,7 +116,7 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_FSYNC", value_enum, default_value_t = FsyncMode::Off)]
     pub event_fsync: FsyncMode,
 
-    /// Longest time between two fsyncs of the event log with `--event-fsync interval` (`100ms`).
+    /// Longest time between two fsyncs of the event log with `--event-fsync interval`.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_EVENT_FSYNC_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
     pub event_fsync_interval: Duration,
 
@@ -161,9 +163,9 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_CERT_CN_AS_USERNAME", default_value_t = false, action = clap::ArgAction::Set)]
     pub cert_cn_as_username: bool,
 
-    /// Seconds a TLS or WebSocket handshake may take.
-    #[arg(long, env = "SMQ_MQTT_ADAPTER_HANDSHAKE_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
-    pub handshake_timeout: u64,
+    /// How long a TLS or WebSocket handshake may take.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub handshake_timeout: Duration,
 
     /// Concurrent MQTT sessions; beyond it CONNECT gets 0x03 (3.1.1) / 0x97 (5).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_CONNECTIONS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -191,7 +193,7 @@ pub struct Config {
     )]
     pub auth_failures_per_ip: u32,
 
-    /// How long an IP stays banned after too many failed CONNECTs (`60s`, `5m`).
+    /// How long an IP stays banned after too many failed CONNECTs.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_AUTH_BAN", default_value = "60s", value_parser = parse_duration)]
     pub auth_ban: Duration,
 
@@ -214,14 +216,15 @@ pub struct Config {
     #[arg(long, env = "SMQ_MQTT_ADAPTER_PUBLISH_RATE", default_value_t = 10_000)]
     pub publish_rate: u32,
 
-    /// Seconds /health reports 503 before sessions are closed on SIGTERM, so load balancers stop
-    /// sending new devices first; a second signal ends the wait.
-    #[arg(long, env = "SMQ_MQTT_ADAPTER_DRAIN_GRACE", default_value_t = 0)]
-    pub drain_grace: u64,
+    /// How long /health reports 503 before sessions are closed on SIGTERM, so load balancers
+    /// stop sending new devices first; a second signal ends the wait.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_DRAIN_GRACE", default_value = "0s", value_parser = parse_duration)]
+    pub drain_grace: Duration,
 
-    /// Longest keep-alive granted to an MQTT 5 device, seconds: a device asking for more, or for
-    /// none (0), is told this value in CONNACK (Server Keep Alive). 0: accept what it asks.
-    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_KEEP_ALIVE", default_value_t = 0)]
+    /// Longest keep-alive granted to an MQTT 5 device (whole seconds, at most 65535): a device
+    /// asking for more, or for none (0), is told this value in CONNACK (Server Keep Alive). 0:
+    /// accept what it asks. Held in seconds, as MQTT carries it.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_MAX_KEEP_ALIVE", default_value = "0s", value_parser = parse_keep_alive)]
     pub max_keep_alive: u16,
 
     /// MQTT 5 Topic Alias Maximum advertised to devices: topic aliases a device may set up per
@@ -287,7 +290,7 @@ pub struct Config {
     #[arg(long, env = "SMQ_CLIENTS_GRPC_URL")]
     pub clients_grpc_url: Option<String>,
 
-    /// Deadline of one call to the clients service (Authenticate) (`1s`, `500ms`).
+    /// Deadline of one call to the clients service (Authenticate).
     #[arg(long, env = "SMQ_CLIENTS_GRPC_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub clients_grpc_timeout: Duration,
 
@@ -308,7 +311,7 @@ pub struct Config {
     #[arg(long, env = "SMQ_CHANNELS_GRPC_URL")]
     pub channels_grpc_url: Option<String>,
 
-    /// Deadline of one call to the channels service (Authorize) (`1s`, `500ms`).
+    /// Deadline of one call to the channels service (Authorize).
     #[arg(long, env = "SMQ_CHANNELS_GRPC_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub channels_grpc_timeout: Duration,
 
@@ -330,7 +333,7 @@ pub struct Config {
     #[arg(long, env = "SMQ_DOMAINS_GRPC_URL")]
     pub domains_grpc_url: Option<String>,
 
-    /// Deadline of one call to the domains service (RetrieveIDByRoute) (`1s`, `500ms`).
+    /// Deadline of one call to the domains service (RetrieveIDByRoute).
     #[arg(long, env = "SMQ_DOMAINS_GRPC_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub domains_grpc_timeout: Duration,
 
@@ -346,11 +349,11 @@ pub struct Config {
     #[arg(long, env = "SMQ_DOMAINS_GRPC_CLIENT_CA_CERTS")]
     pub domains_grpc_client_ca_certs: Option<PathBuf>,
 
-    /// How long a positive answer of the platform's auth services is cached (`10s`).
+    /// How long a positive answer of the platform's auth services is cached.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_AUTH_CACHE_ALLOW_TTL", default_value = "10s", value_parser = parse_duration)]
     pub auth_cache_allow_ttl: Duration,
 
-    /// How long a negative answer of the platform's auth services is cached (`2s`).
+    /// How long a negative answer of the platform's auth services is cached.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_AUTH_CACHE_DENY_TTL", default_value = "2s", value_parser = parse_duration)]
     pub auth_cache_deny_ttl: Duration,
 
@@ -424,29 +427,38 @@ pub fn renamed_supermq_vars(
         .filter(move |(old, _)| is_set(old))
 }
 
-/// Parses a duration written as SuperMQ writes them (`1s`, `500ms`, `2m`).
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{e}; write a duration such as 1s or 500ms"))
+/// Parses a duration setting, the one rule for all of them: a bare number is seconds (`30`,
+/// `0.5`); otherwise a number with its unit, as SuperMQ writes them (`500ms`, `30s`, `5m`, `1h`,
+/// `1m30s`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("{text:?} is not a number of seconds zero or above"));
+    }
+    humantime::parse_duration(text).map_err(|e| {
+        format!("{e}; write seconds (30) or a duration with its unit (500ms, 30s, 5m)")
+    })
+}
+
+/// A duration setting that must not be zero.
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err("must be more than zero".into()),
+        d => Ok(d),
+    }
+}
+
+/// A keep-alive: whole seconds up to 65535, as MQTT carries it.
+fn parse_keep_alive(text: &str) -> Result<u16, String> {
+    let d = parse_duration(text)?;
+    if d.subsec_nanos() != 0 {
+        return Err("MQTT keep-alives are whole seconds".into());
+    }
+    u16::try_from(d.as_secs()).map_err(|_| "MQTT keep-alives are at most 65535 s".into())
 }
 
 impl Config {
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_secs(self.connect_timeout)
-    }
-
-    pub fn shutdown_timeout(&self) -> Duration {
-        Duration::from_secs(self.shutdown_timeout)
-    }
-
-    pub fn handshake_timeout(&self) -> Duration {
-        Duration::from_secs(self.handshake_timeout)
-    }
-
-    pub fn drain_grace(&self) -> Duration {
-        Duration::from_secs(self.drain_grace)
-    }
-
     /// Parses flags and environment; a bad value becomes one line naming both the variable and
     /// the flag (clap alone names only the flag, even when the value came from the environment).
     pub fn from_env_and_args() -> Result<Self, clap::Error> {
@@ -591,16 +603,99 @@ mod tests {
     }
 
     #[test]
-    fn grpc_timeouts_take_go_style_durations() {
-        let config =
-            Config::try_parse_from(["mqtt-adapter", "--clients-grpc-timeout", "250ms"]).unwrap();
-        assert_eq!(config.clients_grpc_timeout, Duration::from_millis(250));
-        let err = Config::try_parse_from(["mqtt-adapter", "--channels-grpc-timeout", "5"])
-            .unwrap_err()
-            .to_string();
+    fn a_bare_number_is_seconds_and_units_are_accepted() {
+        let cases = [
+            ("30", Duration::from_secs(30)),
+            ("0.5", Duration::from_millis(500)),
+            ("0", Duration::ZERO),
+            ("500ms", Duration::from_millis(500)),
+            ("30s", Duration::from_secs(30)),
+            ("5m", Duration::from_secs(300)),
+            ("1h", Duration::from_secs(3600)),
+            ("1m30s", Duration::from_secs(90)),
+            (" 7 ", Duration::from_secs(7)),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_duration(text), Ok(want), "{text}");
+        }
+        for bad in ["", "-1", "soon", "5 parsecs", "NaN", "inf", "1e400"] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(!err.is_empty(), "{bad}");
+        }
+    }
+
+    /// Every duration setting follows the one rule: the same value written as seconds or with
+    /// a unit means the same.
+    #[test]
+    fn every_duration_setting_takes_seconds_and_units() {
+        type Get = fn(&Config) -> Duration;
+        let settings: [(&str, Get); 11] = [
+            ("--connect-timeout", |c| c.connect_timeout),
+            ("--shutdown-timeout", |c| c.shutdown_timeout),
+            ("--handshake-timeout", |c| c.handshake_timeout),
+            ("--drain-grace", |c| c.drain_grace),
+            ("--auth-ban", |c| c.auth_ban),
+            ("--event-fsync-interval", |c| c.event_fsync_interval),
+            ("--clients-grpc-timeout", |c| c.clients_grpc_timeout),
+            ("--channels-grpc-timeout", |c| c.channels_grpc_timeout),
+            ("--domains-grpc-timeout", |c| c.domains_grpc_timeout),
+            ("--auth-cache-allow-ttl", |c| c.auth_cache_allow_ttl),
+            ("--auth-cache-deny-ttl", |c| c.auth_cache_deny_ttl),
+        ];
+        for (flag, get) in settings {
+            for (text, want) in [
+                ("30", Duration::from_secs(30)),
+                ("30s", Duration::from_secs(30)),
+                ("1500ms", Duration::from_millis(1500)),
+                ("2m", Duration::from_secs(120)),
+            ] {
+                let config = Config::try_parse_from(["mqtt-adapter", flag, text])
+                    .unwrap_or_else(|e| panic!("{flag} {text}: {e}"));
+                assert_eq!(get(&config), want, "{flag} {text}");
+            }
+        }
+        // Keep-alive is carried in whole seconds.
+        for (text, want) in [("90", 90), ("90s", 90), ("2m", 120), ("0", 0)] {
+            let config =
+                Config::try_parse_from(["mqtt-adapter", "--max-keep-alive", text]).unwrap();
+            assert_eq!(config.max_keep_alive, want, "{text}");
+        }
+        for bad in ["1500ms", "65536", "19h"] {
+            assert!(
+                Config::try_parse_from(["mqtt-adapter", "--max-keep-alive", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        // Timeouts that would close every socket at once are refused.
+        for flag in ["--connect-timeout", "--handshake-timeout"] {
+            assert!(
+                Config::try_parse_from(["mqtt-adapter", flag, "0"]).is_err(),
+                "{flag}"
+            );
+            assert!(
+                Config::try_parse_from(["mqtt-adapter", flag, "0ms"]).is_err(),
+                "{flag}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_duration_names_the_variable_and_the_rule() {
+        let err = Config::try_parse_from(["mqtt-adapter", "--auth-ban", "soon"]).unwrap_err();
+        let line = name_the_variable(err).to_string();
         assert!(
-            err.contains("--channels-grpc-timeout") && err.contains("1s"),
-            "{err}"
+            line.contains("SMQ_MQTT_ADAPTER_AUTH_BAN (--auth-ban)") && line.contains("30s"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn help_states_the_duration_rule_once() {
+        let help = Config::command().render_help().to_string();
+        assert_eq!(
+            help.matches("a bare number is seconds").count(),
+            1,
+            "{help}"
         );
     }
 
@@ -610,7 +705,11 @@ mod tests {
         assert_eq!(config.mqtt_port, 1883);
         assert_eq!(config.instance, "");
         assert_eq!(config.auth, AuthBackend::Static);
-        assert_eq!(config.connect_timeout(), Duration::from_secs(10));
+        assert_eq!(config.connect_timeout, Duration::from_secs(10));
+        assert_eq!(config.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(config.drain_grace, Duration::ZERO);
+        assert_eq!(config.max_keep_alive, 0);
         assert_eq!(config.data_dir, PathBuf::from("./data"));
         assert_eq!(config.state, StateBackend::Local);
         assert!(!config.event_details);

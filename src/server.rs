@@ -289,7 +289,7 @@ impl Server {
         let ctx = Arc::new(SessionContext {
             broker: broker.clone(),
             hooks,
-            connect_timeout: config.connect_timeout(),
+            connect_timeout: config.connect_timeout,
             max_packet_size: config.max_packet_size as usize,
             max_connect_size: config.max_connect_size as usize,
             max_keep_alive: config.max_keep_alive,
@@ -319,7 +319,7 @@ impl Server {
             ctx: ctx.clone(),
             sessions: sessions.clone(),
             metrics: metrics.clone(),
-            handshake_timeout: config.handshake_timeout(),
+            handshake_timeout: config.handshake_timeout,
             // A WebSocket message carries at most one MQTT packet's worth, plus framing slack.
             max_ws_message: config.max_packet_size as usize + 1024,
             ws_connect_budget: config.max_connect_size.min(config.max_packet_size) as usize
@@ -376,7 +376,7 @@ impl Server {
             sessions,
             accept_tasks,
             events,
-            shutdown_timeout: config.shutdown_timeout(),
+            shutdown_timeout: config.shutdown_timeout,
             demo_registry,
             addrs,
             health,

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::config::parse_duration;
+
 /// Load and latency benchmarks for MQTT brokers (the adapter, Mosquitto, rumqttd, ...).
 #[derive(Debug, Parser)]
 #[command(name = "mqtt-bench", version)]
@@ -119,8 +121,9 @@ pub struct Load {
     /// Value of {channel} in the topic template.
     #[arg(long, default_value = "bench-channel")]
     pub channel: String,
-    /// How long to wait for outstanding deliveries after the last publish before counting them lost.
-    #[arg(long, value_parser = humantime_secs, default_value = "3")]
+    /// How long to wait for outstanding deliveries after the last publish before counting them
+    /// lost (seconds, or with a unit: `500ms`, `2m`).
+    #[arg(long, value_parser = parse_duration, default_value = "3")]
     pub drain: Duration,
     /// Unacknowledged QoS 1/2 publishes a client may have in flight.
     #[arg(long, default_value_t = 100)]
@@ -145,8 +148,8 @@ pub struct Throughput {
         conflicts_with = "duration"
     )]
     pub count: u64,
-    /// Publish for this many seconds instead of a message count.
-    #[arg(long, short = 'd', value_parser = humantime_secs)]
+    /// Publish this long instead of a message count (seconds, or with a unit: `500ms`, `2m`).
+    #[arg(long, short = 'd', value_parser = parse_duration)]
     pub duration: Option<Duration>,
 }
 
@@ -164,8 +167,8 @@ pub struct Storm {
     /// CONNECT handshakes in progress at once.
     #[arg(long, default_value_t = 50)]
     pub concurrency: usize,
-    /// Seconds each client stays connected before it disconnects.
-    #[arg(long, value_parser = humantime_secs, default_value = "1")]
+    /// How long each client stays connected before it disconnects (seconds, or with a unit).
+    #[arg(long, value_parser = parse_duration, default_value = "1")]
     pub hold: Duration,
 }
 
@@ -187,20 +190,9 @@ pub struct Latency {
         conflicts_with = "duration"
     )]
     pub count: u64,
-    /// Publish for this many seconds instead of a message count.
-    #[arg(long, short = 'd', value_parser = humantime_secs)]
+    /// Publish this long instead of a message count (seconds, or with a unit: `500ms`, `2m`).
+    #[arg(long, short = 'd', value_parser = parse_duration)]
     pub duration: Option<Duration>,
-}
-
-/// Seconds, possibly fractional (`2`, `0.5`).
-fn humantime_secs(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    if !(secs.is_finite() && secs >= 0.0) {
-        return Err(format!("{text:?} must be zero or more seconds"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 /// What every client needs to open its connection, resolved from [`Common`].

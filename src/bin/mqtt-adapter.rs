@@ -97,10 +97,10 @@ async fn main() -> ExitCode {
         server.reload().await;
     }
     server.begin_drain();
-    let grace = config.drain_grace();
+    let grace = config.drain_grace;
     if !grace.is_zero() {
         tracing::info!(
-            seconds = grace.as_secs(),
+            seconds = grace.as_secs_f64(),
             "draining: /health is 503; sessions close after the grace period or a second signal"
         );
         let _ = tokio::time::timeout(grace, signals.next_stop()).await;

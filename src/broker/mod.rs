@@ -272,7 +272,7 @@ impl Broker {
         shutdown: &CancellationToken,
     ) -> Attachment {
         let connection_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (attached, control, done) = session::connection(connection_id, shutdown, meta);
+        let (attached, control) = session::connection(connection_id, shutdown, meta);
         let existing = table.get(&key).cloned();
         if let Some(s) = &existing {
             self.offline_remove(&s.key, s.id);
@@ -302,7 +302,7 @@ impl Broker {
             connection_id,
             control,
             present,
-            done: Some(done),
+            released: false,
         }
     }
 
@@ -403,7 +403,7 @@ impl Broker {
 
     /// Ends the connection's hold: a takeover waiting for it proceeds.
     pub fn release(attachment: &mut Attachment) {
-        attachment.done.take();
+        attachment.release();
     }
 
     fn schedule_expiry(&self, session: &Arc<Session>, generation: u64, after: Duration) {

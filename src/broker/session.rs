@@ -4,11 +4,11 @@
 //! client identifier): the same MQTT client identifier under another identity is another session.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::message::Message;
@@ -76,7 +76,11 @@ pub struct ConnectionControl {
     pub cancel: CancellationToken,
     pub meta: ConnectionMeta,
     kick: AtomicU8,
-    done: watch::Receiver<()>,
+    /// Set once the connection has fully ended (its teardown is complete).
+    ended: AtomicBool,
+    /// Wakes whoever waits in [`ConnectionControl::ended`]. (A `watch` channel did this before,
+    /// at ~400 B per connection: it carries eight `Notify`s.)
+    ended_wake: Notify,
 }
 
 impl ConnectionControl {
@@ -101,8 +105,21 @@ impl ConnectionControl {
 
     /// Resolves once the connection has fully ended (its teardown is complete).
     pub async fn ended(&self) {
-        let mut done = self.done.clone();
-        while done.changed().await.is_ok() {}
+        loop {
+            let notified = self.ended_wake.notified();
+            tokio::pin!(notified);
+            // Registered before the flag is read: a `finish` in between still wakes us.
+            notified.as_mut().enable();
+            if self.ended.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn finish(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.ended_wake.notify_waiters();
     }
 }
 
@@ -309,8 +326,8 @@ impl Session {
     }
 }
 
-/// A connection's hold on its session: dropping it tells a waiting takeover that the connection
-/// has fully ended.
+/// A connection's hold on its session: releasing it (or dropping it) tells a waiting takeover
+/// that the connection has fully ended.
 #[derive(Debug)]
 pub struct Attachment {
     pub session: Arc<Session>,
@@ -318,20 +335,35 @@ pub struct Attachment {
     pub control: Arc<ConnectionControl>,
     /// Whether the session existed before (MQTT's "session present").
     pub present: bool,
-    pub(super) done: Option<watch::Sender<()>>,
+    pub(super) released: bool,
+}
+
+impl Attachment {
+    /// Ends the hold (once): whoever waits for the connection to end proceeds.
+    pub(super) fn release(&mut self) {
+        if !std::mem::replace(&mut self.released, true) {
+            self.control.finish();
+        }
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 pub(super) fn connection(
     id: u64,
     parent: &CancellationToken,
     meta: ConnectionMeta,
-) -> (Attached, Arc<ConnectionControl>, watch::Sender<()>) {
-    let (done_tx, done_rx) = watch::channel(());
+) -> (Attached, Arc<ConnectionControl>) {
     let control = Arc::new(ConnectionControl {
         cancel: parent.child_token(),
         meta,
         kick: AtomicU8::new(0),
-        done: done_rx,
+        ended: AtomicBool::new(false),
+        ended_wake: Notify::new(),
     });
     (
         Attached {
@@ -339,6 +371,5 @@ pub(super) fn connection(
             control: control.clone(),
         },
         control,
-        done_tx,
     )
 }

@@ -136,13 +136,30 @@ pub async fn serve(listener: TcpListener, transport: Transport, shared: Arc<Acce
                         .with_label_values(&[transport.name()]),
                     shared.open_sockets.clone(),
                 );
-                shared.sessions.spawn(connection(
-                    shared.clone(),
-                    transport.clone(),
-                    stream,
-                    peer,
-                    open,
-                ));
+                match transport {
+                    // No handshake: the session is the task itself, one allocation (a
+                    // connection task holding a boxed session took two).
+                    Transport::Tcp => {
+                        let conn = Box::new(ConnectionInfo {
+                            listener: transport.name(),
+                            connect_deadline: Some(
+                                tokio::time::Instant::now() + shared.ctx.connect_timeout,
+                            ),
+                            ..Default::default()
+                        });
+                        let session = session::serve_with(shared.ctx.clone(), stream, peer, conn);
+                        shared.sessions.spawn(session.map(move |()| drop(open)));
+                    }
+                    _ => {
+                        shared.sessions.spawn(connection(
+                            shared.clone(),
+                            transport.clone(),
+                            stream,
+                            peer,
+                            open,
+                        ));
+                    }
+                }
             }
             Err(e) if Descriptors::exhausted(&e) => {
                 descriptors.running_out(&e.to_string(), transport.name());
@@ -273,7 +290,7 @@ fn budgeted<S>(shared: &Accepting, stream: S) -> (budget::Budgeted<S>, budget::C
     budget::Budgeted::new(stream, shared.ws_connect_budget, hit)
 }
 
-/// One socket: the transport's handshake under a timeout, then the session.
+/// One TLS or WebSocket socket: the transport's handshake under a timeout, then the session.
 async fn connection(
     shared: Arc<Accepting>,
     transport: Transport,
@@ -293,11 +310,14 @@ async fn connection(
             listener: name,
             ..Default::default()
         };
-        let with_deadline = |conn: ConnectionInfo| ConnectionInfo {
-            connect_deadline: Some(deadline),
-            ..conn
+        let with_deadline = |conn: ConnectionInfo| {
+            Box::new(ConnectionInfo {
+                connect_deadline: Some(deadline),
+                ..conn
+            })
         };
         match transport {
+            // Served without this task (see `serve`); kept for completeness.
             Transport::Tcp => {
                 let conn = with_deadline(plain);
                 Ok(session::serve_with(shared.ctx.clone(), stream, peer, conn).boxed())

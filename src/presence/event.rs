@@ -41,20 +41,44 @@ impl StreamEvent {
                 "odd number of field/value items: {fields:?}"
             )));
         }
+        Self::from_redis_pairs(
+            fields
+                .chunks(2)
+                .map(|pair| (pair[0].as_bytes(), pair[1].as_bytes())),
+        )
+    }
+
+    /// [`StreamEvent::from_redis_fields`] from (field, value) pairs borrowed from a reply:
+    /// only the fields presence uses are copied.
+    pub fn from_redis_pairs<'a>(
+        pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<StreamEvent, MalformedEvent> {
         let (mut client_id, mut event_type, mut instance, mut occurred_at, mut reason) =
             (None, None, None, None, None);
-        let mut items = fields.into_iter();
-        while let (Some(name), Some(value)) = (items.next(), items.next()) {
-            match name.as_str() {
-                "client_id" => client_id = Some(value),
-                "event_type" => event_type = Some(parse_type(&value)?),
-                "instance" => instance = Some(value),
-                "occurred_at" => {
-                    occurred_at = Some(value.parse::<i64>().map_err(|_| {
-                        MalformedEvent(format!("occurred_at {value:?} is not decimal nanoseconds"))
-                    })?)
+        let text = |name: &str, value: &[u8]| {
+            std::str::from_utf8(value)
+                .map(str::to_owned)
+                .map_err(|_| MalformedEvent(format!("{name} is not UTF-8: {value:?}")))
+        };
+        for (name, value) in pairs {
+            match name {
+                b"client_id" => client_id = Some(text("client_id", value)?),
+                b"event_type" => event_type = Some(parse_type(&String::from_utf8_lossy(value))?),
+                b"instance" => instance = Some(text("instance", value)?),
+                b"occurred_at" => {
+                    occurred_at = Some(
+                        std::str::from_utf8(value)
+                            .ok()
+                            .and_then(|v| v.parse::<i64>().ok())
+                            .ok_or_else(|| {
+                                MalformedEvent(format!(
+                                    "occurred_at {:?} is not decimal nanoseconds",
+                                    String::from_utf8_lossy(value)
+                                ))
+                            })?,
+                    )
                 }
-                "reason" => reason = Some(value),
+                b"reason" => reason = Some(text("reason", value)?),
                 _ => {}
             }
         }

@@ -4,7 +4,7 @@
 //! repeat would count a session twice, so the last [`WINDOW`] events are remembered.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use super::event::StreamEvent;
 
@@ -15,13 +15,36 @@ pub const WINDOW: usize = 65_536;
 #[derive(Debug, Default)]
 pub struct RecentEvents {
     order: VecDeque<u64>,
-    seen: HashSet<u64>,
+    /// Fingerprints are hashes already: the set uses them as they are.
+    seen: HashSet<u64, BuildHasherDefault<Prehashed>>,
+    /// Keyed per process (a fingerprint never leaves it).
+    hasher: super::FastHash,
+}
+
+/// The identity hash of a `u64` that is itself a hash.
+#[derive(Debug, Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 impl RecentEvents {
     /// Records `event`; `true` if it is a repeat of one recorded before.
     pub fn is_repeat(&mut self, event: &StreamEvent) -> bool {
-        let fingerprint = fingerprint(event);
+        let fingerprint = self.fingerprint(event);
         if !self.seen.insert(fingerprint) {
             return true;
         }
@@ -35,17 +58,16 @@ impl RecentEvents {
     }
 }
 
-/// 64 bits of hash: a false "repeat" needs a collision among 65,536 events (odds ~1e-10).
-fn fingerprint(event: &StreamEvent) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    (
-        &event.instance,
-        &event.client_id,
-        event.event_type.as_str(),
-        event.occurred_at,
-    )
-        .hash(&mut hasher);
-    hasher.finish()
+impl RecentEvents {
+    /// 64 bits of hash: a false "repeat" needs a collision among 65,536 events (odds ~1e-10).
+    fn fingerprint(&self, event: &StreamEvent) -> u64 {
+        self.hasher.hash_one((
+            &event.instance,
+            &event.client_id,
+            event.event_type.as_str(),
+            event.occurred_at,
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -2,36 +2,58 @@
 //! terminal, and one line per change for a pipe.
 
 use std::fmt::Write as _;
+use std::io::Write;
 use std::time::{Duration, UNIX_EPOCH};
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
 
 use super::state::{Change, Presence};
 
-/// `{"online": [...], "instances": {...}, "anomalies": [...], "events": {...}}`.
-pub fn snapshot_json(presence: &Presence) -> Value {
-    let online: Vec<Value> = presence
-        .online()
-        .into_iter()
-        .map(|(key, online)| {
-            json!({
-                "client_id": key.client_id,
-                "instance": key.instance,
-                "online_since": online.since,
-                "sessions": online.sessions,
-            })
-        })
-        .collect();
-    json!({
-        "online": online,
-        "instances": presence.instances(),
-        "anomalies": presence.anomalies().collect::<Vec<_>>(),
-        "events": {
-            "read": presence.events,
-            "repeats": presence.repeats,
-            "malformed": presence.malformed,
-        },
-    })
+/// Writes `{"anomalies": [...], "events": {...}, "instances": {...}, "online": [...]}` as it
+/// goes, one online entry at a time: a large answer is never built in memory first.
+pub fn write_snapshot_json(presence: &Presence, out: &mut impl Write) -> std::io::Result<()> {
+    #[derive(Serialize)]
+    struct OnlineEntry<'a> {
+        client_id: &'a str,
+        instance: &'a str,
+        online_since: i64,
+        sessions: u32,
+    }
+    // Keys in the order serde_json writes an object's (sorted), as before streaming.
+    // The small parts go through `Value`, which sorts their keys too.
+    let small =
+        |value: Result<serde_json::Value, serde_json::Error>| value.map_err(std::io::Error::from);
+    out.write_all(b"{\"anomalies\":")?;
+    let anomalies = small(serde_json::to_value(
+        presence.anomalies().collect::<Vec<_>>(),
+    ))?;
+    serde_json::to_writer(&mut *out, &anomalies)?;
+    out.write_all(b",\"events\":")?;
+    let events = json!({
+        "malformed": presence.malformed,
+        "read": presence.events,
+        "repeats": presence.repeats,
+    });
+    serde_json::to_writer(&mut *out, &events)?;
+    out.write_all(b",\"instances\":")?;
+    let instances = small(serde_json::to_value(presence.instances()))?;
+    serde_json::to_writer(&mut *out, &instances)?;
+    out.write_all(b",\"online\":[")?;
+    for (i, (key, online)) in presence.online().into_iter().enumerate() {
+        if i > 0 {
+            out.write_all(b",")?;
+        }
+        let entry = OnlineEntry {
+            client_id: &key.client_id,
+            instance: &key.instance,
+            online_since: online.since,
+            sessions: online.sessions,
+        };
+        serde_json::to_writer(&mut *out, &entry)?;
+    }
+    out.write_all(b"]")?;
+    out.write_all(b"}\n")
 }
 
 /// Unix nanoseconds as RFC 3339 UTC, to the second.
@@ -280,7 +302,10 @@ mod tests {
 
     #[test]
     fn json_lists_the_online_set_and_the_instances() {
-        let value = snapshot_json(&presence());
+        let mut out = Vec::new();
+        write_snapshot_json(&presence(), &mut out).unwrap();
+        assert!(out.ends_with(b"}\n"));
+        let value: serde_json::Value = serde_json::from_slice(&out).expect("one JSON object");
         let online = value["online"].as_array().expect("online array");
         assert_eq!(online.len(), 2);
         assert_eq!(online[0]["instance"], "");

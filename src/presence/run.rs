@@ -4,7 +4,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use super::report::{change_line, snapshot_json, table};
+use super::report::{change_line, table, write_snapshot_json};
 use super::source::{self, Entry, EventSource, SourceError};
 use super::state::{Change, Presence};
 use crate::config::PresenceArgs;
@@ -78,7 +78,9 @@ async fn replay(
     let mut out = std::io::stdout().lock();
     match mode {
         Mode::Once { json: true } => {
-            writeln!(out, "{}", snapshot_json(&presence))?;
+            let mut out = std::io::BufWriter::with_capacity(256 * 1024, out);
+            write_snapshot_json(&presence, &mut out)?;
+            out.flush()?;
             return Ok(());
         }
         Mode::Once { json: false } => {

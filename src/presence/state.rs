@@ -95,7 +95,8 @@ pub enum Change {
 /// The presence state: fed events in stream order, asked who is online.
 #[derive(Debug, Default)]
 pub struct Presence {
-    online: HashMap<SessionKey, Online>,
+    /// A fast keyed hash: a replay looks a key up for every event.
+    online: HashMap<SessionKey, Online, super::FastHash>,
     instances: BTreeMap<String, InstanceStats>,
     anomalies: VecDeque<Anomaly>,
     recent: RecentEvents,

@@ -54,7 +54,8 @@ enum Refusal {
 struct Relay<'a> {
     ctx: &'a SessionContext,
     codec: Codec,
-    info: SessionInfo,
+    /// Borrowed from the accepted session: an idle connection holds one copy.
+    info: &'a SessionInfo,
     session: Arc<Session>,
     wbuf: BytesMut,
     topic_cache: HashMap<Bytes, Result<Arc<PublishRoute>, Refusal>>,
@@ -142,9 +143,9 @@ impl PendingAck {
 #[allow(clippy::manual_async_fn)] // on purpose: see the doc comment
 pub(super) fn run<'a, S>(
     ctx: &'a SessionContext,
-    accepted: &'a mut Accepted,
+    accepted: &'a Accepted,
     stream: &'a mut S,
-    mut rbuf: BytesMut,
+    rbuf: &'a mut BytesMut,
     codec: Codec,
 ) -> impl std::future::Future<Output = End> + 'a
 where
@@ -156,7 +157,7 @@ where
         let mut relay = Relay {
             ctx,
             codec,
-            info: accepted.live.info.clone(),
+            info: &accepted.live.info,
             session,
             wbuf: BytesMut::new(),
             topic_cache: HashMap::new(),
@@ -183,7 +184,7 @@ where
 
         // Bytes after the CONNECT in the first read are the device's next packets.
         if !rbuf.is_empty() {
-            if let Err(end) = Box::pin(relay.input(&mut rbuf)).await {
+            if let Err(end) = Box::pin(relay.input(rbuf)).await {
                 return end;
             }
         }
@@ -212,20 +213,16 @@ where
             // Nothing half-read: the buffer is released, so a quiet device holds none (the next
             // read lands on the stack first, see `read_some`).
             if rbuf.is_empty() {
-                rbuf = BytesMut::new();
+                *rbuf = BytesMut::new();
             }
             let pushed_back = relay.pushed_back();
-            // Boxed, and only while an acknowledgement waits: an idle session holds no room.
-            let ack_wait = relay
-                .pending
-                .as_ref()
-                .and_then(|b| b.acks.front())
-                .and_then(PendingAck::waiter);
             let acks_full = relay
                 .pending
                 .as_ref()
                 .is_some_and(|b| b.acks.len() >= usize::from(ctx.limits.max_inflight()));
-            let room_wait = pushed_back.then(|| Box::pin(relay.bus_room()));
+            // Boxed, and only while an acknowledgement waits or the session is pushed back: an
+            // idle session holds no room for it.
+            let kept_wait = relay.kept_wait(pushed_back);
             let step = tokio::select! {
                 biased;
                 _ = control.cancel.cancelled() => Err(kicked(ctx, control.kicked())),
@@ -242,15 +239,14 @@ where
                         Ok(())
                     }
                 }
-                _ = async { ack_wait.expect("guarded").await }, if ack_wait.is_some() => Ok(()),
-                _ = async { room_wait.expect("guarded").await }, if pushed_back => Ok(()),
-                read = read_some(stream, &mut rbuf), if !pushed_back && !acks_full => match read {
+                Some(()) = futures_util::future::OptionFuture::from(kept_wait) => Ok(()),
+                read = read_some(stream, rbuf), if !pushed_back && !acks_full => match read {
                     Ok(0) => Err(End::lost("connection closed by device")),
                     Err(e) => Err(End::lost(format!("read error: {e}"))),
                     Ok(_) => {
                         last_read = Instant::now();
                         // Boxed: an idle connection holds no room for handling a packet.
-                        Box::pin(relay.input(&mut rbuf)).await
+                        Box::pin(relay.input(rbuf)).await
                     }
                 },
                 _ = relay.session.delivery_ready(), if !relay.more => {
@@ -526,9 +522,32 @@ impl Relay<'_> {
             && self.ctx.hooks.bus().is_some_and(|b| !b.has_room())
     }
 
-    async fn bus_room(&self) {
-        if let Some(bus) = self.ctx.hooks.bus() {
-            bus.room().await;
+    /// What the session waits for besides the socket: its oldest acknowledgement being kept,
+    /// or (pushed back) room in the bus message log; `None` for neither.
+    fn kept_wait(
+        &self,
+        pushed_back: bool,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>> {
+        let ack = self
+            .pending
+            .as_ref()
+            .and_then(|b| b.acks.front())
+            .and_then(PendingAck::waiter);
+        let bus = self.ctx.hooks.bus().filter(|_| pushed_back);
+        match (ack, bus) {
+            (None, None) => None,
+            (Some(ack), None) => Some(ack),
+            (ack, Some(bus)) => Some(Box::pin(async move {
+                match ack {
+                    Some(ack) => {
+                        tokio::select! {
+                            _ = ack => {}
+                            _ = bus.room() => {}
+                        }
+                    }
+                    None => bus.room().await,
+                }
+            })),
         }
     }
 
@@ -783,7 +802,7 @@ impl Relay<'_> {
             .ctx
             .hooks
             .bus()
-            .and_then(|bus| bus.record(&self.info, &route, &message));
+            .and_then(|bus| bus.record(self.info, &route, &message));
         let bridged = record.is_some();
         if let Some(record) = record {
             let pending = self.pending.get_or_insert_default();
@@ -1029,7 +1048,7 @@ impl Relay<'_> {
             },
             None,
         ))?;
-        self.ctx.hooks.subscribed(&self.info, &channels);
+        self.ctx.hooks.subscribed(self.info, &channels);
         // Retained messages follow the SUBACK.
         for (filter, options) in granted {
             self.ctx
@@ -1075,9 +1094,9 @@ mod footprint {
     fn an_idle_connection_holds_small_futures() {
         type Args = (
             &'static SessionContext,
-            &'static mut Accepted,
+            &'static Accepted,
             &'static mut TcpStream,
-            BytesMut,
+            &'static mut BytesMut,
             Codec,
         );
         let run = future_size(&|(c, a, s, b, k): Args| run(c, a, s, b, k));

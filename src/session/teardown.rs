@@ -24,7 +24,8 @@ pub(super) struct LiveSession {
     ctx: Arc<SessionContext>,
     pub info: SessionInfo,
     pub attachment: Attachment,
-    will: Option<Will>,
+    /// Boxed: most sessions have none, and an idle session should not keep room for one.
+    will: Option<Box<Will>>,
     announced: bool,
     ended: bool,
     _slot: ConnectionSlot,
@@ -42,7 +43,7 @@ impl LiveSession {
             ctx,
             info,
             attachment,
-            will,
+            will: will.map(Box::new),
             announced: false,
             ended: false,
             _slot: slot,
@@ -67,10 +68,10 @@ impl LiveSession {
         }
         let mut deferred = None;
         if let Some(will) = self.will.take().filter(|_| publish_will) {
-            let mut message = will.message;
+            let Will { mut message, delay } = *will;
             message.origin = Origin::Session(self.attachment.session.id);
             let message = Arc::new(message);
-            if will.delay.is_zero() {
+            if delay.is_zero() {
                 let message = expiring_from_now(message);
                 let route = route_of(&message.topic);
                 route_message(&self.ctx, &self.info, &route, message);
@@ -81,7 +82,7 @@ impl LiveSession {
                     let route = route_of(&message.topic);
                     route_message(&ctx, &info, &route, message);
                 });
-                deferred = Some((DeferredWill { message, publish }, will.delay));
+                deferred = Some((DeferredWill { message, publish }, delay));
             }
         }
         self.ctx

@@ -5,6 +5,7 @@
 
 mod nats;
 mod redis;
+mod resp;
 
 use async_trait::async_trait;
 
