@@ -178,15 +178,6 @@ impl Server {
             },
             state,
         );
-        // Before any listener accepts: the first SUBSCRIBE already gets what was retained.
-        let loading = std::time::Instant::now();
-        let retained = broker.restore_retained()?;
-        tracing::info!(
-            state = broker.state().name(),
-            retained,
-            took_ms = loading.elapsed().as_millis() as u64,
-            "MQTT state loaded"
-        );
         let bridge = match (bus_url, &data_dir) {
             (Some(url), Some(data_dir)) => {
                 let settings = BridgeSettings {
@@ -233,6 +224,16 @@ impl Server {
             layout: config.event_layout,
         })
         .await?;
+        // Before any listener accepts (the first SUBSCRIBE already gets what was retained), and
+        // after every setting that can stop start-up was checked: a bad one is the only line.
+        let loading = std::time::Instant::now();
+        let retained = broker.restore_retained()?;
+        tracing::info!(
+            state = broker.state().name(),
+            retained,
+            took_ms = loading.elapsed().as_millis() as u64,
+            "MQTT state loaded"
+        );
         metrics.watch_outbox(events.store, events.stats());
         metrics.watch_broker(&broker);
         metrics.watch_state(broker.state().clone());
