@@ -21,10 +21,10 @@ use tokio_stream::StreamMap;
 use tokio_util::sync::CancellationToken;
 
 use super::message::{topic_for, Message};
-use super::outbound::subject_matches;
 use super::{BridgeMetrics, QOS_HEADER};
 use crate::broker::interest::FilterInterest;
 use crate::broker::{self, Broker, Origin};
+use crate::events::nats::subject_matches;
 
 /// Longest wait for the server to confirm new subscriptions.
 const SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);

@@ -20,6 +20,7 @@ use super::log::{BusRecord, Messages};
 use super::message::{subject_for, Message, PROTOCOL};
 use super::{BridgeMetrics, INSTANCE_HEADER, QOS_HEADER};
 use crate::broker::Message as CoreMessage;
+use crate::events::nats::subject_matches;
 use crate::hooks::{PublishRoute, SessionInfo};
 use crate::log::{Log, LogSink, LogTicket};
 
@@ -101,20 +102,6 @@ impl Streams {
     fn covers(&self, subject: &str) -> bool {
         self.patterns.iter().any(|p| subject_matches(p, subject))
     }
-}
-
-/// Whether a NATS subject pattern (`*` one token, `>` the rest) matches `subject`.
-pub(super) fn subject_matches(pattern: &str, subject: &str) -> bool {
-    let mut tokens = subject.split('.');
-    for p in pattern.split('.') {
-        match (p, tokens.next()) {
-            (">", Some(_)) => return true,
-            ("*", Some(_)) => {}
-            (p, Some(t)) if p == t => {}
-            _ => return false,
-        }
-    }
-    tokens.next().is_none()
 }
 
 /// Delivers the message log to NATS.

@@ -93,8 +93,9 @@ impl JetStreamSink {
     }
 }
 
-/// Whether a NATS subject filter (`*` one token, `>` the rest) matches a subject.
-fn subject_matches(filter: &str, subject: &str) -> bool {
+/// Whether a NATS subject filter (`*` one token, `>` the rest) matches a subject (also the bus
+/// bridge's, for stream coverage and overlapping subscriptions).
+pub(crate) fn subject_matches(filter: &str, subject: &str) -> bool {
     let mut tokens = subject.split('.');
     for f in filter.split('.') {
         match (f, tokens.next()) {
