@@ -41,7 +41,7 @@ pub(super) fn record_of(session: &Session, state: &State) -> SessionRecord {
     SessionRecord {
         key: session.key.clone(),
         expiry: state.expiry,
-        ended_ms: state.attached.is_none().then(unix_ms),
+        ended_ms: state.durable.as_ref().and_then(|d| d.ended_ms),
         next_seq: state.mailbox.image_seq(),
         subscriptions: state
             .subscriptions
@@ -84,6 +84,7 @@ impl Broker {
         let image = state.mailbox.image();
         let durable = state.durable.get_or_insert_with(Box::default);
         durable.will = will;
+        durable.ended_ms = None;
         durable.changed = false;
         durable.next_position = image.entries.len() as u64;
         let record = record_of(session, &state);
@@ -117,6 +118,7 @@ impl Broker {
             return;
         };
         let now = unix_ms();
+        durable.ended_ms = Some(now);
         durable.will = match (durable.will.take(), will) {
             (Some(kept), Some((message, delay))) => Some(KeptWill {
                 message,
@@ -242,6 +244,7 @@ impl Broker {
                     next_position: deliveries as u64,
                     changed: false,
                     will: None,
+                    ended_ms: Some(ended),
                 });
                 if let (Some(mut will), Some(at)) = (record.will.take(), will_at) {
                     if at <= now {

@@ -197,6 +197,9 @@ pub(super) struct Durable {
     pub changed: bool,
     /// The will as the session record keeps it.
     pub will: Option<KeptWill>,
+    /// Unix time in milliseconds the last connection ended (`None` while one is attached): what
+    /// the expiry runs from, also after a restart.
+    pub ended_ms: Option<u64>,
 }
 
 impl State {
