@@ -237,3 +237,30 @@ async fn a_disconnect_with_session_expiry_0_ends_a_kept_session() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_unacknowledged_delivery_is_sent_again_with_its_packet_id_after_a_restart() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let adapter = start(data.path()).await;
+    let mut connect = Connect::new(common::V311, "unacked-sub", "c1", "s1");
+    connect.clean = false;
+    let mut sub = RawClient::connect_ok(adapter.port, &connect).await;
+    sub.subscribe(common::V311, 1, &[(TOPIC, 1)]).await;
+    publish_acked(adapter.port, "unacked-pub", ["first".to_owned()]).await;
+    // Written to the device, never acknowledged.
+    let first = sub.expect_kind(raw::PUBLISH).await;
+    let pkid = first.publish_pkid();
+    assert_eq!(first.flags & 0x08, 0, "not a DUP the first time");
+    sub.send(&raw::disconnect(common::V311)).await;
+    sub.expect_closed().await;
+
+    let adapter = restart(adapter, data.path(), Stop::Sigterm).await;
+    let mut sub = RawClient::open(adapter.port).await;
+    sub.send(&connect.encode()).await;
+    let connack = sub.expect_kind(CONNACK).await;
+    assert_eq!(connack.body[0] & 1, 1, "session present");
+    let again = sub.expect_kind(raw::PUBLISH).await;
+    assert_eq!(again.publish_pkid(), pkid, "the same packet id");
+    assert_eq!(again.flags & 0x08, 0x08, "DUP set");
+    assert_eq!(again.publish_v311(), (TOPIC.to_owned(), b"first".to_vec()));
+}
