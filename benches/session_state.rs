@@ -62,6 +62,10 @@ impl Broker {
                         ("SMQ_MQTT_ADAPTER_HOST", "127.0.0.1"),
                         ("SMQ_MQTT_ADAPTER_LOG_LEVEL", "warn"),
                         ("SMQ_MQTT_ADAPTER_MAX_QUEUED_MESSAGES", "100000"),
+                        // One publisher writes every retained message: no rate or share bound.
+                        ("SMQ_MQTT_ADAPTER_PUBLISH_RATE", "0"),
+                        ("SMQ_MQTT_ADAPTER_RETAINED_CLIENT_SHARE", "100"),
+                        ("SMQ_MQTT_ADAPTER_MAX_RETAINED", "1000000"),
                     ],
                 );
                 let bin = std::env::var_os("BENCH_ADAPTER_BIN")
