@@ -81,14 +81,21 @@ impl Broker {
                 None => StateTicket::done(),
             };
         }
-        let image = state.mailbox.image();
+        // A session kept already has its deliveries in the store (written when its connection
+        // ended, appended since): only its record changes.
+        let deliveries = match state.durable.is_some() {
+            true => None,
+            false => Some(state.mailbox.image().entries),
+        };
         let durable = state.durable.get_or_insert_with(Box::default);
         durable.will = will;
         durable.ended_ms = None;
-        durable.changed = false;
-        durable.next_position = image.entries.len() as u64;
+        if let Some(entries) = &deliveries {
+            durable.changed = false;
+            durable.next_position = entries.len() as u64;
+        }
         let record = record_of(session, &state);
-        self.state.put_session(record, Some(image.entries))
+        self.state.put_session(record, deliveries)
     }
 
     /// Writes the session record after its subscriptions changed; a SUBACK may wait for it.
