@@ -4,6 +4,7 @@
 //! - `memory.rs`: keeps nothing (a restart forgets everything, as before this module);
 //! - `local.rs`: on disk in the data directory (`<data_dir>/state/`), in a redb database written
 //!   by one thread with group commit;
+//! - `nats.rs`: a JetStream key-value bucket shared by every instance, watched into memory;
 //! - `record.rs`: how a retained message is written.
 //!
 //! What is kept today: retained messages. The broker core writes each change through the store
@@ -13,23 +14,26 @@
 
 mod local;
 mod memory;
+pub mod nats;
 mod record;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use tokio::sync::watch;
 
-use crate::broker::Message;
+use crate::broker::{Broker, Message};
 pub use local::LocalState;
 pub use memory::MemoryState;
+pub use nats::{NatsSettings, NatsState};
 
 /// Where MQTT state lives (`SMQ_MQTT_ADAPTER_STATE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StateBackend {
     /// On disk under SMQ_MQTT_ADAPTER_DATA_DIR (`state/`): survives restarts and `kill -9`.
     Local,
-    /// JetStream key-value buckets shared by every instance (not available yet).
+    /// JetStream key-value buckets shared by every instance (SMQ_MQTT_ADAPTER_STATE_URL, else
+    /// SMQ_MESSAGE_BROKER_URL).
     Nats,
     /// In memory only: a restart forgets retained messages.
     Memory,
@@ -42,6 +46,9 @@ pub enum StateError {
     Local { path: PathBuf, reason: String },
     #[error("`nats` is not available yet; use `local` (the default, on disk) or `memory`")]
     NatsNotAvailable,
+    /// The `nats` backend cannot start; the message names the setting to change.
+    #[error("{0}")]
+    Nats(String),
 }
 
 /// The MQTT state that outlives a process. Writes never block: they are handed over, and the
@@ -67,6 +74,11 @@ pub trait StateStore: Send + Sync + 'static {
     fn failed_writes(&self) -> u64 {
         0
     }
+
+    /// Starts applying changes other instances make to the shared store into `broker`'s
+    /// retained messages (after [`Broker::restore_retained`]); nothing for a store of one
+    /// instance.
+    fn follow(&self, _broker: Weak<Broker>) {}
 }
 
 /// Resolves once a write handed to a [`StateStore`] is kept (committed, and on disk for
