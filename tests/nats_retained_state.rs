@@ -27,17 +27,19 @@ use rumqttc::QoS;
 const FOLLOW_WAIT: Duration = Duration::from_secs(10);
 
 async fn start(nats: &NatsServer, data_dir: &Path) -> Adapter {
+    start_with(nats, data_dir, &[]).await
+}
+
+async fn start_with(nats: &NatsServer, data_dir: &Path, extra: &[(&str, &str)]) -> Adapter {
     let dir = data_dir.to_string_lossy().into_owned();
     let url = nats.url();
-    Adapter::start_with(
-        CLIENTS,
-        &[
-            ("SMQ_MQTT_ADAPTER_DATA_DIR", dir.as_str()),
-            ("SMQ_MQTT_ADAPTER_STATE", "nats"),
-            ("SMQ_MESSAGE_BROKER_URL", url.as_str()),
-        ],
-    )
-    .await
+    let mut env = vec![
+        ("SMQ_MQTT_ADAPTER_DATA_DIR", dir.as_str()),
+        ("SMQ_MQTT_ADAPTER_STATE", "nats"),
+        ("SMQ_MESSAGE_BROKER_URL", url.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    Adapter::start_with(CLIENTS, &env).await
 }
 
 /// A test nats-server and two instances on it, each with its own data directory.
@@ -237,6 +239,87 @@ async fn both_instances_restarted_still_hold_what_the_bucket_holds() {
     b.shutdown().await;
 }
 
+#[tokio::test]
+async fn the_watch_resumes_after_nats_restarts() {
+    let Pair {
+        mut nats,
+        dirs: _dirs,
+        a,
+        b,
+    } = pair().await;
+    let (topic, marker_a, marker_b) = (
+        "m/d1/c/ch1/after-restart",
+        "m/d1/c/ch1/marker-a",
+        "m/d1/c/ch1/marker-b",
+    );
+    retain(&a, 4, marker_a, b"marker").await;
+    retain(&b, 4, marker_b, b"marker").await;
+    retain(&a, 4, topic, b"before").await;
+    until_holds(&b, 4, topic, marker_b, Some(b"before")).await;
+
+    // The same server (and store) again on the same port: both instances reconnect.
+    nats.restart().await;
+    let reconnected = "nats state store event=connected";
+    a.wait_log(reconnected, FOLLOW_WAIT).await;
+    b.wait_log(reconnected, FOLLOW_WAIT).await;
+    retain(&a, 4, topic, b"after").await;
+    until_holds(&b, 4, topic, marker_b, Some(b"after")).await;
+    retain(&b, 4, topic, b"").await;
+    until_holds(&a, 4, topic, marker_a, None).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn writes_nats_does_not_acknowledge_are_counted_and_logged_once() {
+    let Pair {
+        mut nats,
+        dirs: _dirs,
+        a,
+        b,
+    } = pair().await;
+    nats.kill();
+    // Three retained changes while NATS is away (QoS 0: nothing to wait for); each write
+    // fails once its acknowledgement does not come.
+    let mut device = V4Client::connect(a.port, "down", "c1", "s1").await;
+    for i in 0..3 {
+        let topic = format!("sensors/down/{i}");
+        device.publish(&topic, QoS::AtMostOnce, true, b"v").await;
+    }
+    let series = "mqtt_adapter_state_write_errors_total";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, exposition) = common::http_get(a.ports.http, "/metrics").await;
+        if common::metric(&exposition, series) == Some(3.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} did not reach 3:\n{exposition}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failed = "nats state store write failed";
+    assert_eq!(
+        a.stderr().matches(failed).count(),
+        1,
+        "one line per episode:\n{}",
+        a.stderr_tail()
+    );
+    // NATS back: the next write succeeds, and that ends the episode.
+    nats.restart().await;
+    a.wait_log("nats state store event=connected", FOLLOW_WAIT)
+        .await;
+    device
+        .publish("sensors/down/0", QoS::AtLeastOnce, true, b"again")
+        .await;
+    a.wait_log("nats state store: writes succeed again", FOLLOW_WAIT)
+        .await;
+    device.disconnect().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// The payload the bucket holds for `topic` (a 3.1.1 record: an 11-byte head, then the
 /// payload); `None` if cleared.
 async fn bucket_payload(nats: &NatsServer, topic: &str) -> Option<Vec<u8>> {
@@ -352,4 +435,91 @@ async fn a_nats_server_without_jetstream_is_refused_with_one_line() {
     for needle in ["SMQ_MQTT_ADAPTER_STATE_URL", "JetStream"] {
         assert!(lines[0].contains(needle), "{needle:?} in {stderr:?}");
     }
+}
+
+/// Not a test, a measurement (`cargo test --test nats_retained_state -- --ignored --nocapture`):
+/// retained writes per second through `nats` (one MQTT connection publishing retained QoS 0 on
+/// distinct topics, then one QoS 1 whose PUBACK waits for every write before it), and the
+/// start-up of an instance with 100,000 retained messages in the bucket.
+#[tokio::test]
+#[ignore]
+async fn measure_writes_and_a_start_up_with_100_000_retained() {
+    let nats = NatsServer::start().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let unlimited = [("SMQ_MQTT_ADAPTER_PUBLISH_RATE", "0")];
+    let a = start_with(&nats, dirs[0].path(), &unlimited).await;
+    let mut device = V4Client::connect(a.port, "writer", "c1", "s1").await;
+    let writes = 20_000;
+    let payload = [b'x'; 200];
+    let started = Instant::now();
+    for i in 0..writes {
+        let topic = format!("sensors/w/{i}");
+        device
+            .publish(&topic, QoS::AtMostOnce, true, &payload)
+            .await;
+    }
+    device
+        .publish("sensors/w/last", QoS::AtLeastOnce, true, &payload)
+        .await;
+    let took = started.elapsed();
+    eprintln!(
+        "{} retained writes through nats in {took:?}: {:.0}/s",
+        writes + 1,
+        f64::from(writes + 1) / took.as_secs_f64()
+    );
+    device.disconnect().await;
+    a.shutdown().await;
+
+    // 100,000 retained messages written straight into the bucket (60-byte topics, 200-byte
+    // payloads), pipelined.
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut value = vec![1u8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    value.extend_from_slice(&payload);
+    let value = bytes::Bytes::from(value);
+    let total = 100_000;
+    let mut acks = Vec::new();
+    for i in 0..total {
+        let topic = format!("m/d1/c/ch1/sensors/building-7/floor-3/room/{i:08}/temperature");
+        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(topic);
+        acks.push(
+            js.publish(format!("$KV.mqtt-retained.{key}"), value.clone())
+                .await
+                .expect("publish"),
+        );
+        if acks.len() == 1000 {
+            for ack in acks.drain(..) {
+                ack.await.expect("ack");
+            }
+        }
+    }
+    for ack in acks.drain(..) {
+        ack.await.expect("ack");
+    }
+    let info = js
+        .get_stream("KV_mqtt-retained")
+        .await
+        .expect("the bucket's stream")
+        .get_info()
+        .await
+        .expect("stream info");
+    eprintln!(
+        "bucket: {} messages, {} bytes",
+        info.state.messages, info.state.bytes
+    );
+    let started = Instant::now();
+    let b = start_with(
+        &nats,
+        dirs[1].path(),
+        &[("SMQ_MQTT_ADAPTER_MAX_RETAINED", "200000")],
+    )
+    .await;
+    eprintln!(
+        "start-up with {} retained (process start to MQTT accept): {:?}",
+        total + writes + 1,
+        started.elapsed()
+    );
+    let log = b.wait_log("MQTT state loaded", FOLLOW_WAIT).await;
+    let line = log.lines().find(|l| l.contains("MQTT state loaded"));
+    eprintln!("{}", line.unwrap_or_default());
+    b.shutdown().await;
 }

@@ -207,6 +207,7 @@ impl NatsState {
                     ),
                 )
             })?;
+        let reconnected = Arc::new(AtomicBool::new(false));
         let client = ConnectOptions::new()
             .name(format!("mqtt-adapter state {}", settings.instance_id))
             .retry_on_initial_connect()
@@ -214,12 +215,16 @@ impl NatsState {
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis(100 << attempts.min(4)).min(Duration::from_secs(1))
             })
-            .event_callback(|event| async move {
+            .event_callback(move |event| {
                 // The first connection is not news (a refused start-up prints one line only).
-                if matches!(event, async_nats::Event::Connected) {
-                    tracing::debug!(%event, "nats state store");
-                } else {
-                    tracing::info!(%event, "nats state store");
+                let first = matches!(event, async_nats::Event::Connected)
+                    && !reconnected.swap(true, Ordering::Relaxed);
+                async move {
+                    if first {
+                        tracing::debug!(%event, "nats state store");
+                    } else {
+                        tracing::info!(%event, "nats state store");
+                    }
                 }
             })
             .connect(addrs)
@@ -433,12 +438,23 @@ async fn publish(js: &jetstream::Context, prefix: &str, write: Write) -> Acked {
         }
         None => PublishMessage::build().header(KV_OPERATION, "DEL"),
     };
-    match js.send_publish(format!("{prefix}{key}"), publish).await {
-        Ok(ack) => Box::pin(async move {
+    // Bounded too: with NATS away the client's buffer fills, and the writes after it fail
+    // (their acknowledgements are not held) instead of waiting for the reconnect.
+    let sent = tokio::time::timeout(
+        ACK_TIMEOUT,
+        js.send_publish(format!("{prefix}{key}"), publish),
+    )
+    .await;
+    match sent {
+        Ok(Ok(ack)) => Box::pin(async move {
             let result = ack.await.map(|a| a.sequence).map_err(|e| e.to_string());
             (ticket, topic, result)
         }),
-        Err(e) => Box::pin(std::future::ready((ticket, topic, Err(e.to_string())))),
+        Ok(Err(e)) => Box::pin(std::future::ready((ticket, topic, Err(e.to_string())))),
+        Err(_) => {
+            let e = "not sent: the NATS connection's buffer stayed full".to_owned();
+            Box::pin(std::future::ready((ticket, topic, Err(e))))
+        }
     }
 }
 
