@@ -437,19 +437,10 @@ async fn a_nats_server_without_jetstream_is_refused_with_one_line() {
     }
 }
 
-/// Not a test, a measurement (`cargo test --test nats_retained_state -- --ignored --nocapture`):
-/// retained writes per second through `nats` (one MQTT connection publishing retained QoS 0 on
-/// distinct topics, then one QoS 1 whose PUBACK waits for every write before it), and the
-/// start-up of an instance with 100,000 retained messages in the bucket.
-#[tokio::test]
-#[ignore]
-async fn measure_writes_and_a_start_up_with_100_000_retained() {
-    let nats = NatsServer::start().await;
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let unlimited = [("SMQ_MQTT_ADAPTER_PUBLISH_RATE", "0")];
-    let a = start_with(&nats, dirs[0].path(), &unlimited).await;
-    let mut device = V4Client::connect(a.port, "writer", "c1", "s1").await;
-    let writes = 20_000;
+/// Retained QoS 0 writes on distinct topics through one MQTT connection, then one QoS 1 whose
+/// PUBACK waits for every write before it (tickets resolve in order); returns writes per second.
+async fn measure_writes(port: u16, writes: u32) -> f64 {
+    let mut device = V4Client::connect(port, "writer", "c1", "s1").await;
     let payload = [b'x'; 200];
     let started = Instant::now();
     for i in 0..writes {
@@ -461,20 +452,74 @@ async fn measure_writes_and_a_start_up_with_100_000_retained() {
     device
         .publish("sensors/w/last", QoS::AtLeastOnce, true, &payload)
         .await;
-    let took = started.elapsed();
-    eprintln!(
-        "{} retained writes through nats in {took:?}: {:.0}/s",
-        writes + 1,
-        f64::from(writes + 1) / took.as_secs_f64()
-    );
+    let rate = f64::from(writes + 1) / started.elapsed().as_secs_f64();
     device.disconnect().await;
-    a.shutdown().await;
+    rate
+}
+
+/// An adapter binary started with `nats` state on `url` (no bus, no data directory), timed
+/// from its spawn to its MQTT listener accepting; returns the time and the running process.
+async fn timed_start(binary: &str, url: &str) -> (Duration, std::process::Child, u16) {
+    let port = free_port();
+    let mut cmd = std::process::Command::new(binary);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("SMQ_") {
+            cmd.env_remove(key);
+        }
+    }
+    for var in [
+        "SMQ_MQTT_ADAPTER_WS_PORT",
+        "SMQ_MQTT_ADAPTER_HTTP_PORT",
+        "SMQ_MQTT_ADAPTER_MQTTS_PORT",
+        "SMQ_MQTT_ADAPTER_WSS_PORT",
+    ] {
+        cmd.env(var, free_port().to_string());
+    }
+    let clients = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(clients.path(), CLIENTS).unwrap();
+    cmd.env("SMQ_MQTT_ADAPTER_MQTT_PORT", port.to_string())
+        .env("SMQ_MQTT_ADAPTER_CLIENTS_FILE", clients.path())
+        .env("SMQ_MQTT_ADAPTER_STATE", "nats")
+        .env("SMQ_MQTT_ADAPTER_STATE_URL", url)
+        .env("SMQ_MQTT_ADAPTER_MAX_RETAINED", "1000000")
+        .env("SMQ_MQTT_ADAPTER_PUBLISH_RATE", "0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let started = Instant::now();
+    let child = cmd.spawn().expect("spawn the adapter");
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(started.elapsed() < Duration::from_secs(120), "never ready");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (started.elapsed(), child, port)
+}
+
+/// Not a test, a measurement (`cargo test --test nats_retained_state -- --ignored --nocapture`;
+/// `SMQ_TEST_MEASURE_ADAPTER=target/release/mqtt-adapter` measures that binary, else the debug
+/// one): retained writes per second through `nats`, and the start-up of an instance with
+/// 100,000 retained messages in the bucket.
+#[tokio::test]
+#[ignore]
+async fn measure_writes_and_a_start_up_with_100_000_retained() {
+    let binary = std::env::var("SMQ_TEST_MEASURE_ADAPTER")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_mqtt-adapter").to_owned());
+    let nats = NatsServer::start().await;
+    let (took, mut empty, port) = timed_start(&binary, &nats.url()).await;
+    eprintln!("{binary}: start-up with an empty bucket: {took:?}");
+    let writes = 20_000;
+    let rate = measure_writes(port, writes).await;
+    eprintln!("{} retained writes through nats: {rate:.0}/s", writes + 1);
+    let _ = empty.kill();
+    let _ = empty.wait();
 
     // 100,000 retained messages written straight into the bucket (60-byte topics, 200-byte
     // payloads), pipelined.
     let js = async_nats::jetstream::new(nats.client().await);
     let mut value = vec![1u8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    value.extend_from_slice(&payload);
+    value.extend_from_slice(&[b'x'; 200]);
     let value = bytes::Bytes::from(value);
     let total = 100_000;
     let mut acks = Vec::new();
@@ -506,20 +551,11 @@ async fn measure_writes_and_a_start_up_with_100_000_retained() {
         "bucket: {} messages, {} bytes",
         info.state.messages, info.state.bytes
     );
-    let started = Instant::now();
-    let b = start_with(
-        &nats,
-        dirs[1].path(),
-        &[("SMQ_MQTT_ADAPTER_MAX_RETAINED", "200000")],
-    )
-    .await;
+    let (took, mut full, _) = timed_start(&binary, &nats.url()).await;
     eprintln!(
-        "start-up with {} retained (process start to MQTT accept): {:?}",
-        total + writes + 1,
-        started.elapsed()
+        "{binary}: start-up with {} retained (spawn to MQTT accept): {took:?}",
+        info.state.messages
     );
-    let log = b.wait_log("MQTT state loaded", FOLLOW_WAIT).await;
-    let line = log.lines().find(|l| l.contains("MQTT state loaded"));
-    eprintln!("{}", line.unwrap_or_default());
-    b.shutdown().await;
+    let _ = full.kill();
+    let _ = full.wait();
 }
