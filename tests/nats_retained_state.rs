@@ -320,6 +320,58 @@ async fn writes_nats_does_not_acknowledge_are_counted_and_logged_once() {
     b.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_retained_message_whose_expiry_passed_is_not_loaded() {
+    let Pair { nats, dirs, a, b } = pair().await;
+    let (short, long) = ("m/d1/c/ch1/short", "m/d1/c/ch1/long");
+    let mut device = V5Client::connect(a.port, "expiring", "c1", "s1").await;
+    let published_at = Instant::now();
+    let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
+        message_expiry_interval: Some(1),
+        ..Default::default()
+    };
+    device
+        .client
+        .publish_with_properties(
+            short,
+            QoS5::AtLeastOnce,
+            true,
+            b"short".to_vec(),
+            properties,
+        )
+        .await
+        .expect("queue PUBLISH");
+    device
+        .wait_for(|e| {
+            matches!(
+                e,
+                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_))
+            )
+            .then_some(())
+        })
+        .await;
+    device.disconnect().await;
+    retain(&a, 5, long, b"marker").await;
+    // The expiry is wall-clock time: it runs out while both instances are stopped.
+    let mut stopped = Vec::new();
+    for mut adapter in [a, b] {
+        adapter.terminate();
+        assert!(adapter.wait_exit().await.success(), "exit 0 on SIGTERM");
+        stopped.push(adapter);
+    }
+    let wait = Duration::from_millis(1500).saturating_sub(published_at.elapsed());
+    tokio::time::sleep(wait).await;
+    for dir in &dirs {
+        let adapter = start(&nats, dir.path()).await;
+        assert_eq!(
+            first_retained(&adapter, 5, short, long).await,
+            (long.to_owned(), b"marker".to_vec()),
+            "the expired message is not loaded, the other one is"
+        );
+        adapter.shutdown().await;
+    }
+}
+
 /// The payload the bucket holds for `topic` (a 3.1.1 record: an 11-byte head, then the
 /// payload); `None` if cleared.
 async fn bucket_payload(nats: &NatsServer, topic: &str) -> Option<Vec<u8>> {
