@@ -511,7 +511,7 @@ async fn measure_writes(port: u16, writes: u32) -> f64 {
 
 /// An adapter binary started with `nats` state on `url` (no bus, no data directory), timed
 /// from its spawn to its MQTT listener accepting; returns the time and the running process.
-async fn timed_start(binary: &str, url: &str) -> (Duration, std::process::Child, u16) {
+async fn timed_start(binary: &str, url: &str, log: &Path) -> (Duration, std::process::Child, u16) {
     let port = free_port();
     let mut cmd = std::process::Command::new(binary);
     for (key, _) in std::env::vars_os() {
@@ -535,8 +535,9 @@ async fn timed_start(binary: &str, url: &str) -> (Duration, std::process::Child,
         .env("SMQ_MQTT_ADAPTER_STATE_URL", url)
         .env("SMQ_MQTT_ADAPTER_MAX_RETAINED", "1000000")
         .env("SMQ_MQTT_ADAPTER_PUBLISH_RATE", "0")
+        .env("SMQ_MQTT_ADAPTER_LOG_LEVEL", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        .stderr(std::fs::File::create(log).expect("log file"));
     let started = Instant::now();
     let child = cmd.spawn().expect("spawn the adapter");
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -559,7 +560,8 @@ async fn measure_writes_and_a_start_up_with_100_000_retained() {
     let binary = std::env::var("SMQ_TEST_MEASURE_ADAPTER")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_mqtt-adapter").to_owned());
     let nats = NatsServer::start().await;
-    let (took, mut empty, port) = timed_start(&binary, &nats.url()).await;
+    let logs = tempfile::tempdir().unwrap();
+    let (took, mut empty, port) = timed_start(&binary, &nats.url(), &logs.path().join("a")).await;
     eprintln!("{binary}: start-up with an empty bucket: {took:?}");
     let writes = 20_000;
     let rate = measure_writes(port, writes).await;
@@ -603,11 +605,18 @@ async fn measure_writes_and_a_start_up_with_100_000_retained() {
         "bucket: {} messages, {} bytes",
         info.state.messages, info.state.bytes
     );
-    let (took, mut full, _) = timed_start(&binary, &nats.url()).await;
+    let log = logs.path().join("b");
+    let (took, mut full, _) = timed_start(&binary, &nats.url(), &log).await;
     eprintln!(
         "{binary}: start-up with {} retained (spawn to MQTT accept): {took:?}",
         info.state.messages
     );
     let _ = full.kill();
     let _ = full.wait();
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    for line in log.lines().filter(|l| {
+        l.contains("bucket read") || l.contains("MQTT state loaded") || l.contains("ready")
+    }) {
+        eprintln!("{line}");
+    }
 }
