@@ -44,8 +44,6 @@ pub enum StateBackend {
 pub enum StateError {
     #[error("cannot use the state store {path}: {reason}; point SMQ_MQTT_ADAPTER_DATA_DIR at a writable directory, or move the file away to start empty")]
     Local { path: PathBuf, reason: String },
-    #[error("`nats` is not available yet; use `local` (the default, on disk) or `memory`")]
-    NatsNotAvailable,
     /// The `nats` backend cannot start; the message names the setting to change.
     #[error("{0}")]
     Nats(String),
@@ -125,14 +123,17 @@ impl StateTicket {
     }
 }
 
-/// Opens the state store `backend` names; `local` in `data_dir/state/`.
+/// Opens the state store `backend` names; `local` in `data_dir/state/`. `nats` connects, so it
+/// is opened with the async [`NatsState::open`].
 pub fn open(
     backend: StateBackend,
     data_dir: Option<&crate::log::DataDir>,
 ) -> Result<Arc<dyn StateStore>, StateError> {
     match (backend, data_dir) {
         (StateBackend::Memory, _) => Ok(Arc::new(MemoryState)),
-        (StateBackend::Nats, _) => Err(StateError::NatsNotAvailable),
+        (StateBackend::Nats, _) => Err(StateError::Nats(
+            "`nats` is opened with NatsState::open".to_owned(),
+        )),
         (StateBackend::Local, Some(dir)) => Ok(Arc::new(LocalState::open(&dir.file("state"))?)),
         (StateBackend::Local, None) => Err(StateError::Local {
             path: PathBuf::from("state"),
