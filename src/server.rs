@@ -328,6 +328,22 @@ impl Server {
             limits,
             rights: rights.clone(),
         });
+        // Persistent sessions are held again before any listener accepts: a device that
+        // resumes finds its session, and wills that fell due while the process was down go out.
+        let loading = std::time::Instant::now();
+        let restored =
+            broker.restore_sessions(crate::session::kept_will_route(Arc::downgrade(&ctx)))?;
+        if restored != crate::broker::Restored::default() {
+            tracing::info!(
+                sessions = restored.sessions,
+                deliveries = restored.deliveries,
+                expired = restored.expired,
+                wills = restored.wills,
+                took_ms = loading.elapsed().as_millis() as u64,
+                "persistent sessions restored"
+            );
+        }
+        broker.start_checkpoints();
         let reactions = Arc::new(Reactions::new(
             broker.clone(),
             caches,

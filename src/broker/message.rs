@@ -43,6 +43,19 @@ impl Message {
         })
     }
 
+    /// A copy of the message (topic, payload and properties shared or cloned).
+    pub fn copy(&self) -> Message {
+        Message {
+            topic: self.topic.clone(),
+            payload: self.payload.clone(),
+            qos: self.qos,
+            retain: self.retain,
+            properties: self.properties.clone(),
+            origin: self.origin,
+            expires_at: self.expires_at,
+        }
+    }
+
     /// The expiry instant of a message published now with these properties.
     pub fn expiry_of(properties: Option<&PublishProperties>) -> Option<Instant> {
         let secs = properties?.message_expiry_interval?;

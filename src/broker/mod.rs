@@ -7,6 +7,7 @@
 //! Lock order: the session table, then one session's state; or the trie, then one session's
 //! state. Nothing holds a session's state while taking the table or the trie.
 
+mod durable;
 pub mod interest;
 pub mod message;
 pub mod queue;
@@ -23,8 +24,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::{MemoryState, StateError, StateStore, StateTicket};
+use durable::record_of;
+pub use durable::{Restored, WillRoute, CHECKPOINT_INTERVAL};
 pub use message::{Message, Origin};
-pub use queue::{Delivery, Outgoing, QueueLimits};
+pub use queue::{Delivery, Kept, MailboxImage, Outgoing, QueueLimits};
 pub use retained::RetainedLimits;
 use retained::{Retained, RetainedStore};
 pub use session::{
@@ -329,6 +332,11 @@ impl Broker {
             Some(s) if !request.clean_start => (s, true),
             old => {
                 if let Some(old) = old {
+                    // Its record is the new session's now (rewritten at its CONNECT) or gone.
+                    let was_durable = old.lock().durable.take().is_some();
+                    if was_durable && request.expiry == Expiry::WithConnection {
+                        drop(self.state.remove_session(&key));
+                    }
                     self.discard_later(old);
                 }
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -383,15 +391,23 @@ impl Broker {
                 return;
             }
             state.attached = None;
+            let mut will_due = None;
             if let Some((deferred, delay)) = will.take() {
                 match state.expiry {
                     Expiry::WithConnection => will = Some((deferred, delay)),
-                    Expiry::After(after) if after <= delay => state.will = Some(deferred),
+                    Expiry::After(after) if after <= delay => {
+                        will_due = Some((deferred.message.clone(), after));
+                        state.will = Some(deferred);
+                    }
                     Expiry::After(_) | Expiry::Never => {
+                        will_due = Some((deferred.message.clone(), delay));
                         state.will = Some(deferred);
                         self.schedule_will(&session, state.generation, delay);
                     }
                 }
+            }
+            if state.expiry != Expiry::WithConnection {
+                self.keep_ended(&session, &mut state, will_due);
             }
             match state.expiry {
                 Expiry::WithConnection => {
@@ -438,9 +454,16 @@ impl Broker {
         let will = self.session(key).and_then(|s| {
             let mut state = s.lock();
             let same = s.id == id && state.generation == generation;
-            (same && state.attached.is_none())
+            let will = (same && state.attached.is_none())
                 .then(|| state.will.take())
-                .flatten()
+                .flatten();
+            if will.is_some() {
+                if let Some(d) = state.durable.as_mut() {
+                    d.will = None;
+                    drop(self.state.put_session(record_of(&s, &state), None));
+                }
+            }
+            will
         });
         if let Some(will) = will {
             tracing::info!(client_id = %key.client_id.escape_debug(), mqtt_client_id = %key.mqtt_client_id.escape_debug(),
@@ -589,6 +612,9 @@ impl Broker {
     fn discard(&self, session: &Session) {
         self.discard_subscriptions_only(session);
         let mut state = session.lock();
+        if state.durable.take().is_some() {
+            drop(self.state.remove_session(&session.key));
+        }
         let (queued, inflight) = (state.mailbox.queued(), state.mailbox.inflight());
         state.mailbox = Default::default();
         state.incoming = HashMap::new();
@@ -706,6 +732,16 @@ impl Broker {
     /// Queues a message for the share group's next member; false if it has none or that
     /// member's queue refused it (counted).
     fn deliver_shared(&self, group: &SharedGroup, message: &Arc<Message>) -> bool {
+        self.deliver_shared_kept(group, message, &mut None)
+    }
+
+    /// [`Broker::deliver_shared`], keeping in `kept` the latest state store ticket.
+    fn deliver_shared_kept(
+        &self,
+        group: &SharedGroup,
+        message: &Arc<Message>,
+        kept: &mut Option<StateTicket>,
+    ) -> bool {
         let Some((session, options)) = group.pick() else {
             return false;
         };
@@ -716,7 +752,8 @@ impl Broker {
             ids: options.id.into_iter().collect(),
             shared: Some(group.id),
         };
-        let pushed = session.deliver(delivery, self.config.queue);
+        let (pushed, ticket) = session.deliver(delivery, self.config.queue, &*self.state);
+        later(kept, ticket);
         self.count(&session, pushed);
         pushed.queued
     }
@@ -737,7 +774,9 @@ impl Broker {
                 ids: options.id.into_iter().collect(),
                 shared: None,
             };
-            self.count(session, session.deliver(delivery, self.config.queue));
+            // The subscriber is online (it just subscribed): nothing is appended.
+            let (pushed, _) = session.deliver(delivery, self.config.queue, &*self.state);
+            self.count(session, pushed);
         }
     }
 
@@ -763,7 +802,14 @@ impl Broker {
         } else {
             StateTicket::done()
         };
-        (self.route(message), kept)
+        let mut queued_kept = None;
+        let n = self.route(message, &mut queued_kept);
+        // Tickets of one store resolve in order: the latest one covers both.
+        let kept = match queued_kept {
+            Some(q) => kept.later(q),
+            None => kept,
+        };
+        (n, kept)
     }
 
     /// Stores (or clears) the retained message in memory and hands the change to the state
@@ -787,7 +833,9 @@ impl Broker {
         }
     }
 
-    fn route(&self, message: Arc<Message>) -> usize {
+    /// Queues `message` for its subscribers; `kept` gets the latest ticket of what was appended
+    /// to the state store for offline durable sessions.
+    fn route(&self, message: Arc<Message>, kept: &mut Option<StateTicket>) -> usize {
         let trie = self.trie.read().unwrap_or_else(|p| p.into_inner());
         let mut targets: Vec<&Subscriber> = Vec::new();
         let mut groups: Vec<&SharedGroup> = Vec::new();
@@ -805,7 +853,7 @@ impl Broker {
         // whatever other subscriptions that member has.
         let mut queued = groups
             .into_iter()
-            .filter(|g| self.deliver_shared(g, &message))
+            .filter(|g| self.deliver_shared_kept(g, &message, kept))
             .count();
         if targets.len() > 1 {
             // Overlapping subscriptions of one session deliver once, at the highest QoS.
@@ -828,7 +876,10 @@ impl Broker {
                 ids: group.iter().filter_map(|s| s.options.id).collect(),
                 shared: None,
             };
-            let pushed = first.session.deliver(delivery, self.config.queue);
+            let (pushed, ticket) = first
+                .session
+                .deliver(delivery, self.config.queue, &*self.state);
+            later(kept, ticket);
             queued += usize::from(pushed.queued);
             self.count(&first.session, pushed);
         }
@@ -1011,19 +1062,39 @@ impl Broker {
         self.stop.cancel();
     }
 
-    /// Publishes every will still waiting for its delay (server shutdown: the sessions holding
-    /// them end with the process); returns how many.
+    /// Publishes every will still waiting for its delay (server shutdown: the connections they
+    /// stand for ended with it; a kept session comes back after the restart without its will);
+    /// returns how many.
     pub fn publish_pending_wills(&self) -> usize {
         let wills: Vec<DeferredWill> = self
             .sessions()
             .iter()
-            .filter_map(|s| s.lock().will.take())
+            .filter_map(|s| {
+                let mut state = s.lock();
+                let will = state.will.take()?;
+                // A kept session comes back after the restart without it.
+                if let Some(d) = state.durable.as_mut() {
+                    d.will = None;
+                    drop(self.state.put_session(record_of(s, &state), None));
+                }
+                Some(will)
+            })
             .collect();
         let n = wills.len();
         for will in wills {
             (will.publish)(will.message);
         }
         n
+    }
+}
+
+/// Keeps in `kept` whichever ticket resolves later.
+fn later(kept: &mut Option<StateTicket>, ticket: Option<StateTicket>) {
+    if let Some(ticket) = ticket {
+        *kept = Some(match kept.take() {
+            Some(k) => k.later(ticket),
+            None => ticket,
+        });
     }
 }
 

@@ -43,6 +43,24 @@ pub enum Outgoing {
     Release(u16),
 }
 
+/// One delivery of a mailbox as it is kept beyond the process (see [`Mailbox::image`]).
+#[derive(Debug, Clone)]
+pub enum Kept {
+    /// Waiting in the queue.
+    Queued(Delivery),
+    /// Written with the packet id of allocation `seq`, not acknowledged yet.
+    Unacked { seq: u64, delivery: Delivery },
+    /// PUBRECed by the device and PUBREL written (allocation `seq`), waiting for PUBCOMP.
+    Released { seq: u64 },
+}
+
+/// A mailbox's kept deliveries, in order, and its next packet id allocation.
+#[derive(Debug, Clone, Default)]
+pub struct MailboxImage {
+    pub next_seq: u64,
+    pub entries: Vec<Kept>,
+}
+
 #[derive(Debug)]
 enum Flight {
     /// Sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
@@ -284,6 +302,71 @@ impl Mailbox {
         taken
     }
 
+    /// What a restart must find of this mailbox: the in-flight window in order, then the
+    /// queued QoS 1/2 deliveries (QoS 0 ones are never kept beyond the process).
+    pub fn image(&self) -> MailboxImage {
+        let mut entries = Vec::with_capacity(self.inflight.len() + self.queue.len() - self.qos0);
+        for f in &self.inflight {
+            entries.push(match &f.flight {
+                Flight::Unacked(d) => Kept::Unacked {
+                    seq: f.seq,
+                    delivery: d.clone(),
+                },
+                Flight::Released => Kept::Released { seq: f.seq },
+            });
+        }
+        entries.extend(
+            self.queue
+                .iter()
+                .filter(|d| d.qos > 0)
+                .map(|d| Kept::Queued(d.clone())),
+        );
+        MailboxImage {
+            next_seq: self.next_seq,
+            entries,
+        }
+    }
+
+    /// A mailbox as [`Mailbox::image`] saw it: the window keeps its packet ids, so a resumed
+    /// device gets its unacknowledged PUBLISHes again with the ids it knows.
+    pub fn from_image(image: MailboxImage) -> Mailbox {
+        let mut mailbox = Mailbox {
+            next_seq: image.next_seq,
+            ..Mailbox::default()
+        };
+        for kept in image.entries {
+            match kept {
+                Kept::Unacked { seq, delivery } => mailbox.inflight.push_back(InFlight {
+                    pkid: Self::pkid_for(seq),
+                    seq,
+                    flight: Flight::Unacked(delivery),
+                }),
+                Kept::Released { seq } => mailbox.inflight.push_back(InFlight {
+                    pkid: Self::pkid_for(seq),
+                    seq,
+                    flight: Flight::Released,
+                }),
+                Kept::Queued(delivery) => {
+                    mailbox.bytes += delivery.message.size();
+                    if delivery.qos == 0 {
+                        mailbox.qos0 += 1;
+                    }
+                    mailbox.queue.push_back(delivery);
+                }
+            }
+        }
+        // Allocation numbers only grow: a damaged image must not make them repeat.
+        if let Some(last) = mailbox.inflight.iter().map(|f| f.seq).max() {
+            mailbox.next_seq = mailbox.next_seq.max(last + 1);
+        }
+        mailbox
+    }
+
+    /// The next packet id allocation (kept with the session record).
+    pub fn image_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// Deliveries waiting in the queue.
     pub fn queued(&self) -> usize {
         self.queue.len()
@@ -324,6 +407,47 @@ mod tests {
             ids: Vec::new(),
             shared: None,
         }
+    }
+
+    #[test]
+    fn an_image_keeps_the_window_with_its_packet_ids_and_the_queued_qos_1_2() {
+        let mut mailbox = Mailbox::default();
+        for (p, qos) in [("a", 1), ("b", 2), ("c", 0), ("d", 1)] {
+            mailbox.push(
+                delivery(p, qos),
+                QueueLimits {
+                    max_messages: 10,
+                    max_bytes: 1000,
+                },
+            );
+        }
+        let first = mailbox.next(2);
+        let second = mailbox.next(2);
+        let (Some(Outgoing::Publish { pkid: p1, .. }), Some(Outgoing::Publish { pkid: p2, .. })) =
+            (first, second)
+        else {
+            panic!("two publishes");
+        };
+        assert!(mailbox.pubrec(p2));
+        let image = mailbox.image();
+        assert_eq!(
+            image.entries.len(),
+            3,
+            "the queued QoS 0 is not kept: {image:?}"
+        );
+        let mut back = Mailbox::from_image(image);
+        let resent = back.resend();
+        assert!(
+            matches!(&resent[..], [Outgoing::Publish { pkid, dup: true, .. }, Outgoing::Release(r)] if *pkid == p1 && *r == p2),
+            "{resent:?}"
+        );
+        assert!(back.puback(p1) && back.pubcomp(p2));
+        let Some(Outgoing::Publish { delivery, pkid, .. }) = back.next(2) else {
+            panic!("the queued one");
+        };
+        assert_eq!(&delivery.message.payload[..], b"d");
+        assert!(pkid != p1 && pkid != p2, "a fresh packet id");
+        assert!(back.next(2).is_none());
     }
 
     fn payloads(mailbox: &mut Mailbox) -> Vec<String> {

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::message::Message;
 use super::queue::{Delivery, Mailbox, Outgoing, Pushed, QueueLimits};
+use crate::state::{KeptWill, StateStore, StateTicket};
 
 /// Who a session belongs to: the platform identity and the MQTT client identifier it chose.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -141,6 +142,17 @@ pub enum Expiry {
     Never,
 }
 
+impl Expiry {
+    /// The expiry an MQTT 5 Session Expiry Interval (seconds) gives.
+    pub fn from_interval(seconds: u32) -> Expiry {
+        match seconds {
+            0 => Expiry::WithConnection,
+            u32::MAX => Expiry::Never,
+            s => Expiry::After(Duration::from_secs(u64::from(s))),
+        }
+    }
+}
+
 /// A will whose connection has ended, waiting for its MQTT 5 Will Delay Interval.
 pub struct DeferredWill {
     pub message: Arc<Message>,
@@ -170,6 +182,33 @@ pub(super) struct State {
     pub generation: u64,
     /// The will of the last connection while its delay runs (offline sessions only).
     pub will: Option<DeferredWill>,
+    /// Set while the session is kept by the state store (persistent, and a store that keeps
+    /// sessions). Boxed: most sessions are not.
+    pub durable: Option<Box<Durable>>,
+}
+
+/// What the broker tracks of a session the state store keeps.
+#[derive(Debug, Default)]
+pub(super) struct Durable {
+    /// The position the next delivery appended to the kept list takes.
+    pub next_position: u64,
+    /// The mailbox changed since it was last written (online sessions are written at
+    /// checkpoints, never per message).
+    pub changed: bool,
+    /// The will as the session record keeps it.
+    pub will: Option<KeptWill>,
+    /// Unix time in milliseconds the last connection ended (`None` while one is attached): what
+    /// the expiry runs from, also after a restart.
+    pub ended_ms: Option<u64>,
+}
+
+impl State {
+    /// Notes a mailbox change of an online durable session for the next checkpoint.
+    fn touched(&mut self) {
+        if let Some(d) = self.durable.as_mut() {
+            d.changed = true;
+        }
+    }
 }
 
 /// One session. Shared by the connection attached to it and by the subscriptions that deliver
@@ -195,6 +234,7 @@ impl Session {
                 expiry,
                 generation: 0,
                 will: None,
+                durable: None,
             }),
             wake: Notify::new(),
         }
@@ -204,17 +244,38 @@ impl Session {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a delivery; wakes the connection if it may be waiting for one.
-    pub(super) fn deliver(&self, delivery: Delivery, limits: QueueLimits) -> Pushed {
-        let (pushed, attached) = {
+    /// Queues a delivery; wakes the connection if it may be waiting for one. A QoS 1/2
+    /// delivery to an offline durable session is appended to the state store (under the
+    /// session's lock, so the store sees them in queue order): the ticket says when it is kept.
+    pub(super) fn deliver(
+        &self,
+        delivery: Delivery,
+        limits: QueueLimits,
+        store: &dyn StateStore,
+    ) -> (Pushed, Option<StateTicket>) {
+        let (pushed, attached, kept) = {
             let mut state = self.lock();
+            let offline_durable =
+                state.durable.is_some() && state.attached.is_none() && delivery.qos > 0;
+            let copy = offline_durable.then(|| delivery.clone());
             let pushed = state.mailbox.push(delivery, limits);
-            (pushed, state.attached.is_some())
+            let mut kept = None;
+            if pushed.queued {
+                match (copy, state.durable.as_mut()) {
+                    (Some(copy), Some(d)) => {
+                        kept = Some(store.append_delivery(&self.key, d.next_position, &copy));
+                        d.next_position += 1;
+                    }
+                    (None, Some(d)) => d.changed = true,
+                    _ => {}
+                }
+            }
+            (pushed, state.attached.is_some(), kept)
         };
         if pushed.was_empty && attached {
             self.wake.notify_one();
         }
-        pushed
+        (pushed, kept)
     }
 
     /// Whether a connection is attached now.
@@ -231,6 +292,7 @@ impl Session {
     /// PUBLISHes; returns whether more are ready, and how many expired ones were dropped.
     pub fn take_ready(&self, window: usize, max: usize, out: &mut Vec<Outgoing>) -> (bool, u64) {
         let mut state = self.lock();
+        state.touched();
         let now = std::time::Instant::now();
         let mut expired = 0;
         let mut taken = 0;
@@ -259,7 +321,11 @@ impl Session {
     /// Drops a delivery taken into the window that will not be written (too large for the
     /// device): its packet id is free again.
     pub fn forget(&self, pkid: u16) {
-        self.lock().mailbox.forget(pkid);
+        {
+            let mut state = self.lock();
+            state.touched();
+            state.mailbox.forget(pkid)
+        };
     }
 
     /// What a resumed connection must send again first.
@@ -268,15 +334,27 @@ impl Session {
     }
 
     pub fn puback(&self, pkid: u16) -> bool {
-        self.lock().mailbox.puback(pkid)
+        {
+            let mut state = self.lock();
+            state.touched();
+            state.mailbox.puback(pkid)
+        }
     }
 
     pub fn pubrec(&self, pkid: u16) -> bool {
-        self.lock().mailbox.pubrec(pkid)
+        {
+            let mut state = self.lock();
+            state.touched();
+            state.mailbox.pubrec(pkid)
+        }
     }
 
     pub fn pubcomp(&self, pkid: u16) -> bool {
-        self.lock().mailbox.pubcomp(pkid)
+        {
+            let mut state = self.lock();
+            state.touched();
+            state.mailbox.pubcomp(pkid)
+        }
     }
 
     /// Holds an inbound QoS 2 PUBLISH until its PUBREL; false if that packet id is already held

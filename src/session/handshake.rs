@@ -349,7 +349,12 @@ where
     });
     // The `connect` is in the event log before the device hears CONNACK, so a crash from here
     // on finds the session open and closes it with a `disconnect` at the next start.
-    live.announce().await;
+    // A persistent session is written (record, will, deliveries) before CONNACK too.
+    let kept = ctx
+        .broker
+        .keep_connected(&live.attachment.session, live.kept_will());
+    let announced = live.announce();
+    tokio::join!(announced, kept.wait());
     if let Err(e) = write_packet(
         stream,
         &codec,
@@ -402,11 +407,9 @@ fn expiry_of(version: ProtocolVersion, clean: bool, props: Option<&ConnectProper
     match version {
         ProtocolVersion::V311 if clean => Expiry::WithConnection,
         ProtocolVersion::V311 => Expiry::Never,
-        ProtocolVersion::V5 => match props.and_then(|p| p.session_expiry_interval) {
-            None | Some(0) => Expiry::WithConnection,
-            Some(u32::MAX) => Expiry::Never,
-            Some(secs) => Expiry::After(Duration::from_secs(u64::from(secs))),
-        },
+        ProtocolVersion::V5 => {
+            Expiry::from_interval(props.and_then(|p| p.session_expiry_interval).unwrap_or(0))
+        }
     }
 }
 

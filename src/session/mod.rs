@@ -11,6 +11,8 @@ pub mod limits;
 mod relay;
 mod teardown;
 
+pub use teardown::kept_will_route;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

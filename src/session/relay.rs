@@ -24,7 +24,9 @@ use super::limits::PublishRate;
 use super::{deliver, End, SessionContext, WRITE_TIMEOUT};
 use crate::auth::TopicDecision;
 use crate::bridge::log::BusRecord;
-use crate::broker::{message, shared, Kick, Message, Origin, Outgoing, Session, SubOptions};
+use crate::broker::{
+    message, shared, Expiry, Kick, Message, Origin, Outgoing, Session, SubOptions,
+};
 use crate::hooks::{DisconnectReason, PublishRoute, SessionInfo};
 use crate::log::LogTicket;
 use crate::state::StateTicket;
@@ -587,15 +589,22 @@ impl Relay<'_> {
                     .get(header.header_len)
                     .copied()
                     .filter(|_| header.remaining_len > 0);
-                let raised = self.v5()
-                    && self.expiry_zero
-                    && frame::disconnect_session_expiry(rbuf, &header).is_some_and(|s| s > 0);
+                let expiry = self
+                    .v5()
+                    .then(|| frame::disconnect_session_expiry(rbuf, &header))
+                    .flatten();
                 let _ = rbuf.split_to(header.frame_len());
-                if raised {
+                if self.expiry_zero && expiry.is_some_and(|s| s > 0) {
                     return Err(End::protocol(
                         DisconnectReasonCode::ProtocolError,
                         "DISCONNECT sets a session expiry where the CONNECT set none",
                     ));
+                }
+                if let Some(seconds) = expiry {
+                    // MQTT 5 3.14.2.2.2: the session outlives this connection as now told.
+                    self.ctx
+                        .broker
+                        .set_expiry(&self.session, Expiry::from_interval(seconds));
                 }
                 let mut end = End::new(DisconnectReason::ClientDisconnect, None, "DISCONNECT");
                 end.publish_will = reason == Some(WITH_WILL);
@@ -1033,6 +1042,12 @@ impl Relay<'_> {
                 }
             }
         }
+        // A persistent session's new subscriptions are kept before the SUBACK promises them.
+        self.ctx
+            .broker
+            .keep_subscriptions(&self.session)
+            .wait()
+            .await;
         if self.ctx.hooks.bus().is_some() {
             // The bus bridge subscribes on NATS for new filters: the SUBACK waits (bounded)
             // until it has, so bus messages published after the SUBACK are not missed.
@@ -1074,6 +1089,11 @@ impl Relay<'_> {
                 UnsubAckReason::NoSubscriptionExisted
             });
         }
+        self.ctx
+            .broker
+            .keep_subscriptions(&self.session)
+            .wait()
+            .await;
         self.write(Packet::UnsubAck(
             UnsubAck {
                 pkid: unsubscribe.pkid,

@@ -2,13 +2,17 @@
 //! attachment to its broker session, the `disconnect` hooks and the connection slot. `end` runs
 //! once, on every path, including a panic (through `Drop`).
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
 
-use crate::broker::{Attachment, Broker, DeferredWill, Message, Origin};
+use crate::auth::Identity;
+use crate::broker::{Attachment, Broker, DeferredWill, Message, Origin, SessionKey, WillRoute};
 use crate::events::EventCommit;
 use crate::hooks::{DisconnectReason, PublishRoute, SessionInfo};
+use crate::state::{KeptWill, WillDue};
 use crate::topic::{self, TopicKind, Usage};
 
+use super::codec::ProtocolVersion;
 use super::limits::ConnectionSlot;
 use super::SessionContext;
 
@@ -48,6 +52,19 @@ impl LiveSession {
             ended: false,
             _slot: slot,
         }
+    }
+
+    /// The will as the state store keeps it with a persistent session.
+    pub fn kept_will(&self) -> Option<KeptWill> {
+        self.will.as_ref().map(|will| KeptWill {
+            message: Arc::new(will.message.copy()),
+            due: WillDue::AfterEnd(will.delay),
+            protocol: match self.info.version {
+                ProtocolVersion::V5 => 5,
+                ProtocolVersion::V311 => 4,
+            },
+            peer: self.info.peer.to_string(),
+        })
     }
 
     /// Marks the session accepted and tells the hooks; from here on it ends with a
@@ -105,17 +122,42 @@ fn expiring_from_now(message: Arc<Message>) -> Arc<Message> {
     let Some(expires_at) = Message::expiry_of(message.properties.as_deref()) else {
         return message;
     };
-    let mut owned = Arc::try_unwrap(message).unwrap_or_else(|shared| Message {
-        topic: shared.topic.clone(),
-        payload: shared.payload.clone(),
-        qos: shared.qos,
-        retain: shared.retain,
-        properties: shared.properties.clone(),
-        origin: shared.origin,
-        expires_at: shared.expires_at,
-    });
+    let mut owned = Arc::try_unwrap(message).unwrap_or_else(|shared| shared.copy());
     owned.expires_at = Some(expires_at);
     Arc::new(owned)
+}
+
+/// Publishes the wills the state store kept for sessions this process did not see connect
+/// (restored at start-up), as their own connections would have: bus bridge, then broker core.
+pub fn kept_will_route(ctx: Weak<SessionContext>) -> WillRoute {
+    Arc::new(
+        move |key: &SessionKey, will: &KeptWill, message: Arc<Message>| {
+            let Some(ctx) = ctx.upgrade() else {
+                return;
+            };
+            let info = SessionInfo {
+                identity: Identity {
+                    client_id: key.client_id.clone(),
+                    anonymous: key.client_id.is_empty(),
+                },
+                mqtt_client_id: key.mqtt_client_id.clone(),
+                version: if will.protocol == 5 {
+                    ProtocolVersion::V5
+                } else {
+                    ProtocolVersion::V311
+                },
+                peer: will
+                    .peer
+                    .parse()
+                    .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+            };
+            tracing::info!(client_id = %key.client_id.escape_debug(), mqtt_client_id = %key.mqtt_client_id.escape_debug(),
+            "will of a kept session published");
+            let message = expiring_from_now(message);
+            let route = route_of(&message.topic);
+            route_message(&ctx, &info, &route, message);
+        },
+    )
 }
 
 /// Publishes an authorized message: the hooks (bus bridge) first, then the broker core.

@@ -1,5 +1,6 @@
-//! The `local` state backend: a redb database (`<data_dir>/state/state.redb`), table `retained`
-//! keyed by topic. Changes are handed to one writer thread, which commits everything handed over
+//! The `local` state backend: a redb database (`<data_dir>/state/state.redb`): table `retained`
+//! keyed by topic, `sessions` keyed by session key and `deliveries` keyed by (session key,
+//! position) (formats in `record.rs` and `session.rs`). Changes are handed to one writer thread, which commits everything handed over
 //! since its last commit in one transaction (group commit) with immediate durability (fsynced),
 //! then resolves the tickets: a PUBACK that waits for its ticket survives a `kill -9` and a
 //! power loss. The data directory's lock keeps a second process away.
@@ -13,16 +14,22 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use tokio::sync::watch;
 
 use super::record::{self, Decoded};
+use super::session::{self as kept, LoadedSession, SessionRecord};
 use super::{StateError, StateStore, StateTicket};
-use crate::broker::Message;
+use crate::broker::{Delivery, Kept, Message, SessionKey};
 
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
+const DELIVERIES: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("deliveries");
 const FILE: &str = "state.redb";
 
 /// One change handed to the writer.
 enum Change {
     Put(Arc<Message>),
     Clear(Box<str>),
+    Session(Box<SessionRecord>, Option<Vec<Kept>>),
+    Append(SessionKey, u64, Delivery),
+    Remove(SessionKey),
 }
 
 struct Intake {
@@ -65,6 +72,9 @@ impl LocalState {
         // The table exists from the start, so a read never meets a missing one.
         let txn = db.begin_write().map_err(|e| fail(e.to_string()))?;
         txn.open_table(RETAINED).map_err(|e| fail(e.to_string()))?;
+        txn.open_table(SESSIONS).map_err(|e| fail(e.to_string()))?;
+        txn.open_table(DELIVERIES)
+            .map_err(|e| fail(e.to_string()))?;
         txn.commit().map_err(|e| fail(e.to_string()))?;
         let shared = Arc::new(Shared {
             db,
@@ -154,6 +164,65 @@ impl StateStore for LocalState {
         self.hand_over(Change::Clear(topic.into()))
     }
 
+    fn keeps_sessions(&self) -> bool {
+        true
+    }
+
+    fn load_sessions(&self) -> Result<Vec<LoadedSession>, StateError> {
+        let shared = &self.shared;
+        let fail = |reason: String| StateError::Local {
+            path: shared.path.clone(),
+            reason,
+        };
+        let (now, now_ms) = (Instant::now(), record::unix_ms_now());
+        let txn = shared.db.begin_read().map_err(|e| fail(e.to_string()))?;
+        let sessions = txn.open_table(SESSIONS).map_err(|e| fail(e.to_string()))?;
+        let deliveries = txn
+            .open_table(DELIVERIES)
+            .map_err(|e| fail(e.to_string()))?;
+        let mut found = Vec::new();
+        for entry in sessions.iter().map_err(|e| fail(e.to_string()))? {
+            let (k, v) = entry.map_err(|e| fail(e.to_string()))?;
+            let record = kept::decode_key(k.value())
+                .and_then(|key| kept::decode_record(key, v.value(), now, now_ms));
+            let Some(record) = record else {
+                tracing::warn!(file = %shared.path.display(),
+                    "persistent session not readable by this version: skipped (left in place)");
+                continue;
+            };
+            let mut kept_deliveries = Vec::new();
+            let range = deliveries
+                .range((k.value(), 0)..=(k.value(), u64::MAX))
+                .map_err(|e| fail(e.to_string()))?;
+            for entry in range {
+                let (_, v) = entry.map_err(|e| fail(e.to_string()))?;
+                match kept::decode_delivery(v.value(), now, now_ms) {
+                    Some(Some(d)) => kept_deliveries.push(d),
+                    Some(None) => {}
+                    None => tracing::warn!(file = %shared.path.display(),
+                        "kept delivery not readable by this version: skipped"),
+                }
+            }
+            found.push(LoadedSession {
+                record,
+                deliveries: kept_deliveries,
+            });
+        }
+        Ok(found)
+    }
+
+    fn put_session(&self, record: SessionRecord, deliveries: Option<Vec<Kept>>) -> StateTicket {
+        self.hand_over(Change::Session(Box::new(record), deliveries))
+    }
+
+    fn append_delivery(&self, key: &SessionKey, position: u64, delivery: &Delivery) -> StateTicket {
+        self.hand_over(Change::Append(key.clone(), position, delivery.clone()))
+    }
+
+    fn remove_session(&self, key: &SessionKey) -> StateTicket {
+        self.hand_over(Change::Remove(key.clone()))
+    }
+
     fn failed_writes(&self) -> u64 {
         self.shared.failed.load(Ordering::Relaxed)
     }
@@ -194,7 +263,7 @@ fn write_loop(shared: &Shared) {
         if let Err(e) = commit(shared, &changes, &mut value) {
             let n = shared.failed.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::error!(error = %e, file = %shared.path.display(), changes = changes.len(), failed = n,
-                "state store write failed: these retained changes are kept in memory only");
+                "state store write failed: these changes (retained messages, sessions) are kept in memory only");
         }
         // Resolved also after a failure: the acknowledgement is not held forever.
         shared.committed.send_replace(last);
@@ -206,7 +275,10 @@ fn commit(shared: &Shared, changes: &[Change], value: &mut Vec<u8>) -> Result<()
     txn.set_durability(Durability::Immediate)?;
     {
         let mut table = txn.open_table(RETAINED)?;
+        let mut sessions = txn.open_table(SESSIONS)?;
+        let mut deliveries = txn.open_table(DELIVERIES)?;
         let (now, now_ms) = (Instant::now(), record::unix_ms_now());
+        let mut key = Vec::new();
         for change in changes {
             match change {
                 Change::Put(message) => {
@@ -215,6 +287,34 @@ fn commit(shared: &Shared, changes: &[Change], value: &mut Vec<u8>) -> Result<()
                 }
                 Change::Clear(topic) => {
                     table.remove(&**topic)?;
+                }
+                Change::Session(record, replace) => {
+                    kept::encode_key(&record.key, &mut key);
+                    kept::encode_record(record, now, now_ms, value);
+                    sessions.insert(key.as_slice(), value.as_slice())?;
+                    if let Some(replace) = replace {
+                        deliveries.retain_in(
+                            (key.as_slice(), 0)..=(key.as_slice(), u64::MAX),
+                            |_, _| false,
+                        )?;
+                        for (position, d) in (0u64..).zip(replace) {
+                            kept::encode_delivery(d, now, now_ms, value);
+                            deliveries.insert((key.as_slice(), position), value.as_slice())?;
+                        }
+                    }
+                }
+                Change::Append(session, position, delivery) => {
+                    kept::encode_key(session, &mut key);
+                    kept::encode_delivery(&Kept::Queued(delivery.clone()), now, now_ms, value);
+                    deliveries.insert((key.as_slice(), *position), value.as_slice())?;
+                }
+                Change::Remove(session) => {
+                    kept::encode_key(session, &mut key);
+                    sessions.remove(key.as_slice())?;
+                    deliveries
+                        .retain_in((key.as_slice(), 0)..=(key.as_slice(), u64::MAX), |_, _| {
+                            false
+                        })?;
                 }
             }
         }

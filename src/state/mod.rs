@@ -4,28 +4,33 @@
 //! - `memory.rs`: keeps nothing (a restart forgets everything, as before this module);
 //! - `local.rs`: on disk in the data directory (`<data_dir>/state/`), in a redb database written
 //!   by one thread with group commit;
-//! - `nats.rs`: a JetStream key-value bucket shared by every instance, watched into memory;
-//! - `record.rs`: how a retained message is written.
+//! - `nats.rs`: a JetStream key-value bucket shared by every instance, watched into memory
+//!   (retained messages only so far);
+//! - `record.rs`: how a retained message is written; `session.rs`: how a persistent session is.
 //!
-//! What is kept today: retained messages. The broker core writes each change through the store
-//! while it holds its retained lock (so the store sees changes in the order memory did) and a
-//! PUBACK waits for the change's [`StateTicket`]; at start-up the store's retained messages are
-//! loaded before the listeners accept.
+//! What is kept: retained messages and persistent sessions. The broker core writes each
+//! retained change through the store while it holds its retained lock (so the store sees
+//! changes in the order memory did) and a PUBACK waits for the change's [`StateTicket`]. A
+//! persistent session is written on CONNECT, SUBSCRIBE, UNSUBSCRIBE, when its connection ends
+//! and at checkpoints; a QoS 1/2 delivery to an offline session is appended before the
+//! publisher's PUBACK. At start-up both are loaded before the listeners accept.
 
 mod local;
 mod memory;
 pub mod nats;
 mod record;
+mod session;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 
 use tokio::sync::watch;
 
-use crate::broker::{Broker, Message};
+use crate::broker::{Broker, Delivery, Kept, Message, SessionKey};
 pub use local::LocalState;
 pub use memory::MemoryState;
 pub use nats::{NatsSettings, NatsState};
+pub use session::{KeptWill, LoadedSession, SessionRecord, WillDue};
 
 /// Where MQTT state lives (`SMQ_MQTT_ADAPTER_STATE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -64,6 +69,37 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Removes the retained message of `topic`, if any.
     fn clear_retained(&self, topic: &str) -> StateTicket;
+
+    /// Whether persistent sessions are kept (the broker skips the session writes otherwise).
+    fn keeps_sessions(&self) -> bool {
+        false
+    }
+
+    /// Every persistent session kept, with its deliveries. Called once, at start-up.
+    fn load_sessions(&self) -> Result<Vec<LoadedSession>, StateError> {
+        Ok(Vec::new())
+    }
+
+    /// Keeps the session record; with `deliveries`, replaces the session's kept deliveries with
+    /// them (positions 0 onwards; the session appends from `deliveries.len()`).
+    fn put_session(&self, _record: SessionRecord, _deliveries: Option<Vec<Kept>>) -> StateTicket {
+        StateTicket::done()
+    }
+
+    /// Appends a delivery to an offline session's kept deliveries, at `position`.
+    fn append_delivery(
+        &self,
+        _key: &SessionKey,
+        _position: u64,
+        _delivery: &Delivery,
+    ) -> StateTicket {
+        StateTicket::done()
+    }
+
+    /// Removes the session and its deliveries.
+    fn remove_session(&self, _key: &SessionKey) -> StateTicket {
+        StateTicket::done()
+    }
 
     /// Writes what was handed over and stops; later writes are not kept.
     fn close(&self);
@@ -105,6 +141,22 @@ impl StateTicket {
         match &self.wait {
             None => true,
             Some((committed, ticket)) => *committed.borrow() >= *ticket,
+        }
+    }
+
+    /// Whichever of two tickets of one store resolves later (tickets of one store resolve in
+    /// the order they were handed out).
+    pub fn later(self, other: StateTicket) -> StateTicket {
+        match (&self.wait, &other.wait) {
+            (None, _) => other,
+            (_, None) => self,
+            (Some((_, a)), Some((_, b))) => {
+                if b > a {
+                    other
+                } else {
+                    self
+                }
+            }
         }
     }
 
