@@ -101,9 +101,14 @@ pub struct Config {
     /// Where MQTT state that outlives the process (retained messages) is kept: `local` (on disk
     /// in SMQ_MQTT_ADAPTER_DATA_DIR/state: survives a restart and a kill -9; a retained QoS 1/2
     /// PUBLISH is acknowledged once it is there), `memory` (a restart forgets it) or `nats`
-    /// (JetStream, shared by every instance: not available yet, refused at start-up).
+    /// (a JetStream key-value bucket on SMQ_MQTT_ADAPTER_STATE_URL or SMQ_MESSAGE_BROKER_URL,
+    /// shared by every instance; nats-server 2.10 or newer with JetStream).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_STATE", value_enum, default_value_t = StateBackend::Local)]
     pub state: StateBackend,
+
+    /// NATS URL of the `nats` state store (e.g. nats://localhost:4222); unset: SMQ_MESSAGE_BROKER_URL.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_STATE_URL")]
+    pub state_url: Option<String>,
 
     /// Largest size in bytes of the on-disk event log; when full, the oldest undelivered events
     /// are dropped (counted and logged).

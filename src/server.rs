@@ -81,6 +81,30 @@ impl From<EventStartError> for StartError {
     }
 }
 
+/// Opens the `nats` state store on SMQ_MQTT_ADAPTER_STATE_URL, else SMQ_MESSAGE_BROKER_URL.
+async fn nats_state(
+    config: &Config,
+    bus_url: Option<&str>,
+    instance_id: &str,
+) -> Result<Arc<dyn crate::state::StateStore>, StateError> {
+    let (url, setting) = match (config.state_url.as_deref(), bus_url) {
+        (Some(url), _) if !url.is_empty() => (url, "SMQ_MQTT_ADAPTER_STATE_URL"),
+        (_, Some(url)) => (url, "SMQ_MESSAGE_BROKER_URL"),
+        _ => {
+            return Err(StateError::Nats(
+                "`nats` needs SMQ_MQTT_ADAPTER_STATE_URL or SMQ_MESSAGE_BROKER_URL (a NATS URL with JetStream)".to_owned(),
+            ))
+        }
+    };
+    let settings = crate::state::NatsSettings {
+        url: url.to_owned(),
+        setting,
+        bucket: crate::state::nats::BUCKET.to_owned(),
+        instance_id: instance_id.to_owned(),
+    };
+    Ok(Arc::new(crate::state::NatsState::open(&settings).await?))
+}
+
 /// A running adapter.
 pub struct Server {
     ctx: Arc<SessionContext>,
@@ -162,7 +186,10 @@ impl Server {
         } else {
             None
         };
-        let state = crate::state::open(config.state, data_dir.as_deref())?;
+        let state = match config.state {
+            StateBackend::Nats => nats_state(config, bus_url, &instance_id).await?,
+            backend => crate::state::open(backend, data_dir.as_deref())?,
+        };
         let broker = Broker::with_state(
             BrokerConfig {
                 queue: QueueLimits {
@@ -236,6 +263,7 @@ impl Server {
         );
         metrics.watch_outbox(events.store, events.stats());
         metrics.watch_broker(&broker);
+        broker.state().follow(Arc::downgrade(&broker));
         metrics.watch_state(broker.state().clone());
         let authenticator = Arc::new(TimedAuthenticator::new(authenticator, metrics.clone()));
         let mut hooks = Hooks::new(authenticator, authorizer)

@@ -209,7 +209,7 @@ async fn a_retained_message_that_expired_while_stopped_is_not_delivered() {
 }
 
 #[tokio::test]
-async fn nats_state_is_refused_at_start_up_as_not_available_yet() {
+async fn nats_state_without_a_nats_url_is_refused_at_start_up() {
     let data = tempfile::tempdir().expect("temp dir");
     let dir = data.path().to_string_lossy().into_owned();
     let cmd = common::adapter_command(
@@ -223,7 +223,7 @@ async fn nats_state_is_refused_at_start_up_as_not_available_yet() {
     let (status, _, stderr) = common::run_to_exit(cmd).await;
     assert!(!status.success());
     assert!(
-        stderr.contains("SMQ_MQTT_ADAPTER_STATE") && stderr.contains("not available yet"),
+        stderr.contains("SMQ_MQTT_ADAPTER_STATE_URL") && stderr.contains("SMQ_MESSAGE_BROKER_URL"),
         "{stderr}"
     );
 }

@@ -222,6 +222,54 @@ impl Broker {
         Ok(retained.len())
     }
 
+    /// Keeps `message` as its topic's retained message in memory only: a change another
+    /// instance made to the shared state store (it is not written back). `current` runs under
+    /// the retained lock, so no local change of the topic slips in between; the change is
+    /// applied only if it says so. Beyond the retained bound the topic is cleared instead (what
+    /// it held is older than the store) and the refusal counted. Returns whether it applied.
+    pub fn apply_remote_retained(
+        &self,
+        message: Arc<Message>,
+        current: impl FnOnce() -> bool,
+    ) -> bool {
+        let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
+        if !current() {
+            return false;
+        }
+        let topic = message.topic.clone();
+        if retained.store(message, "") == Retained::Refused {
+            retained.store(
+                Message::new(topic, bytes::Bytes::new(), 0, true, Origin::Bus),
+                "",
+            );
+            drop(retained);
+            let n = self.stats.retained_refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(refused = n, max = self.config.max_retained,
+                    "retained store full: a retained message of another instance is not served here (SMQ_MQTT_ADAPTER_MAX_RETAINED, _MAX_RETAINED_BYTES)");
+            }
+        }
+        true
+    }
+
+    /// Clears `topic`'s retained message in memory only (see
+    /// [`Broker::apply_remote_retained`]). Returns whether it applied.
+    pub fn apply_remote_clear(&self, topic: &str, current: impl FnOnce() -> bool) -> bool {
+        let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
+        if !current() {
+            return false;
+        }
+        let empty = Message::new(
+            bytes::Bytes::copy_from_slice(topic.as_bytes()),
+            bytes::Bytes::new(),
+            0,
+            true,
+            Origin::Bus,
+        );
+        retained.store(empty, "");
+        true
+    }
+
     pub fn config(&self) -> &BrokerConfig {
         &self.config
     }

@@ -155,6 +155,8 @@ impl RetainedStore {
 
     /// Whether a message of `size` bytes on `topic` from client `owner` would be kept: with what
     /// the topic holds now replaced, the store and the client's share stay within their bounds.
+    /// The owner `""` (a message restored from the state store or applied from another
+    /// instance, whose publisher is not kept) is charged to no client's share.
     pub fn accepts(&self, topic: &str, owner: &str, size: usize) -> bool {
         let old = self.find(topic);
         let (old_size, mine) = old.map_or((0, false), |o| (o.size, *o.owner == *owner));
@@ -168,8 +170,9 @@ impl RetainedStore {
         };
         len <= self.limits.max_messages
             && bytes <= self.limits.max_bytes
-            && own_messages <= self.limits.share(self.limits.max_messages)
-            && own_bytes <= self.limits.share(self.limits.max_bytes)
+            && (owner.is_empty()
+                || (own_messages <= self.limits.share(self.limits.max_messages)
+                    && own_bytes <= self.limits.share(self.limits.max_bytes)))
     }
 
     /// Retained topics held.
@@ -351,5 +354,11 @@ mod tests {
         assert!(!s.owners.contains_key("other"));
         assert_eq!(s.len(), 4);
         assert_eq!(s.bytes(), 44);
+        // Restored or another instance's (no owner): only the store's bounds apply.
+        // Five of them (55 bytes) are beyond one client's share of 50.
+        for t in ["f", "g", "h", "i", "j"] {
+            assert_eq!(s.store(msg(t, "0123456789"), ""), Retained::Stored);
+        }
+        assert_eq!(s.store(msg("k", "0123456789"), ""), Retained::Refused);
     }
 }

@@ -4,6 +4,8 @@
 //! - `memory.rs`: keeps nothing (a restart forgets everything, as before this module);
 //! - `local.rs`: on disk in the data directory (`<data_dir>/state/`), in a redb database written
 //!   by one thread with group commit;
+//! - `nats.rs`: a JetStream key-value bucket shared by every instance, watched into memory
+//!   (retained messages only so far);
 //! - `record.rs`: how a retained message is written; `session.rs`: how a persistent session is.
 //!
 //! What is kept: retained messages and persistent sessions. The broker core writes each
@@ -15,17 +17,19 @@
 
 mod local;
 mod memory;
+pub mod nats;
 mod record;
 mod session;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use tokio::sync::watch;
 
-use crate::broker::{Delivery, Kept, Message, SessionKey};
+use crate::broker::{Broker, Delivery, Kept, Message, SessionKey};
 pub use local::LocalState;
 pub use memory::MemoryState;
+pub use nats::{NatsSettings, NatsState};
 pub use session::{KeptWill, LoadedSession, SessionRecord, WillDue};
 
 /// Where MQTT state lives (`SMQ_MQTT_ADAPTER_STATE`).
@@ -33,7 +37,8 @@ pub use session::{KeptWill, LoadedSession, SessionRecord, WillDue};
 pub enum StateBackend {
     /// On disk under SMQ_MQTT_ADAPTER_DATA_DIR (`state/`): survives restarts and `kill -9`.
     Local,
-    /// JetStream key-value buckets shared by every instance (not available yet).
+    /// JetStream key-value buckets shared by every instance (SMQ_MQTT_ADAPTER_STATE_URL, else
+    /// SMQ_MESSAGE_BROKER_URL).
     Nats,
     /// In memory only: a restart forgets retained messages.
     Memory,
@@ -44,8 +49,9 @@ pub enum StateBackend {
 pub enum StateError {
     #[error("cannot use the state store {path}: {reason}; point SMQ_MQTT_ADAPTER_DATA_DIR at a writable directory, or move the file away to start empty")]
     Local { path: PathBuf, reason: String },
-    #[error("`nats` is not available yet; use `local` (the default, on disk) or `memory`")]
-    NatsNotAvailable,
+    /// The `nats` backend cannot start; the message names the setting to change.
+    #[error("{0}")]
+    Nats(String),
 }
 
 /// The MQTT state that outlives a process. Writes never block: they are handed over, and the
@@ -102,6 +108,11 @@ pub trait StateStore: Send + Sync + 'static {
     fn failed_writes(&self) -> u64 {
         0
     }
+
+    /// Starts applying changes other instances make to the shared store into `broker`'s
+    /// retained messages (after [`Broker::restore_retained`]); nothing for a store of one
+    /// instance.
+    fn follow(&self, _broker: Weak<Broker>) {}
 }
 
 /// Resolves once a write handed to a [`StateStore`] is kept (committed, and on disk for
@@ -164,14 +175,17 @@ impl StateTicket {
     }
 }
 
-/// Opens the state store `backend` names; `local` in `data_dir/state/`.
+/// Opens the state store `backend` names; `local` in `data_dir/state/`. `nats` connects, so it
+/// is opened with the async [`NatsState::open`].
 pub fn open(
     backend: StateBackend,
     data_dir: Option<&crate::log::DataDir>,
 ) -> Result<Arc<dyn StateStore>, StateError> {
     match (backend, data_dir) {
         (StateBackend::Memory, _) => Ok(Arc::new(MemoryState)),
-        (StateBackend::Nats, _) => Err(StateError::NatsNotAvailable),
+        (StateBackend::Nats, _) => Err(StateError::Nats(
+            "`nats` is opened with NatsState::open".to_owned(),
+        )),
         (StateBackend::Local, Some(dir)) => Ok(Arc::new(LocalState::open(&dir.file("state"))?)),
         (StateBackend::Local, None) => Err(StateError::Local {
             path: PathBuf::from("state"),

@@ -9,6 +9,10 @@ use super::adapter::free_port;
 
 pub struct NatsServer {
     pub port: u16,
+    /// The `nats-server` executable (from PATH unless told otherwise).
+    binary: String,
+    /// Whether JetStream is on (`-js`).
+    jetstream: bool,
     child: Option<Child>,
     store: tempfile::TempDir,
     log: PathBuf,
@@ -21,10 +25,18 @@ impl NatsServer {
 
     /// Starts on a given port (e.g. one an adapter was told about before NATS was up).
     pub async fn start_on(port: u16) -> NatsServer {
+        NatsServer::start_binary("nats-server", port, true).await
+    }
+
+    /// Starts a given `nats-server` executable (e.g. an older version) on `port`, with or
+    /// without JetStream.
+    pub async fn start_binary(binary: &str, port: u16, jetstream: bool) -> NatsServer {
         let store = tempfile::tempdir().expect("nats store dir");
         let log = store.path().join("nats.log");
         let mut server = NatsServer {
             port,
+            binary: binary.to_owned(),
+            jetstream,
             child: None,
             store,
             log,
@@ -35,16 +47,15 @@ impl NatsServer {
 
     async fn launch(&mut self) {
         let log = std::fs::File::create(&self.log).expect("nats log");
-        let child = Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(self.store.path().join("js"))
+        let mut command = Command::new(&self.binary);
+        if self.jetstream {
+            command
+                .arg("-js")
+                .arg("-sd")
+                .arg(self.store.path().join("js"));
+        }
+        let child = command
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
