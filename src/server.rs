@@ -495,6 +495,8 @@ impl Server {
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         self.health.set(Phase::Draining);
         self.ctx.shutdown.cancel();
+        // After the token: a session attaching from now on starts cancelled.
+        self.ctx.broker.cancel_connections();
         for task in self.accept_tasks {
             let _ = task.await;
         }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::message::Message;
 use super::queue::{Delivery, Mailbox, Outgoing, Pushed, QueueLimits};
+use super::small_map::SmallMap;
 use crate::state::{KeptWill, StateStore, StateTicket};
 
 /// Who a session belongs to: the platform identity and the MQTT client identifier it chose.
@@ -73,15 +74,18 @@ pub struct ConnectionMeta {
 /// How the broker asks an attached connection to end.
 #[derive(Debug)]
 pub struct ConnectionControl {
-    /// Cancelled to end the connection; a child of the server's shutdown token.
-    pub cancel: CancellationToken,
     pub meta: ConnectionMeta,
     kick: AtomicU8,
+    /// Set to end the connection (a kick, or the server's shutdown). A flag and the `Notify`
+    /// below rather than a child of the server's `CancellationToken` (a ~100-byte tree node
+    /// per connection): the broker cancels every attached connection at shutdown instead.
+    cancelled: AtomicBool,
     /// Set once the connection has fully ended (its teardown is complete).
     ended: AtomicBool,
-    /// Wakes whoever waits in [`ConnectionControl::ended`]. (A `watch` channel did this before,
-    /// at ~400 B per connection: it carries eight `Notify`s.)
-    ended_wake: Notify,
+    /// Wakes whoever waits in [`ConnectionControl::cancelled`] or [`ConnectionControl::ended`]
+    /// (each checks its own flag). (A `watch` channel did this before, at ~400 B per
+    /// connection: it carries eight `Notify`s.)
+    wake: Notify,
 }
 
 impl ConnectionControl {
@@ -90,7 +94,30 @@ impl ConnectionControl {
         let _ = self
             .kick
             .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
-        self.cancel.cancel();
+        self.cancel();
+    }
+
+    /// Tells the connection to end without a reason of its own (server shutdown).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        self.wake.notify_waiters();
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the connection is told to end.
+    pub async fn cancelled(&self) {
+        Self::until(&self.wake, &self.cancelled).await
+    }
+
+    /// A wake-up for the next [`ConnectionControl::kick`] or [`ConnectionControl::cancel`]:
+    /// made before [`ConnectionControl::is_cancelled`] is read, it is woken by a cancel after
+    /// that read, polled or not (it may also wake when the connection ends: read the flag
+    /// again). Smaller in a connection's future than [`ConnectionControl::cancelled`].
+    pub fn wake_up(&self) -> tokio::sync::futures::Notified<'_> {
+        self.wake.notified()
     }
 
     /// The reason given to [`ConnectionControl::kick`], if any (a cancelled connection without
@@ -106,12 +133,17 @@ impl ConnectionControl {
 
     /// Resolves once the connection has fully ended (its teardown is complete).
     pub async fn ended(&self) {
+        Self::until(&self.wake, &self.ended).await
+    }
+
+    /// Waits until `flag` is set (the one `Notify` wakes the waiters of either flag).
+    async fn until(wake: &Notify, flag: &AtomicBool) {
         loop {
-            let notified = self.ended_wake.notified();
+            let notified = wake.notified();
             tokio::pin!(notified);
-            // Registered before the flag is read: a `finish` in between still wakes us.
+            // Registered before the flag is read: a set in between still wakes us.
             notified.as_mut().enable();
-            if self.ended.load(Ordering::Acquire) {
+            if flag.load(Ordering::Acquire) {
                 return;
             }
             notified.await;
@@ -120,7 +152,7 @@ impl ConnectionControl {
 
     fn finish(&self) {
         self.ended.store(true, Ordering::Release);
-        self.ended_wake.notify_waiters();
+        self.wake.notify_waiters();
     }
 }
 
@@ -172,7 +204,7 @@ impl std::fmt::Debug for DeferredWill {
 #[derive(Debug)]
 pub(super) struct State {
     pub mailbox: Mailbox,
-    pub subscriptions: HashMap<Box<str>, SubOptions>,
+    pub subscriptions: SmallMap<Box<str>, SubOptions>,
     /// QoS 2 PUBLISHes received and PUBRECed, by packet id, until their PUBREL; `None` for a
     /// refused one (its PUBREL still gets a PUBCOMP).
     pub incoming: HashMap<u16, Option<Arc<Message>>>,
@@ -225,7 +257,7 @@ impl Session {
             key,
             state: Mutex::new(State {
                 mailbox: Mailbox::default(),
-                subscriptions: HashMap::new(),
+                subscriptions: SmallMap::new(),
                 incoming: HashMap::new(),
                 attached: None,
                 expiry,
@@ -428,17 +460,19 @@ impl Drop for Attachment {
     }
 }
 
+/// A new connection's control; cancelled from the start if the server is shutting down
+/// (`shutdown`), since the broker's cancelling of every attached connection may have passed.
 pub(super) fn connection(
     id: u64,
-    parent: &CancellationToken,
+    shutdown: &CancellationToken,
     meta: ConnectionMeta,
 ) -> (Attached, Arc<ConnectionControl>) {
     let control = Arc::new(ConnectionControl {
-        cancel: parent.child_token(),
         meta,
         kick: AtomicU8::new(0),
+        cancelled: AtomicBool::new(shutdown.is_cancelled()),
         ended: AtomicBool::new(false),
-        ended_wake: Notify::new(),
+        wake: Notify::new(),
     });
     (
         Attached {

@@ -60,10 +60,9 @@ struct Relay<'a> {
     info: &'a SessionInfo,
     session: Arc<Session>,
     wbuf: BytesMut,
-    topic_cache: HashMap<Bytes, Result<Arc<PublishRoute>, Refusal>>,
-    /// The rights epoch the topic cache was filled in.
-    rights_epoch: u64,
-    publish_rate: Option<PublishRate>,
+    /// What only a publishing session needs, set up at its first PUBLISH (boxed: an idle
+    /// session holds 8 bytes for it).
+    publishing: Option<Box<Publishing>>,
     /// QoS 1/2 PUBLISHes the device may have unacknowledged from us.
     window: usize,
     /// Deliveries are ready beyond the last batch.
@@ -77,6 +76,27 @@ struct Relay<'a> {
     /// Set once the session published to the bus or waited for the state store (boxed: other
     /// sessions hold 8 bytes for it).
     pending: Option<Box<PendingAcks>>,
+}
+
+/// The part of the relay state a session needs once it publishes.
+struct Publishing {
+    /// Authorization answers by topic.
+    topic_cache: HashMap<Bytes, Result<Arc<PublishRoute>, Refusal>>,
+    /// The rights epoch the topic cache was filled in.
+    rights_epoch: u64,
+    /// The session's PUBLISH rate bucket (it starts full, so starting it at the first PUBLISH
+    /// rather than at CONNECT changes nothing a device can see).
+    rate: Option<PublishRate>,
+}
+
+impl Publishing {
+    fn new(ctx: &SessionContext) -> Box<Self> {
+        Box::new(Publishing {
+            topic_cache: HashMap::new(),
+            rights_epoch: ctx.rights.current(),
+            rate: ctx.limits.publish_rate(),
+        })
+    }
 }
 
 /// A publishing session's acknowledgements waiting for their messages to be kept: in the bus
@@ -162,9 +182,7 @@ where
             info: &accepted.live.info,
             session,
             wbuf: BytesMut::new(),
-            topic_cache: HashMap::new(),
-            rights_epoch: ctx.rights.current(),
-            publish_rate: ctx.limits.publish_rate(),
+            publishing: None,
             window: accepted.window,
             more: true,
             scratch: Vec::new(),
@@ -225,9 +243,16 @@ where
             // Boxed, and only while an acknowledgement waits or the session is pushed back: an
             // idle session holds no room for it.
             let kept_wait = relay.kept_wait(pushed_back);
+            let cancel = control.wake_up();
+            if control.is_cancelled() {
+                return kicked(ctx, control.kicked());
+            }
             let step = tokio::select! {
                 biased;
-                _ = control.cancel.cancelled() => Err(kicked(ctx, control.kicked())),
+                _ = cancel => match control.is_cancelled() {
+                    true => Err(kicked(ctx, control.kicked())),
+                    false => Ok(()),
+                },
                 _ = &mut keep_alive_timer, if accepted.keep_alive.is_some() => {
                     // Time pushed back (not read) does not count against the device.
                     if pushed_back || acks_full {
@@ -703,7 +728,9 @@ impl Relay<'_> {
         publish_id: Option<u16>,
     ) -> Result<(), End> {
         self.ctx.metrics.messages_in.inc();
-        if self.publish_rate.as_ref().is_some_and(|r| !r.allow()) {
+        let ctx = self.ctx;
+        let publishing = self.publishing.get_or_insert_with(|| Publishing::new(ctx));
+        if publishing.rate.as_ref().is_some_and(|r| !r.allow()) {
             self.ctx
                 .metrics
                 .limit_hits
@@ -736,22 +763,28 @@ impl Relay<'_> {
         }
         // A revocation since the cache was filled may have taken any of its answers back.
         let epoch = self.ctx.rights.current();
-        if epoch != self.rights_epoch {
-            self.topic_cache.clear();
-            self.rights_epoch = epoch;
-        }
-        let decision = match self.topic_cache.get(&publish.topic) {
-            Some(d) => d.clone(),
+        let cached = {
+            let publishing = self.publishing.get_or_insert_with(|| Publishing::new(ctx));
+            if epoch != publishing.rights_epoch {
+                publishing.topic_cache.clear();
+                publishing.rights_epoch = epoch;
+            }
+            publishing.topic_cache.get(&publish.topic).cloned()
+        };
+        let decision = match cached {
+            Some(d) => d,
             None => {
                 let d = Box::pin(self.decide_publish(&publish.topic)).await;
-                if self.topic_cache.len() >= TOPIC_CACHE_SIZE {
-                    self.topic_cache.clear();
+                let publishing = self.publishing.get_or_insert_with(|| Publishing::new(ctx));
+                if publishing.topic_cache.len() >= TOPIC_CACHE_SIZE {
+                    publishing.topic_cache.clear();
                 }
                 // A denial may come from an auth service that is briefly unavailable: it is
                 // asked again next time (the auth backends cache their real answers). The key
                 // is a copy: the frame's bytes would pin the whole read buffer they came in.
                 if !matches!(d, Err(Refusal::Denied)) {
-                    self.topic_cache
+                    publishing
+                        .topic_cache
                         .insert(Bytes::copy_from_slice(&publish.topic), d.clone());
                 }
                 d
