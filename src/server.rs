@@ -299,7 +299,9 @@ impl Server {
             metrics: metrics.clone(),
             limits,
             rights: rights.clone(),
+            keep_alive: crate::session::keep_alive::KeepAliveWheel::new(),
         });
+        tokio::spawn(ctx.keep_alive.clone().run(ctx.shutdown.clone()));
         // Persistent sessions are held again before any listener accepts: a device that
         // resumes finds its session, and wills that fell due while the process was down go out.
         let loading = std::time::Instant::now();

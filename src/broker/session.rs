@@ -4,7 +4,7 @@
 //! client identifier): the same MQTT client identifier under another identity is another session.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -56,6 +56,8 @@ pub enum Kick {
     Administrative = 2,
     /// Its rights were revoked.
     Revoked = 3,
+    /// No packet within 1.5 × keep-alive (the keep-alive wheel).
+    KeepAlive = 4,
 }
 
 /// What an operator sees of a live connection (admin API).
@@ -80,6 +82,10 @@ pub struct ConnectionControl {
     /// below rather than a child of the server's `CancellationToken` (a ~100-byte tree node
     /// per connection): the broker cancels every attached connection at shutdown instead.
     cancelled: AtomicBool,
+    /// The connection is pushed back (not reading): the keep-alive wheel does not count it.
+    paused: AtomicBool,
+    /// The keep-alive wheel's tick of the connection's last read.
+    last_read: AtomicU32,
     /// Set once the connection has fully ended (its teardown is complete).
     ended: AtomicBool,
     /// Wakes whoever waits in [`ConnectionControl::cancelled`] or [`ConnectionControl::ended`]
@@ -107,6 +113,30 @@ impl ConnectionControl {
         self.cancelled.load(Ordering::Acquire)
     }
 
+    /// Notes a read at keep-alive wheel tick `tick`.
+    pub fn read_at(&self, tick: u32) {
+        self.last_read.store(tick, Ordering::Relaxed);
+    }
+
+    pub fn last_read(&self) -> u32 {
+        self.last_read.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection is pushed back (it does not read, so keep-alive does not run).
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// A control outside any broker (the keep-alive wheel's tests).
+    #[cfg(test)]
+    pub(crate) fn new_for_test(meta: ConnectionMeta) -> Arc<Self> {
+        connection(0, &CancellationToken::new(), meta).1
+    }
+
     /// Resolves once the connection is told to end.
     pub async fn cancelled(&self) {
         Self::until(&self.wake, &self.cancelled).await
@@ -127,6 +157,7 @@ impl ConnectionControl {
             1 => Some(Kick::Takeover),
             2 => Some(Kick::Administrative),
             3 => Some(Kick::Revoked),
+            4 => Some(Kick::KeepAlive),
             _ => None,
         }
     }
@@ -471,6 +502,8 @@ pub(super) fn connection(
         meta,
         kick: AtomicU8::new(0),
         cancelled: AtomicBool::new(shutdown.is_cancelled()),
+        paused: AtomicBool::new(false),
+        last_read: AtomicU32::new(0),
         ended: AtomicBool::new(false),
         wake: Notify::new(),
     });

@@ -14,7 +14,6 @@ use rumqttd::protocol::{
     Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
 
 use super::alias::TopicAliases;
 use super::codec::{Codec, ProtocolVersion};
@@ -197,10 +196,10 @@ where
                 return end;
             }
         }
-        let mut last_read = Instant::now();
-        let keep_alive = accepted.keep_alive.unwrap_or(Duration::from_secs(3600));
-        let keep_alive_timer = tokio::time::sleep(keep_alive);
-        tokio::pin!(keep_alive_timer);
+        // Keep-alive is the shared wheel's: the connection notes its reads in its control.
+        if let Some(period) = accepted.keep_alive {
+            ctx.keep_alive.watch(&control, period);
+        }
 
         // Bytes after the CONNECT in the first read are the device's next packets.
         if !rbuf.is_empty() {
@@ -243,6 +242,8 @@ where
             // Boxed, and only while an acknowledgement waits or the session is pushed back: an
             // idle session holds no room for it.
             let kept_wait = relay.kept_wait(pushed_back);
+            // Time pushed back (not read) does not count against the device.
+            control.set_paused(pushed_back || acks_full);
             let cancel = control.wake_up();
             if control.is_cancelled() {
                 return kicked(ctx, control.kicked());
@@ -253,25 +254,12 @@ where
                     true => Err(kicked(ctx, control.kicked())),
                     false => Ok(()),
                 },
-                _ = &mut keep_alive_timer, if accepted.keep_alive.is_some() => {
-                    // Time pushed back (not read) does not count against the device.
-                    if pushed_back || acks_full {
-                        last_read = Instant::now();
-                    }
-                    let due = last_read + keep_alive;
-                    if Instant::now() >= due {
-                        Err(End::new(DisconnectReason::KeepAliveTimeout, Some(DisconnectReasonCode::KeepAliveTimeout), "no packet within 1.5 × keep-alive"))
-                    } else {
-                        keep_alive_timer.as_mut().reset(due);
-                        Ok(())
-                    }
-                }
                 Some(()) = futures_util::future::OptionFuture::from(kept_wait) => Ok(()),
                 read = read_some(stream, rbuf), if !pushed_back && !acks_full => match read {
                     Ok(0) => Err(End::lost("connection closed by device")),
                     Err(e) => Err(End::lost(format!("read error: {e}"))),
                     Ok(_) => {
-                        last_read = Instant::now();
+                        control.read_at(ctx.keep_alive.now());
                         // Boxed: an idle connection holds no room for handling a packet.
                         Box::pin(relay.input(rbuf)).await
                     }
@@ -347,6 +335,11 @@ fn kicked(ctx: &SessionContext, why: Option<Kick>) -> End {
             DisconnectReason::Administrative,
             Some(DisconnectReasonCode::AdministrativeAction),
             "closed by an operator",
+        ),
+        Some(Kick::KeepAlive) => End::new(
+            DisconnectReason::KeepAliveTimeout,
+            Some(DisconnectReasonCode::KeepAliveTimeout),
+            "no packet within 1.5 × keep-alive",
         ),
         Some(Kick::Revoked) => End::new(
             DisconnectReason::Revoked,
@@ -1155,6 +1148,7 @@ mod footprint {
         let run = future_size(&|(c, a, s, b, k): Args| run(c, a, s, b, k));
         let input =
             future_size(&|(r, b): (&'static mut Relay<'static>, &'static mut BytesMut)| r.input(b));
+        println!("relay future: {run} B, packet handling: {input} B");
         // Handling a packet is boxed per read: an idle connection does not hold its room.
         assert!(run <= 1024, "relay future grew to {run} bytes");
         assert!(
