@@ -1150,7 +1150,8 @@ mod footprint {
             future_size(&|(r, b): (&'static mut Relay<'static>, &'static mut BytesMut)| r.input(b));
         println!("relay future: {run} B, packet handling: {input} B");
         // Handling a packet is boxed per read: an idle connection does not hold its room.
-        assert!(run <= 1024, "relay future grew to {run} bytes");
+        // 440 bytes in debug: no keep-alive `Sleep`, the publishing state boxed.
+        assert!(run <= 480, "relay future grew to {run} bytes");
         assert!(
             input > run / 2,
             "the packet handling is what the box keeps out"
