@@ -327,7 +327,9 @@ impl Server {
             metrics: metrics.clone(),
             limits,
             rights: rights.clone(),
+            keep_alive: crate::session::keep_alive::KeepAliveWheel::new(),
         });
+        tokio::spawn(ctx.keep_alive.clone().run(ctx.shutdown.clone()));
         // Persistent sessions are held again before any listener accepts: a device that
         // resumes finds its session, and wills that fell due while the process was down go out.
         let loading = std::time::Instant::now();
@@ -523,6 +525,8 @@ impl Server {
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         self.health.set(Phase::Draining);
         self.ctx.shutdown.cancel();
+        // After the token: a session attaching from now on starts cancelled.
+        self.ctx.broker.cancel_connections();
         for task in self.accept_tasks {
             let _ = task.await;
         }

@@ -214,6 +214,80 @@ async fn connect_storm_counts_accepted_and_refused_connects() {
     );
 }
 
+/// A broker stand-in on a port of its own: accepts `n` connections, answers each CONNECT with a
+/// success CONNACK of the CONNECT's protocol version, keeps each until its client closes, and
+/// returns the source address each connection came from.
+async fn record_peers(listener: tokio::net::TcpListener, n: usize) -> Vec<std::net::IpAddr> {
+    let mut peers = Vec::new();
+    let mut served = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (stream, peer) = listener.accept().await.expect("accept");
+        peers.push(peer.ip());
+        served.spawn(async move {
+            let mut client = RawClient::from_stream(stream);
+            let connect = client.expect_packet().await;
+            // Body: protocol name (2 + 4 bytes), then the protocol level.
+            let connack: &[u8] = match connect.body.get(6) {
+                Some(&V5) => &[0x20, 0x03, 0x00, 0x00, 0x00],
+                _ => &[0x20, 0x02, 0x00, 0x00],
+            };
+            client.send(connack).await;
+            // DISCONNECT, then the client closes.
+            while client.read_packet(WAIT).await.is_ok() {}
+        });
+    }
+    while served.join_next().await.is_some() {}
+    peers
+}
+
+#[tokio::test]
+async fn connect_storm_binds_its_clients_to_the_source_addresses() {
+    for version in ["3.1.1", "5"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a stand-in broker");
+        let port = listener.local_addr().expect("port").port();
+        let peers = tokio::spawn(record_peers(listener, 6));
+        let r = report(
+            "connect-storm",
+            port,
+            "any",
+            &[
+                "-V",
+                version,
+                "-n",
+                "6",
+                "--hold",
+                "0",
+                "--source",
+                "127.0.0.2-127.0.0.3,127.0.0.5",
+            ],
+        )
+        .await;
+        assert_eq!(count(&r, "connected"), 6, "MQTT {version}: {r}");
+        let mut peers: Vec<String> = peers
+            .await
+            .expect("stand-in broker")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        peers.sort();
+        // Round-robin: client n from the n-th address (wrapping), whatever order they connect in.
+        assert_eq!(
+            peers,
+            [
+                "127.0.0.2",
+                "127.0.0.2",
+                "127.0.0.3",
+                "127.0.0.3",
+                "127.0.0.5",
+                "127.0.0.5"
+            ],
+            "MQTT {version}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn help_lists_the_scenarios_and_bad_options_name_the_flag() {
     let (code, stdout, _) = bench(&["--help"]).await;
@@ -232,4 +306,21 @@ async fn help_lists_the_scenarios_and_bad_options_name_the_flag() {
     let (code, _, stderr) = bench(&["connect-storm", "-u", "only-user", "--port", "1"]).await;
     assert_eq!(code, Some(2), "stderr: {stderr}");
     assert!(stderr.contains("--password"), "stderr: {stderr}");
+
+    let (code, stdout, _) = bench(&["connect-storm", "--help"]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains("--source"),
+        "connect-storm --help: {stdout}"
+    );
+    for bad in [
+        vec!["--source", "127.0.0.9-127.0.0.2"],
+        vec!["--source", "127.0.0.2", "--tls-ca", "/dev/null"],
+    ] {
+        let mut args = vec!["connect-storm", "--port", "1"];
+        args.extend(bad);
+        let (code, _, stderr) = bench(&args).await;
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("--source"), "{args:?}: {stderr}");
+    }
 }

@@ -1,6 +1,7 @@
 //! The `mqtt-bench` command line: one subcommand per scenario, the connection and load options
 //! they share.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -170,6 +171,69 @@ pub struct Storm {
     /// How long each client stays connected before it disconnects (seconds, or with a unit).
     #[arg(long, value_parser = parse_duration, default_value = "1")]
     pub hold: Duration,
+    /// Bind the clients' sockets to these source addresses, round-robin (client n uses the
+    /// n-th, wrapping): a comma list of addresses and IPv4 ranges, e.g. `127.0.0.2-127.0.0.9`
+    /// or `127.0.0.2,127.0.0.3`. One source address has ~28,000 ephemeral ports towards one
+    /// broker port; each address added gives as many more. TCP only (not with --tls-ca).
+    #[arg(long, value_name = "ADDRS", value_parser = parse_sources)]
+    pub source: Option<Sources>,
+}
+
+/// Source addresses the storm's clients bind to, in round-robin order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sources(Vec<IpAddr>);
+
+/// Addresses one `--source` may name (a range of a /16 at most).
+const MAX_SOURCES: u32 = 65_536;
+
+impl Sources {
+    /// The source address of client number `n`.
+    pub fn for_client(&self, n: usize) -> IpAddr {
+        self.0[n % self.0.len()]
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Parses `--source`: comma-separated addresses (IPv4 or IPv6) and IPv4 ranges `first-last`.
+pub fn parse_sources(text: &str) -> Result<Sources, String> {
+    let mut out = Vec::new();
+    for item in text.split(',').map(str::trim) {
+        if item.is_empty() {
+            return Err(format!("empty address in {text:?}"));
+        }
+        match item.split_once('-') {
+            None => out.push(
+                item.parse::<IpAddr>()
+                    .map_err(|_| format!("{item:?} is not an IP address"))?,
+            ),
+            Some((first, last)) => {
+                let parse = |a: &str| {
+                    a.trim()
+                        .parse::<Ipv4Addr>()
+                        .map(u32::from)
+                        .map_err(|_| format!("{a:?} in range {item:?} is not an IPv4 address"))
+                };
+                let (first, last) = (parse(first)?, parse(last)?);
+                if first > last {
+                    return Err(format!("range {item:?} ends before it starts"));
+                }
+                if last - first >= MAX_SOURCES {
+                    return Err(format!(
+                        "range {item:?} has more than {MAX_SOURCES} addresses"
+                    ));
+                }
+                out.extend((first..=last).map(|a| IpAddr::V4(Ipv4Addr::from(a))));
+            }
+        }
+    }
+    Ok(Sources(out))
 }
 
 /// latency.
@@ -206,6 +270,8 @@ pub struct Connection {
     pub inflight: u16,
     pub credentials: Vec<(String, String)>,
     pub client_prefix: String,
+    /// Source addresses to bind to (connect-storm's `--source`); `None`: the system's choice.
+    pub sources: Option<Sources>,
 }
 
 /// A bad option value, naming the option to change.
@@ -224,6 +290,8 @@ pub enum OptionError {
     PayloadTooSmall { min: usize },
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("--source binds TCP connections: leave out --tls-ca, or --source")]
+    SourceWithTls,
 }
 
 impl Connection {
@@ -250,6 +318,7 @@ impl Connection {
             inflight: inflight.max(1),
             credentials,
             client_prefix: common.client_prefix.clone(),
+            sources: None,
         })
     }
 
@@ -308,5 +377,40 @@ impl Load {
         template
             .replace("{domain}", &self.domain)
             .replace("{channel}", &self.channel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_lists_and_ranges_in_order() {
+        let s = parse_sources("127.0.0.2-127.0.0.4,10.0.0.1, ::1").expect("valid");
+        let all: Vec<String> = (0..s.len()).map(|n| s.for_client(n).to_string()).collect();
+        assert_eq!(
+            all,
+            ["127.0.0.2", "127.0.0.3", "127.0.0.4", "10.0.0.1", "::1"]
+        );
+        assert_eq!(
+            s.for_client(5).to_string(),
+            "127.0.0.2",
+            "round-robin wraps"
+        );
+        assert_eq!(parse_sources("127.0.0.9-127.0.0.9").expect("one").len(), 1);
+    }
+
+    #[test]
+    fn bad_sources_say_what_is_wrong() {
+        for (bad, says) in [
+            ("127.0.0.9-127.0.0.2", "ends before it starts"),
+            ("localhost", "not an IP address"),
+            ("127.0.0.2-::1", "not an IPv4 address"),
+            ("127.0.0.2,", "empty address"),
+            ("10.0.0.0-10.1.0.0", "more than"),
+        ] {
+            let e = parse_sources(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

@@ -2,10 +2,11 @@
 //! in flight), each holds its connection for a while, then disconnects. Counts accepted, refused
 //! and failed connects and times CONNECT -> CONNACK.
 //!
-//! MQTT 3.1.1 over TCP uses a lean client (rumqttc's packet codec on a plain socket, no event
-//! loop): a storm is many short sessions, and rumqttc's event loop cost the load generator about
-//! 46 µs of CPU per connect, more than the broker under test on a shared machine. MQTT 5 and TLS
-//! go through rumqttc's client.
+//! MQTT 3.1.1 and 5 over TCP use a lean client (rumqttc's packet codecs on a plain socket, no
+//! event loop): a storm is many short sessions, and rumqttc's event loop cost the load generator
+//! about 46 µs of CPU per connect, more than the broker under test on a shared machine. TLS goes
+//! through rumqttc's client. `--source` binds each lean client's socket to a source address of
+//! its own (round-robin), so a storm is not bounded by one address's ephemeral ports.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::client::{new_client, ClientError, EventStream, Handle};
-use super::options::{Connection, MqttVersion, OptionError, Storm};
+use super::options::{Connection, OptionError, Storm};
 use super::report::{latency_histogram, progress, Percentiles, Report};
 
 const CONNECT_WAIT: Duration = Duration::from_secs(30);
@@ -37,7 +38,11 @@ pub async fn run(storm: &Storm) -> Result<Report, OptionError> {
     if storm.concurrency == 0 {
         return Err(OptionError::Zero("--concurrency"));
     }
-    let conn = Connection::resolve(&storm.common, 100)?;
+    let mut conn = Connection::resolve(&storm.common, 100)?;
+    if storm.source.is_some() && conn.tls_ca.is_some() {
+        return Err(OptionError::SourceWithTls);
+    }
+    conn.sources = storm.source.clone();
     let bar = progress(storm.clients as u64, "connects", storm.common.json);
     let handshakes = Arc::new(Semaphore::new(storm.concurrency));
     let live = Arc::new(AtomicU64::new(0));
@@ -132,9 +137,9 @@ pub async fn run(storm: &Storm) -> Result<Report, OptionError> {
 
 /// One storm client once its CONNECT was accepted.
 enum StormClient {
-    /// MQTT 3.1.1 over TCP: the lean client.
+    /// TCP: the lean client.
     Lean(raw::Session),
-    /// MQTT 5 or TLS: rumqttc's client (boxed: a held lean session stays small).
+    /// TLS: rumqttc's client (boxed: a held lean session stays small).
     Full(Box<(Handle, EventStream)>),
 }
 
@@ -143,9 +148,9 @@ enum StormClient {
 async fn connect(conn: &Connection, n: usize) -> (Instant, Result<StormClient, Outcome>) {
     let client_id = conn.client_id("storm", n);
     let credentials = conn.credentials_for(n);
-    if conn.version == MqttVersion::V311 && conn.tls_ca.is_none() {
+    if conn.tls_ca.is_none() {
         let began = Instant::now();
-        let connected = match raw::connect(conn, &client_id, credentials).await {
+        let connected = match raw::connect(conn, n, &client_id, credentials).await {
             Ok(raw::Connack::Accepted(session)) => Ok(StormClient::Lean(session)),
             Ok(raw::Connack::Refused) => Err(Outcome::Refused),
             Err(_) => Err(Outcome::Failed),
@@ -197,19 +202,23 @@ impl StormClient {
     }
 }
 
-/// The lean MQTT 3.1.1 storm client: CONNECT, CONNACK, hold (answering nothing but keeping the
-/// connection alive with PINGREQ), DISCONNECT.
+/// The lean storm client (MQTT 3.1.1 and 5 over TCP): CONNECT, CONNACK, hold (answering nothing
+/// but keeping the connection alive with PINGREQ), DISCONNECT.
 mod raw {
+    use std::net::SocketAddr;
     use std::time::Duration;
 
     use bytes::BytesMut;
     use rumqttc::mqttbytes::v4::{self, Packet};
     use rumqttc::mqttbytes::Error as CodecError;
+    use rumqttc::v5::mqttbytes::v5 as mqtt5;
+    use rumqttc::v5::mqttbytes::Error as Codec5Error;
     use rumqttc::ConnectReturnCode;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
+    use tokio::net::{TcpSocket, TcpStream};
 
     use super::{Connection, CONNECT_WAIT};
+    use crate::bench::options::MqttVersion;
 
     pub enum Connack {
         Accepted(Session),
@@ -221,47 +230,124 @@ mod raw {
         buf: BytesMut,
     }
 
-    /// Connects and reads the CONNACK (within [`CONNECT_WAIT`]); an error is a failed connect.
+    /// Connects client `n` and reads the CONNACK (within [`CONNECT_WAIT`]); an error is a
+    /// failed connect.
     pub async fn connect(
         conn: &Connection,
+        n: usize,
         client_id: &str,
         credentials: Option<(&str, &str)>,
     ) -> std::io::Result<Connack> {
-        tokio::time::timeout(CONNECT_WAIT, handshake(conn, client_id, credentials))
+        tokio::time::timeout(CONNECT_WAIT, handshake(conn, n, client_id, credentials))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no CONNACK"))?
     }
 
+    /// A TCP connection to the broker, from client `n`'s source address if `--source` gave any.
+    async fn open(conn: &Connection, n: usize) -> std::io::Result<TcpStream> {
+        let Some(source) = conn.sources.as_ref().map(|s| s.for_client(n)) else {
+            return TcpStream::connect((conn.host.as_str(), conn.port)).await;
+        };
+        let broker = tokio::net::lookup_host((conn.host.as_str(), conn.port))
+            .await?
+            .find(|a| a.is_ipv4() == source.is_ipv4())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::AddrNotAvailable,
+                    format!("{} has no address of the family of {source}", conn.host),
+                )
+            })?;
+        let socket = if source.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        bind_port_at_connect(&socket);
+        socket.bind(SocketAddr::new(source, 0))?;
+        socket.connect(broker).await
+    }
+
+    /// Lets the kernel choose the source port at connect time (per source, destination pair)
+    /// rather than at bind time, where every bound socket needs a port of its own.
+    #[cfg(target_os = "linux")]
+    fn bind_port_at_connect(socket: &TcpSocket) {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket descriptor and a c_int option value of the size given. A
+        // failure only loses the optimisation: the bind then picks the port.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn bind_port_at_connect(_: &TcpSocket) {}
+
     async fn handshake(
         conn: &Connection,
+        n: usize,
         client_id: &str,
         credentials: Option<(&str, &str)>,
     ) -> std::io::Result<Connack> {
-        let mut stream = TcpStream::connect((conn.host.as_str(), conn.port)).await?;
+        let mut stream = open(conn, n).await?;
         stream.set_nodelay(true)?;
-        let mut connect = v4::Connect::new(client_id);
-        connect.keep_alive = u16::try_from(conn.keep_alive).unwrap_or(u16::MAX);
-        connect.clean_session = true;
-        if let Some((user, pass)) = credentials {
-            connect.set_login(user, pass);
-        }
+        let keep_alive = u16::try_from(conn.keep_alive).unwrap_or(u16::MAX);
         let mut out = BytesMut::with_capacity(64);
-        connect.write(&mut out).map_err(invalid)?;
+        match conn.version {
+            MqttVersion::V311 => {
+                let mut connect = v4::Connect::new(client_id);
+                connect.keep_alive = keep_alive;
+                connect.clean_session = true;
+                if let Some((user, pass)) = credentials {
+                    connect.set_login(user, pass);
+                }
+                connect.write(&mut out).map_err(invalid)?;
+            }
+            MqttVersion::V5 => {
+                let connect = mqtt5::Connect {
+                    keep_alive,
+                    client_id: client_id.to_owned(),
+                    clean_start: true,
+                    properties: None,
+                };
+                let login = credentials.map(|(user, pass)| mqtt5::Login::new(user, pass));
+                connect.write(&None, &login, &mut out).map_err(invalid)?;
+            }
+        }
         stream.write_all(&out).await?;
         let mut buf = BytesMut::with_capacity(64);
         loop {
-            match v4::read(&mut buf, 1024) {
-                Ok(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => {
-                    return Ok(Connack::Accepted(Session { stream, buf }));
-                }
-                Ok(Packet::ConnAck(_)) => return Ok(Connack::Refused),
-                Ok(other) => return Err(invalid(format!("{other:?} before CONNACK"))),
-                Err(CodecError::InsufficientBytes(_)) => {
+            // Some(accepted) once a CONNACK is whole; None while more bytes are needed.
+            let connack = match conn.version {
+                MqttVersion::V311 => match v4::read(&mut buf, 1024) {
+                    Ok(Packet::ConnAck(ack)) => Some(ack.code == ConnectReturnCode::Success),
+                    Ok(other) => return Err(invalid(format!("{other:?} before CONNACK"))),
+                    Err(CodecError::InsufficientBytes(_)) => None,
+                    Err(e) => return Err(invalid(e)),
+                },
+                MqttVersion::V5 => match mqtt5::Packet::read(&mut buf, Some(64 * 1024)) {
+                    Ok(mqtt5::Packet::ConnAck(ack)) => {
+                        Some(ack.code == mqtt5::ConnectReturnCode::Success)
+                    }
+                    Ok(other) => return Err(invalid(format!("{other:?} before CONNACK"))),
+                    Err(Codec5Error::InsufficientBytes(_)) => None,
+                    Err(e) => return Err(invalid(e)),
+                },
+            };
+            match connack {
+                Some(true) => return Ok(Connack::Accepted(Session { stream, buf })),
+                Some(false) => return Ok(Connack::Refused),
+                None => {
                     if stream.read_buf(&mut buf).await? == 0 {
                         return Err(std::io::ErrorKind::UnexpectedEof.into());
                     }
                 }
-                Err(e) => return Err(invalid(e)),
             }
         }
     }

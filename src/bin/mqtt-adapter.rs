@@ -69,6 +69,15 @@ async fn main() -> ExitCode {
     {
         tracing::warn!("{old} is SuperMQ's name and is not read here: set {new}");
     }
+    // Before the listeners open: a SIGTERM as soon as a port accepts is a clean shutdown, not
+    // the default action (killed by the signal, nothing flushed).
+    let mut signals = match Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot listen for signals: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let server = match Server::start(&config).await {
         Ok(server) => server,
         Err(e) => {
@@ -85,13 +94,6 @@ async fn main() -> ExitCode {
         }
     }
 
-    let mut signals = match Signals::new() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot listen for signals: {e}");
-            return ExitCode::from(1);
-        }
-    };
     while signals.next().await == Signal::Reload {
         tracing::info!("SIGHUP: reloading the clients file and the TLS certificate");
         server.reload().await;

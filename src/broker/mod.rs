@@ -14,6 +14,7 @@ pub mod queue;
 pub mod retained;
 pub mod session;
 pub mod shared;
+mod small_map;
 pub mod trie;
 
 use std::collections::{BTreeMap, HashMap};
@@ -1057,6 +1058,17 @@ impl Broker {
         gauges
     }
 
+    /// Tells every attached connection to end (server shutdown, after the server's shutdown
+    /// token is cancelled: a connection attached from then on starts cancelled).
+    pub fn cancel_connections(&self) {
+        let table = self.table();
+        for session in table.values() {
+            if let Some(attached) = &session.lock().attached {
+                attached.control.cancel();
+            }
+        }
+    }
+
     /// Stops expiry timers (server shutdown).
     pub fn stop(&self) {
         self.stop.cancel();
@@ -1190,7 +1202,7 @@ mod tests {
             let stop = CancellationToken::new();
             b.attach(key("c1", "m"), PERSISTENT, meta(), &stop).await
         });
-        control.cancel.cancelled().await;
+        control.cancelled().await;
         assert_eq!(control.kicked(), Some(Kick::Takeover));
         broker.detach(&mut first);
         Broker::release(&mut first);
@@ -1260,7 +1272,7 @@ mod tests {
         assert_eq!(live[1].subscriptions, ["t/1", "t/2"]);
         let kicked = broker.kick(|k| k.mqtt_client_id == "b", Kick::Administrative);
         assert_eq!(kicked.len(), 1);
-        assert!(a.control.cancel.is_cancelled());
+        assert!(a.control.is_cancelled());
         assert_eq!(a.control.kicked(), Some(Kick::Administrative));
     }
 

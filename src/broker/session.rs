@@ -4,7 +4,7 @@
 //! client identifier): the same MQTT client identifier under another identity is another session.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::message::Message;
 use super::queue::{Delivery, Mailbox, Outgoing, Pushed, QueueLimits};
+use super::small_map::SmallMap;
 use crate::state::{KeptWill, StateStore, StateTicket};
 
 /// Who a session belongs to: the platform identity and the MQTT client identifier it chose.
@@ -55,6 +56,8 @@ pub enum Kick {
     Administrative = 2,
     /// Its rights were revoked.
     Revoked = 3,
+    /// No packet within 1.5 × keep-alive (the keep-alive wheel).
+    KeepAlive = 4,
 }
 
 /// What an operator sees of a live connection (admin API).
@@ -73,15 +76,22 @@ pub struct ConnectionMeta {
 /// How the broker asks an attached connection to end.
 #[derive(Debug)]
 pub struct ConnectionControl {
-    /// Cancelled to end the connection; a child of the server's shutdown token.
-    pub cancel: CancellationToken,
     pub meta: ConnectionMeta,
     kick: AtomicU8,
+    /// Set to end the connection (a kick, or the server's shutdown). A flag and the `Notify`
+    /// below rather than a child of the server's `CancellationToken` (a ~100-byte tree node
+    /// per connection): the broker cancels every attached connection at shutdown instead.
+    cancelled: AtomicBool,
+    /// The connection is pushed back (not reading): the keep-alive wheel does not count it.
+    paused: AtomicBool,
+    /// The keep-alive wheel's tick of the connection's last read.
+    last_read: AtomicU32,
     /// Set once the connection has fully ended (its teardown is complete).
     ended: AtomicBool,
-    /// Wakes whoever waits in [`ConnectionControl::ended`]. (A `watch` channel did this before,
-    /// at ~400 B per connection: it carries eight `Notify`s.)
-    ended_wake: Notify,
+    /// Wakes whoever waits in [`ConnectionControl::cancelled`] or [`ConnectionControl::ended`]
+    /// (each checks its own flag). (A `watch` channel did this before, at ~400 B per
+    /// connection: it carries eight `Notify`s.)
+    wake: Notify,
 }
 
 impl ConnectionControl {
@@ -90,7 +100,54 @@ impl ConnectionControl {
         let _ = self
             .kick
             .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
-        self.cancel.cancel();
+        self.cancel();
+    }
+
+    /// Tells the connection to end without a reason of its own (server shutdown).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        self.wake.notify_waiters();
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Notes a read at keep-alive wheel tick `tick`.
+    pub fn read_at(&self, tick: u32) {
+        self.last_read.store(tick, Ordering::Relaxed);
+    }
+
+    pub fn last_read(&self) -> u32 {
+        self.last_read.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection is pushed back (it does not read, so keep-alive does not run).
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// A control outside any broker (the keep-alive wheel's tests).
+    #[cfg(test)]
+    pub(crate) fn new_for_test(meta: ConnectionMeta) -> Arc<Self> {
+        connection(0, &CancellationToken::new(), meta).1
+    }
+
+    /// Resolves once the connection is told to end.
+    pub async fn cancelled(&self) {
+        Self::until(&self.wake, &self.cancelled).await
+    }
+
+    /// A wake-up for the next [`ConnectionControl::kick`] or [`ConnectionControl::cancel`]:
+    /// made before [`ConnectionControl::is_cancelled`] is read, it is woken by a cancel after
+    /// that read, polled or not (it may also wake when the connection ends: read the flag
+    /// again). Smaller in a connection's future than [`ConnectionControl::cancelled`].
+    pub fn wake_up(&self) -> tokio::sync::futures::Notified<'_> {
+        self.wake.notified()
     }
 
     /// The reason given to [`ConnectionControl::kick`], if any (a cancelled connection without
@@ -100,18 +157,24 @@ impl ConnectionControl {
             1 => Some(Kick::Takeover),
             2 => Some(Kick::Administrative),
             3 => Some(Kick::Revoked),
+            4 => Some(Kick::KeepAlive),
             _ => None,
         }
     }
 
     /// Resolves once the connection has fully ended (its teardown is complete).
     pub async fn ended(&self) {
+        Self::until(&self.wake, &self.ended).await
+    }
+
+    /// Waits until `flag` is set (the one `Notify` wakes the waiters of either flag).
+    async fn until(wake: &Notify, flag: &AtomicBool) {
         loop {
-            let notified = self.ended_wake.notified();
+            let notified = wake.notified();
             tokio::pin!(notified);
-            // Registered before the flag is read: a `finish` in between still wakes us.
+            // Registered before the flag is read: a set in between still wakes us.
             notified.as_mut().enable();
-            if self.ended.load(Ordering::Acquire) {
+            if flag.load(Ordering::Acquire) {
                 return;
             }
             notified.await;
@@ -120,7 +183,7 @@ impl ConnectionControl {
 
     fn finish(&self) {
         self.ended.store(true, Ordering::Release);
-        self.ended_wake.notify_waiters();
+        self.wake.notify_waiters();
     }
 }
 
@@ -172,7 +235,7 @@ impl std::fmt::Debug for DeferredWill {
 #[derive(Debug)]
 pub(super) struct State {
     pub mailbox: Mailbox,
-    pub subscriptions: HashMap<Box<str>, SubOptions>,
+    pub subscriptions: SmallMap<Box<str>, SubOptions>,
     /// QoS 2 PUBLISHes received and PUBRECed, by packet id, until their PUBREL; `None` for a
     /// refused one (its PUBREL still gets a PUBCOMP).
     pub incoming: HashMap<u16, Option<Arc<Message>>>,
@@ -228,7 +291,7 @@ impl Session {
             key,
             state: Mutex::new(State {
                 mailbox: Mailbox::default(),
-                subscriptions: HashMap::new(),
+                subscriptions: SmallMap::new(),
                 incoming: HashMap::new(),
                 attached: None,
                 expiry,
@@ -431,17 +494,21 @@ impl Drop for Attachment {
     }
 }
 
+/// A new connection's control; cancelled from the start if the server is shutting down
+/// (`shutdown`), since the broker's cancelling of every attached connection may have passed.
 pub(super) fn connection(
     id: u64,
-    parent: &CancellationToken,
+    shutdown: &CancellationToken,
     meta: ConnectionMeta,
 ) -> (Attached, Arc<ConnectionControl>) {
     let control = Arc::new(ConnectionControl {
-        cancel: parent.child_token(),
         meta,
         kick: AtomicU8::new(0),
+        cancelled: AtomicBool::new(shutdown.is_cancelled()),
+        paused: AtomicBool::new(false),
+        last_read: AtomicU32::new(0),
         ended: AtomicBool::new(false),
-        ended_wake: Notify::new(),
+        wake: Notify::new(),
     });
     (
         Attached {

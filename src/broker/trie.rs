@@ -1,23 +1,25 @@
 //! The subscription trie: topic filters split into levels, one node per level, `+` and `#` as
 //! children of their own. A lookup walks only the branches a topic can match, so its cost
 //! depends on the topic's depth and the matching filters, not on how many other subscriptions
-//! exist. Nodes are pruned as soon as their last subscriber leaves.
+//! exist. Nodes are pruned as soon as their last subscriber leaves. Most nodes have one child
+//! or one subscriber (a device's own topic): both maps are [`SmallMap`]s, so such a node takes
+//! a few dozen bytes.
 
-use std::collections::HashMap;
+use super::small_map::SmallMap;
 
 /// One level of the trie.
 #[derive(Debug)]
 struct Node<K, V> {
-    children: HashMap<Box<str>, Node<K, V>>,
+    children: SmallMap<Box<str>, Node<K, V>>,
     /// Subscribers whose filter ends at this node.
-    subscribers: HashMap<K, V>,
+    subscribers: SmallMap<K, V>,
 }
 
 impl<K, V> Default for Node<K, V> {
     fn default() -> Self {
         Node {
-            children: HashMap::new(),
-            subscribers: HashMap::new(),
+            children: SmallMap::new(),
+            subscribers: SmallMap::new(),
         }
     }
 }
@@ -50,7 +52,7 @@ impl<K: std::hash::Hash + Eq + Copy, V> Trie<K, V> {
     pub fn insert(&mut self, filter: &str, key: K, value: V) -> Option<V> {
         let mut node = &mut self.root;
         for level in filter.split('/') {
-            node = node.children.entry(level.into()).or_default();
+            node = node.children.entry_or_default(level.into());
         }
         let old = node.subscribers.insert(key, value);
         if old.is_none() {
