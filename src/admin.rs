@@ -167,7 +167,7 @@ async fn kick(State(admin): State<Admin>, Path(mqtt_client_id): Path<String>) ->
             .await
             .is_err()
         {
-            tracing::warn!(%mqtt_client_id, "kicked session did not end within 5 s");
+            tracing::warn!(mqtt_client_id = %mqtt_client_id.escape_debug(), "kicked session did not end within 5 s");
         }
     }
     StatusCode::NO_CONTENT.into_response()

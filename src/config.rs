@@ -242,15 +242,21 @@ pub struct Config {
     pub topic_alias_maximum: u16,
 
     /// Concurrent connections to the HTTP port (/health, /metrics, admin API); beyond, a new
-    /// socket is closed at accept. They come out of the 128 file descriptors kept in reserve
-    /// beside the device sockets, so keep it well below that.
+    /// socket is closed at accept. They sit inside the file descriptors kept from device
+    /// sockets: the reserve is 64 for the adapter's own files plus this cap, each at most a
+    /// quarter of the open file limit (a lower limit lowers the cap with it).
     #[arg(long, env = "SMQ_MQTT_ADAPTER_HTTP_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     pub http_max_connections: u16,
 
-    /// Time an HTTP request's headers may take to arrive (`10s`, `500ms`); then the connection
-    /// is closed.
+    /// Time from accept until an HTTP connection's first request headers are read (`10s`,
+    /// `500ms`); then the connection is closed.
     #[arg(long, env = "SMQ_MQTT_ADAPTER_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub http_header_timeout: Duration,
+
+    /// Time a keep-alive HTTP connection may wait, after an answer, until its next request's
+    /// headers are read (`30s`, `500ms`, `5m`); then it is closed.
+    #[arg(long, env = "SMQ_MQTT_ADAPTER_HTTP_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub http_idle_timeout: Duration,
 
     /// Bearer token of the admin API (`GET /clients`, `GET/DELETE /clients/{mqtt_client_id}` on
     /// the HTTP port); unset: those endpoints answer 404.

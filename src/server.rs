@@ -27,6 +27,7 @@ use crate::events::{
 };
 use crate::hooks::{ConnectionEvents, Hooks};
 use crate::http::{self, Health, Phase};
+use crate::listener::descriptors::OpenSockets;
 use crate::listener::tls::{self, ServerIdentity, TlsConfigError};
 use crate::listener::{self, Accepting, ConnectRate, Transport};
 use crate::metrics::{Metrics, TimedAuthenticator};
@@ -362,6 +363,8 @@ impl Server {
             }
         };
         let sessions = TaskTracker::new();
+        // Device and HTTP sockets in one account, so neither takes the other's descriptors.
+        let open_sockets = OpenSockets::new(usize::from(config.http_max_connections));
         let accepting = Arc::new(Accepting {
             ctx: ctx.clone(),
             sessions: sessions.clone(),
@@ -372,7 +375,7 @@ impl Server {
             ws_connect_budget: config.max_connect_size.min(config.max_packet_size) as usize
                 + WS_UPGRADE_ALLOWANCE,
             connect_rate: NonZeroU32::new(config.connect_rate_per_ip).map(ConnectRate::new),
-            open_sockets: Arc::default(),
+            open_sockets: open_sockets.clone(),
         });
         let mut accept_tasks = Vec::new();
         for (l, transport) in [(listener, Transport::Tcp), (ws_listener, Transport::Ws)]
@@ -403,8 +406,8 @@ impl Server {
             .filter(|t| !t.is_empty())
             .map(|token| crate::admin::routes(token, ctx.broker.clone()));
         let http_limits = http::HttpLimits {
-            max_connections: usize::from(config.http_max_connections),
             header_timeout: config.http_header_timeout,
+            idle_timeout: config.http_idle_timeout,
             max_connection_age: HTTP_CONNECTION_AGE,
         };
         let http_task = tokio::spawn(http::serve(
@@ -413,6 +416,7 @@ impl Server {
             metrics,
             admin,
             http_limits,
+            open_sockets,
             http_stop.clone(),
         ));
         tracing::info!(addr = %http_addr, "HTTP /health and /metrics ready");

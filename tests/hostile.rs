@@ -582,31 +582,6 @@ async fn a_full_retained_store_refuses_new_topics_and_evicts_nothing() {
     adapter.shutdown().await;
 }
 
-/// Open descriptors of process `pid`.
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|dir| dir.count())
-        .unwrap_or(0)
-}
-
-/// Lowers the open file limit of process `pid` (ours: the adapter we spawned).
-fn lower_file_limit(pid: u32, limit: u64) {
-    let new = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
-    };
-    // SAFETY: prlimit reads `new`, which we own, and writes nothing (old is null).
-    let rc = unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            &new,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(rc, 0, "prlimit({pid}, RLIMIT_NOFILE, {limit})");
-}
-
 /// How one flood attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Attempt {

@@ -664,6 +664,180 @@ async fn the_http_port_caps_connections_and_times_out_half_sent_requests() {
     adapter.shutdown().await;
 }
 
+/// `count` TCP connections to `port` on 127.0.0.1 that send nothing.
+async fn connect_many(port: u16, count: usize) -> Vec<TcpStream> {
+    let mut sockets = Vec::with_capacity(count);
+    for _ in 0..count {
+        sockets.push(
+            TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect"),
+        );
+    }
+    sockets
+}
+
+/// Waits (bounded, generously) until the adapter has closed at least `count` of `sockets` (end
+/// of stream or reset); returns how many it had closed by then.
+async fn wait_closed(sockets: &[TcpStream], count: usize) -> usize {
+    let mut ends: futures_util::stream::FuturesUnordered<_> = sockets
+        .iter()
+        .map(|socket| async move {
+            let mut byte = [0u8; 1];
+            loop {
+                if socket.readable().await.is_err() {
+                    return;
+                }
+                match socket.try_read(&mut byte) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        })
+        .collect();
+    let mut closed = 0;
+    let reached = tokio::time::timeout(Duration::from_secs(30), async {
+        while closed < count && futures_util::StreamExt::next(&mut ends).await.is_some() {
+            closed += 1;
+        }
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "only {closed} of {} sockets were closed at accept (expected at least {count})",
+        sockets.len()
+    );
+    closed
+}
+
+/// Polls `/health` until it answers 200 (bounded): HTTP sockets the test dropped are freed by
+/// the adapter as it reads their end.
+async fn wait_health(port: u16) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match common::ops::try_http_get(port, "/health").await {
+            Ok((200, _)) => return,
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "/health did not answer 200 within {WAIT:?}: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The HTTP port's connection cap sat outside the descriptor reserve: under a low open file
+/// limit, HTTP sockets took the last descriptors (MQTT connects were then closed without
+/// CONNACK, and `/health` timed out). HTTP and device sockets are now counted in one account:
+/// an HTTP flood is held to its share of the reserve (whatever the configured cap) and devices
+/// are still served; a device flood is held to its room and `/health` still answers; the
+/// adapter never reaches the limit.
+#[tokio::test]
+async fn http_and_device_sockets_share_one_descriptor_account() {
+    const FILE_LIMIT: usize = 128;
+    const FLOOD: usize = 200;
+    let mut adapter = Adapter::start_with(
+        CLIENTS,
+        &[
+            // Far above what the limit leaves: the descriptor reserve bounds it.
+            ("SMQ_MQTT_ADAPTER_HTTP_MAX_CONNECTIONS", "1000"),
+            // The flood sends nothing: its sockets are held until closed at accept.
+            ("SMQ_MQTT_ADAPTER_HTTP_HEADER_TIMEOUT", "5m"),
+            ("SMQ_MQTT_ADAPTER_CONNECT_TIMEOUT", "5m"),
+            ("SMQ_MQTT_ADAPTER_CONNECT_RATE_PER_IP", "0"),
+        ],
+    )
+    .await;
+    let pid = adapter.pid();
+    lower_file_limit(pid, FILE_LIMIT as u64);
+
+    // An HTTP flood: at most a quarter of the limit is held, the rest closed at accept.
+    let http = connect_many(adapter.ports.http, FLOOD).await;
+    let closed = wait_closed(&http, FLOOD - FILE_LIMIT / 4).await;
+    let mut device =
+        RawClient::connect_ok(adapter.port, &Connect::new(V311, "fd-device", "c1", "s1")).await;
+    adapter.expect_connect("c1").await;
+    assert!(open_fds(pid) < FILE_LIMIT, "{} descriptors", open_fds(pid));
+
+    // A device flood beside it: devices stop at the limit less the reserve (half, here).
+    let devices = connect_many(adapter.port, FLOOD).await;
+    let closed = closed + wait_closed(&devices, FLOOD - FILE_LIMIT / 2).await;
+    assert!(open_fds(pid) < FILE_LIMIT, "{} descriptors", open_fds(pid));
+    device.ping().await;
+
+    // With the HTTP flood gone and the device flood still held, /health answers.
+    drop(http);
+    wait_health(adapter.ports.http).await;
+    let metrics = scrape(&adapter).await;
+    assert!(
+        limit_hits(&metrics, "file_descriptors") >= closed as f64,
+        "{metrics}"
+    );
+    assert_eq!(limit_hits(&metrics, "http_connections"), 0.0, "{metrics}");
+    drop(devices);
+    adapter.shutdown().await;
+}
+
+/// A keep-alive HTTP connection idle after its answer lived until hyper's header timeout (one
+/// value for the first request's headers and for the wait for the next) or the 60 s age limit.
+/// It is closed once idle for SMQ_MQTT_ADAPTER_HTTP_IDLE_TIMEOUT, whatever the header timeout.
+#[tokio::test]
+async fn an_idle_keep_alive_http_connection_is_closed() {
+    let adapter = Adapter::start_with(
+        CLIENTS,
+        &[
+            ("SMQ_MQTT_ADAPTER_HTTP_IDLE_TIMEOUT", "1s"),
+            // Beyond the wait below and the age limit: only the idle timeout can close it.
+            ("SMQ_MQTT_ADAPTER_HTTP_HEADER_TIMEOUT", "5m"),
+        ],
+    )
+    .await;
+    let mut socket = TcpStream::connect(("127.0.0.1", adapter.ports.http))
+        .await
+        .expect("connect to the HTTP port");
+    socket
+        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("request");
+    // The whole answer: headers, then the body by its Content-Length.
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let complete = |answer: &[u8]| {
+        let text = String::from_utf8_lossy(answer);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().to_string())
+            })
+            .and_then(|v| v.parse::<usize>().ok())
+            .expect("Content-Length");
+        body.len() >= length
+    };
+    while !complete(&answer) {
+        let n = tokio::time::timeout(WAIT, socket.read(&mut chunk))
+            .await
+            .expect("the answer")
+            .expect("read");
+        assert!(n > 0, "closed before the answer: {answer:?}");
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    // Kept alive, then idle: the adapter closes it.
+    let end = tokio::time::timeout(Duration::from_secs(30), socket.read(&mut chunk)).await;
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle keep-alive connection was kept: {end:?}"
+    );
+    adapter.shutdown().await;
+}
+
 /// Offline persistent sessions were unlimited: one client id could keep any number (100 × 1,000
 /// filters: +120 MB, never expiring). Beyond SMQ_MQTT_ADAPTER_MAX_OFFLINE_SESSIONS the client's
 /// oldest offline session is discarded, counted.

@@ -257,7 +257,6 @@ async fn a_reload_refuses_an_empty_or_truncated_registry() {
 /// (`… ERROR …` at the start of a line). They are escaped.
 #[tokio::test]
 async fn a_newline_in_a_peer_string_cannot_forge_a_log_line() {
-    const FORGED: &str = "\n2026-01-01T00:00:00.000000Z ERROR mqtt_adapter: forged";
     let mut adapter = Adapter::start(CLIENTS).await;
     let port = adapter.port;
     let client_id = format!("dev{FORGED}-id");
@@ -280,12 +279,7 @@ async fn a_newline_in_a_peer_string_cannot_forge_a_log_line() {
     adapter.expect_disconnect("c1").await;
     adapter.wait_log("subscribe refused", WAIT).await;
     let log = adapter.wait_log("disconnected", WAIT).await;
-    for line in log.lines() {
-        assert!(
-            !line.starts_with("2026-01-01T00:00:00"),
-            "a forged line in the log: {line:?}\n{log}"
-        );
-    }
+    assert_no_forged_line(&log);
     for what in ["-id", "-user", "-topic", "-filter"] {
         assert!(
             log.contains(&format!("forged{what}")),
@@ -293,4 +287,59 @@ async fn a_newline_in_a_peer_string_cannot_forge_a_log_line() {
         );
     }
     adapter.shutdown().await;
+}
+
+/// The same through the cluster takeover: the instance that loses the session logs the client
+/// id and MQTT client id it read from the bus announcement.
+#[tokio::test]
+async fn a_newline_in_a_client_id_cannot_forge_a_log_line_through_a_cluster_takeover() {
+    let nats = NatsServer::start().await;
+    let bus = nats.url();
+    let env = [("SMQ_MESSAGE_BROKER_URL", bus.as_str())];
+    let mut here = Adapter::start_with(CLIENTS, &env).await;
+    let mut there = Adapter::start_with(CLIENTS, &env).await;
+    let client_id = format!("roamer{FORGED}-takeover");
+
+    let mut first =
+        RawClient::connect_ok(here.port, &Connect::new(V5, &client_id, "c1", "s1")).await;
+    here.expect_connect("c1").await;
+    let mut second =
+        RawClient::connect_ok(there.port, &Connect::new(V5, &client_id, "c1", "s1")).await;
+    there.expect_connect("c1").await;
+    // Announcements cross on the bus: the first session is taken over, unless the second
+    // instance read the first announcement only after its own CONNECT. Either way one instance
+    // logs the takeover.
+    let (disconnect, loser) = tokio::select! {
+        d = first.expect_kind(14) => (d, &here),
+        d = second.expect_kind(14) => (d, &there),
+    };
+    assert_eq!(disconnect.body.first(), Some(&0x8E), "session taken over");
+
+    let log = loser
+        .wait_log("session taken over by another instance", WAIT)
+        .await;
+    assert_no_forged_line(&log);
+    let taken_over = log
+        .lines()
+        .find(|line| line.contains("session taken over by another instance"))
+        .unwrap_or_default();
+    assert!(
+        taken_over.contains("forged-takeover"),
+        "the MQTT client id was logged (escaped) on the takeover line:\n{log}"
+    );
+    here.shutdown().await;
+    there.shutdown().await;
+}
+
+/// A line break and a forged timestamp, level and target inside a peer string.
+const FORGED: &str = "\n2026-01-01T00:00:00.000000Z ERROR mqtt_adapter: forged";
+
+/// No line of `log` starts where [`FORGED`] would start one.
+fn assert_no_forged_line(log: &str) {
+    for line in log.lines() {
+        assert!(
+            !line.starts_with("2026-01-01T00:00:00"),
+            "a forged line in the log: {line:?}\n{log}"
+        );
+    }
 }

@@ -118,6 +118,7 @@ async fn help_lists_the_variables_with_defaults() {
         "SMQ_MQTT_ADAPTER_MAX_PACKET_SIZE",
         "SMQ_ES_URL",
         "SMQ_MQTT_ADAPTER_STATE",
+        "SMQ_MQTT_ADAPTER_HTTP_IDLE_TIMEOUT",
     ] {
         assert!(
             stdout.contains(variable),

@@ -1,9 +1,15 @@
-//! Arbitrary bytes into a session, through an in-memory duplex stream against an in-process
-//! broker core: frame checks, codec decode, packet handling and encoding back. The first input
-//! byte picks how the stream starts (raw bytes, or an accepted MQTT 3.1.1 / MQTT 5 / persistent
-//! MQTT 5 CONNECT followed by the rest), so the fuzzer spends its time past authentication too.
-//! Each input must end its session once the input is used up (no hang, no panic), and what the
-//! adapter writes back must be whole MQTT frames.
+//! Arbitrary bytes into sessions, through in-memory duplex streams against an in-process broker
+//! core: frame checks, codec decode, packet handling and encoding back. An input is up to
+//! [`MAX_SESSIONS`] sessions run one after the other against the same core, separated by
+//! [`NEXT`]. The first byte of each picks how its stream starts (raw bytes, or an accepted MQTT
+//! 3.1.1 / MQTT 5 / persistent MQTT 5 CONNECT followed by the rest) and which of three MQTT
+//! client ids it uses, so the fuzzer spends its time past authentication, and a later session
+//! can fill an offline session's queue, resume it, or push its client id past the offline
+//! bound. The core runs with bounds a few packets reach (queue, in-flight window, retained
+//! count and bytes and their share, offline sessions, subscriptions, topic length and levels,
+//! topic aliases, packet and pre-authentication CONNECT size). Each session must end once its
+//! input is used up (no hang, no panic), and what the adapter writes back must be whole MQTT
+//! frames.
 #![no_main]
 
 use std::net::SocketAddr;
@@ -43,6 +49,16 @@ topics = ["a/#"]
 /// A session that ends takes far less than this; beyond it the input hangs the session.
 const HANG: Duration = Duration::from_secs(10);
 
+/// Separates the sessions of one input.
+const NEXT: &[u8] = b"\n--next-session--\n";
+
+/// Sessions run per input; the rest of a longer input is the last session's.
+const MAX_SESSIONS: usize = 4;
+
+/// The MQTT client ids a session may take (all of client `c1`): more than
+/// `max_offline_sessions` below, so the bound is reached.
+const MQTT_CLIENT_IDS: [&[u8]; 3] = [b"fuzz-device", b"fuzz-2", b"fuzz-3"];
+
 struct Shared {
     registry: Arc<StaticRegistry>,
     metrics: Arc<Metrics>,
@@ -65,35 +81,36 @@ thread_local! {
         .expect("tokio runtime");
 }
 
-/// A fresh broker core per input, small bounds so the limits are reached.
+/// A fresh broker core per input, with bounds small enough that a few packets reach each.
 fn context() -> Arc<SessionContext> {
     let shared = shared();
     let broker = Broker::new(BrokerConfig {
         queue: QueueLimits {
-            max_messages: 16,
-            max_bytes: 4096,
+            max_messages: 4,
+            max_bytes: 512,
         },
         max_retained: 4,
-        max_retained_bytes: 4096,
+        max_retained_bytes: 256,
         retained_client_share: 50,
-        max_offline_sessions: 4,
+        max_offline_sessions: 1,
     });
     let limits =
-        Limits::new(64, 8, NonZeroU32::new(1000), false).with_session_bounds(SessionBounds {
-            max_subscriptions: 8,
+        Limits::new(64, 2, NonZeroU32::new(1000), false).with_session_bounds(SessionBounds {
+            max_subscriptions: 4,
             topic: TopicBounds {
-                max_length: 128,
-                max_levels: 8,
+                max_length: 64,
+                max_levels: 6,
             },
         });
     Arc::new(SessionContext {
         broker,
         hooks: Hooks::new(shared.registry.clone(), shared.registry.clone()),
         connect_timeout: Duration::from_secs(5),
-        max_packet_size: 4096,
-        max_connect_size: 1024,
+        max_packet_size: 1024,
+        // The accepted CONNECTs below are 40 to 50 bytes.
+        max_connect_size: 128,
         max_keep_alive: 0,
-        topic_alias_maximum: 4,
+        topic_alias_maximum: 2,
         shutdown: CancellationToken::new(),
         metrics: shared.metrics.clone(),
         limits,
@@ -107,7 +124,7 @@ fn string(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// An accepted CONNECT of `c1` (MQTT 5 persistent: session expiry 60 s).
-fn connect(version: u8, clean: bool) -> Vec<u8> {
+fn connect(version: u8, clean: bool, mqtt_client_id: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
     string(&mut body, b"MQTT");
     body.push(version);
@@ -120,7 +137,7 @@ fn connect(version: u8, clean: bool) -> Vec<u8> {
             body.extend_from_slice(&[5, 0x11, 0, 0, 0, 60]);
         }
     }
-    string(&mut body, b"fuzz-device");
+    string(&mut body, mqtt_client_id);
     string(&mut body, b"c1");
     string(&mut body, b"s1");
     let mut packet = vec![0x10, body.len() as u8];
@@ -150,9 +167,8 @@ fn assert_frames(out: &[u8]) {
     }
 }
 
-async fn run(input: Vec<u8>) {
-    let ctx = context();
-    let broker = ctx.broker.clone();
+/// Feeds one session `input` and checks what it wrote back.
+async fn session(ctx: Arc<SessionContext>, input: Vec<u8>) {
     let (device, server) = tokio::io::duplex(16 * 1024);
     let peer: SocketAddr = "127.0.0.1:1883".parse().expect("address");
     let (mut read, mut write) = tokio::io::split(device);
@@ -171,19 +187,47 @@ async fn run(input: Vec<u8>) {
     .await;
     let ((), (), out) = served.expect("the session did not end after its input");
     assert_frames(&out);
+}
+
+/// One session's bytes: its first byte picks the start and the MQTT client id.
+fn session_input(data: &[u8]) -> Option<Vec<u8>> {
+    let (&mode, rest) = data.split_first()?;
+    let id = MQTT_CLIENT_IDS[usize::from(mode >> 2) % MQTT_CLIENT_IDS.len()];
+    let mut input = match mode % 4 {
+        0 => Vec::new(),
+        1 => connect(4, true, id),
+        2 => connect(5, true, id),
+        _ => connect(5, false, id),
+    };
+    input.extend_from_slice(rest);
+    Some(input)
+}
+
+/// Splits an input into at most [`MAX_SESSIONS`] sessions at [`NEXT`].
+fn sessions(mut data: &[u8]) -> Vec<&[u8]> {
+    let mut parts = Vec::new();
+    while parts.len() + 1 < MAX_SESSIONS {
+        let Some(at) = data.windows(NEXT.len()).position(|w| w == NEXT) else {
+            break;
+        };
+        parts.push(&data[..at]);
+        data = &data[at + NEXT.len()..];
+    }
+    parts.push(data);
+    parts
+}
+
+async fn run(data: &[u8]) {
+    let ctx = context();
+    let broker = ctx.broker.clone();
+    for part in sessions(data) {
+        if let Some(input) = session_input(part) {
+            session(ctx.clone(), input).await;
+        }
+    }
     broker.stop();
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else {
-        return;
-    };
-    let mut input = match mode % 4 {
-        0 => Vec::new(),
-        1 => connect(4, true),
-        2 => connect(5, true),
-        _ => connect(5, false),
-    };
-    input.extend_from_slice(rest);
-    RUNTIME.with(|rt| rt.block_on(run(input)));
+    RUNTIME.with(|rt| rt.block_on(run(data)));
 });

@@ -163,7 +163,7 @@ pub(super) async fn receive(
                         streams.insert(subject.clone(), subscriber);
                     }
                     Err(e) => {
-                        tracing::warn!(%subject, error = %e, "message bus bridge: cannot subscribe; trying again on the next change");
+                        tracing::warn!(subject = %subject.escape_debug(), error = %e, "message bus bridge: cannot subscribe; trying again on the next change");
                     }
                 }
             }
@@ -203,7 +203,7 @@ fn deliver(broker: &Broker, metrics: &BridgeMetrics, message: async_nats::Messag
     let (Some(topic), Ok(decoded)) = (topic_for(message.subject.as_str()), decoded) else {
         let invalid = metrics.in_invalid.fetch_add(1, Ordering::Relaxed) + 1;
         if invalid.is_power_of_two() {
-            tracing::warn!(subject = %message.subject, invalid,
+            tracing::warn!(subject = %message.subject.as_str().escape_debug(), invalid,
                 "message bus bridge: not a channel subject or not a messaging.Message; skipped");
         }
         return;

@@ -147,8 +147,8 @@ async fn listen(
             metrics
                 .taken_over
                 .fetch_add(ended.len() as u64, Ordering::Relaxed);
-            tracing::info!(client_id = %a.client_id, mqtt_client_id = %a.mqtt_client_id,
-                by = %a.instance, "session taken over by another instance");
+            tracing::info!(client_id = %a.client_id.escape_debug(), mqtt_client_id = %a.mqtt_client_id.escape_debug(),
+                by = %a.instance.escape_debug(), "session taken over by another instance");
         }
     }
     let _ = subscriber.unsubscribe().await;

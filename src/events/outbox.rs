@@ -50,7 +50,7 @@ impl Outbox {
             self.stats.pending.fetch_sub(1, Ordering::Relaxed);
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             if let mpsc::error::TrySendError::Full(Item::Event(event)) = e {
-                tracing::warn!(client_id = %event.client_id, event_type = event.event_type.as_str(),
+                tracing::warn!(client_id = %event.client_id.escape_debug(), event_type = event.event_type.as_str(),
                     "event buffer full, event dropped");
             }
         }

@@ -6,12 +6,12 @@
 //! over WebSocket. Every transport ends in the same session code.
 
 pub mod budget;
+pub mod descriptors;
 pub mod tls;
 pub mod ws;
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::metrics::Metrics;
 use crate::session::limits::ConnectionInfo;
 use crate::session::{self, SessionContext};
+use descriptors::{Descriptors, OpenSocket, OpenSockets};
 
 /// How a listener's sockets speak MQTT.
 #[derive(Clone)]
@@ -61,8 +62,9 @@ pub struct Accepting {
     pub ws_connect_budget: usize,
     /// New connections per second per peer IP; `None` is unlimited.
     pub connect_rate: Option<ConnectRate>,
-    /// Sockets open on every listener together (bounded below the open file limit).
-    pub open_sockets: Arc<AtomicUsize>,
+    /// Sockets open on every listener, the HTTP port's included (bounded below the open file
+    /// limit less a reserve).
+    pub open_sockets: Arc<OpenSockets>,
 }
 
 /// Token buckets of new connections, one per peer IP.
@@ -105,12 +107,19 @@ pub async fn serve(listener: TcpListener, transport: Transport, shared: Arc<Acce
         };
         match accepted {
             Ok((stream, peer)) => {
-                if !Descriptors::room_for_socket(shared.open_sockets.load(Ordering::Relaxed)) {
-                    descriptors
-                        .running_out("open sockets near the open file limit", transport.name());
-                    shared.metrics.limit_hit("file_descriptors");
-                    continue;
-                }
+                let gauge = shared
+                    .metrics
+                    .listener_connections
+                    .with_label_values(&[transport.name()]);
+                let open = match shared.open_sockets.admit_device(gauge) {
+                    Ok(open) => open,
+                    Err(refusal) => {
+                        descriptors
+                            .running_out("open sockets near the open file limit", transport.name());
+                        shared.metrics.limit_hit(refusal.limit());
+                        continue;
+                    }
+                };
                 descriptors.available(transport.name());
                 let bans = shared.ctx.limits.auth_bans();
                 if bans.is_some_and(|b| b.is_banned(peer.ip())) {
@@ -129,13 +138,6 @@ pub async fn serve(listener: TcpListener, transport: Transport, shared: Arc<Acce
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
                 }
-                let open = OpenSocket::new(
-                    shared
-                        .metrics
-                        .listener_connections
-                        .with_label_values(&[transport.name()]),
-                    shared.open_sockets.clone(),
-                );
                 match transport {
                     // No handshake: the session is the task itself, one allocation (a
                     // connection task holding a boxed session took two).
@@ -181,103 +183,6 @@ pub async fn serve(listener: TcpListener, transport: Transport, shared: Arc<Acce
                 }
             }
         }
-    }
-}
-
-/// Descriptors kept free of device sockets (at most half of the open file limit).
-const RESERVED_DESCRIPTORS: usize = 128;
-
-/// The process's soft limit of open files, read each time (an operator may change it live).
-fn open_file_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return u64::MAX;
-    }
-    limit.rlim_cur
-}
-
-/// The accept loop's answer to running out of file descriptors: a socket beyond the open file
-/// limit less a reserve is closed at accept. Should the process run out all the same (its own
-/// files), one descriptor held back is released to accept and at once close the connection at
-/// the head of the backlog (so it is refused, not left hanging), then taken again. One log line
-/// per episode.
-struct Descriptors {
-    reserve: Option<std::fs::File>,
-    /// In an episode: connections are being closed.
-    out: bool,
-    /// This episode was logged (its end is logged too).
-    announced: bool,
-    last_warning: Option<std::time::Instant>,
-    /// Connections closed since the last warning.
-    closed: u64,
-}
-
-/// Episodes that follow each other closely (sockets come and go at the bound) share one line.
-const WARN_EVERY: Duration = Duration::from_secs(10);
-
-impl Descriptors {
-    fn new() -> Self {
-        Descriptors {
-            reserve: std::fs::File::open("/dev/null").ok(),
-            out: false,
-            announced: false,
-            last_warning: None,
-            closed: 0,
-        }
-    }
-
-    fn exhausted(e: &std::io::Error) -> bool {
-        matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-    }
-
-    /// Whether one more socket leaves the process its reserve of descriptors (for its own
-    /// files: listeners, the event log, HTTP scrapes, connections to NATS and the platform).
-    fn room_for_socket(open_sockets: usize) -> bool {
-        let limit = usize::try_from(open_file_limit()).unwrap_or(usize::MAX);
-        let reserved = (limit / 2).min(RESERVED_DESCRIPTORS);
-        open_sockets.saturating_add(reserved) < limit
-    }
-
-    fn running_out(&mut self, cause: &str, listener: &'static str) {
-        self.closed += 1;
-        if std::mem::replace(&mut self.out, true) {
-            return;
-        }
-        if self
-            .last_warning
-            .is_none_or(|at| at.elapsed() >= WARN_EVERY)
-        {
-            tracing::warn!(cause, listener, closed = self.closed,
-                "file descriptors running out: new connections are closed until some are free (raise the open file limit or lower SMQ_MQTT_ADAPTER_MAX_CONNECTIONS)");
-            self.last_warning = Some(std::time::Instant::now());
-            self.announced = true;
-            self.closed = 0;
-        }
-    }
-
-    fn available(&mut self, listener: &'static str) {
-        if std::mem::replace(&mut self.out, false) && std::mem::take(&mut self.announced) {
-            tracing::info!(listener, "file descriptors available again: accepting");
-        }
-        if self.reserve.is_none() {
-            self.reserve = std::fs::File::open("/dev/null").ok();
-        }
-    }
-
-    /// Closes one waiting connection with the reserve descriptor; false when there was no
-    /// reserve or no connection could be taken (the caller then backs off).
-    fn shed(&mut self, listener: &TcpListener) -> bool {
-        if self.reserve.take().is_none() {
-            return false;
-        }
-        // The connection is already queued: accept does not wait. Dropped at once: closed.
-        let shed = matches!(listener.accept().now_or_never(), Some(Ok(_)));
-        self.reserve = std::fs::File::open("/dev/null").ok();
-        shed
     }
 }
 
@@ -378,25 +283,6 @@ async fn connection(
 /// Why a TLS or WebSocket handshake failed.
 #[derive(Debug)]
 pub struct HandshakeError(pub String);
-
-/// Keeps a listener's open-socket gauge and the count of all listeners right on every path out
-/// of the connection task.
-struct OpenSocket(prometheus::IntGauge, Arc<AtomicUsize>);
-
-impl OpenSocket {
-    fn new(gauge: prometheus::IntGauge, all: Arc<AtomicUsize>) -> Self {
-        gauge.inc();
-        all.fetch_add(1, Ordering::Relaxed);
-        OpenSocket(gauge, all)
-    }
-}
-
-impl Drop for OpenSocket {
-    fn drop(&mut self) {
-        self.0.dec();
-        self.1.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 #[cfg(test)]
 mod footprint {

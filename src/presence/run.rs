@@ -143,7 +143,10 @@ fn apply(presence: &mut Presence, entries: &mut Vec<Entry>) {
             Ok(event) => presence.apply(event),
             Err(bad) => {
                 if presence.malformed == 0 {
-                    tracing::warn!("skipping a stored entry that is not a connection event: {bad}");
+                    tracing::warn!(
+                        "skipping a stored entry that is not a connection event: {}",
+                        bad.0.escape_debug()
+                    );
                 }
                 presence.malformed();
             }

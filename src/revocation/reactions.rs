@@ -154,14 +154,14 @@ impl EventHandler for Reactions {
             .with_label_values(&[operation_label(&event.operation)])
             .inc();
         let Some(revocation) = &event.revocation else {
-            tracing::debug!(operation = %event.operation, id = %event.id, "platform event ignored");
+            tracing::debug!(operation = %event.operation.escape_debug(), id = %event.id.escape_debug(), "platform event ignored");
             return;
         };
         let sessions = self.apply(revocation).await;
         self.revocations
             .with_label_values(&[operation_label(&event.operation)])
             .inc();
-        tracing::info!(operation = %event.operation, id = %event.id, ?revocation, sessions,
+        tracing::info!(operation = %event.operation.escape_debug(), id = %event.id.escape_debug(), ?revocation, sessions,
             "platform revoked rights: cached decisions dropped, affected sessions ended");
     }
 }

@@ -531,3 +531,28 @@ pub fn assert_session(connect: &Event, disconnect: &Event) {
         connect.occurred_at
     );
 }
+
+/// Open descriptors of process `pid`.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}
+
+/// Lowers the open file limit of process `pid` (ours: the adapter we spawned).
+pub fn lower_file_limit(pid: u32, limit: u64) {
+    let new = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: prlimit reads `new`, which we own, and writes nothing (old is null).
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit({pid}, RLIMIT_NOFILE, {limit})");
+}

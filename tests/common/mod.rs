@@ -11,7 +11,8 @@ pub mod stores;
 pub mod supermq_events;
 
 pub use adapter::{
-    adapter_command, assert_paired, assert_session, free_port, run_to_exit, Adapter, Event, WAIT,
+    adapter_command, assert_paired, assert_session, free_port, lower_file_limit, open_fds,
+    run_to_exit, Adapter, Event, WAIT,
 };
 pub use clients::{
     mosquitto_pub, run_paho, v4_options, v5_options, MosquittoSub, V4Client, V5Client,
