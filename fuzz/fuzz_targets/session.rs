@@ -110,6 +110,8 @@ fn context() -> Arc<SessionContext> {
         // The accepted CONNECTs below are 40 to 50 bytes.
         max_connect_size: 128,
         max_keep_alive: 0,
+        // Never run: sessions here end when their input does, before any keep-alive passes.
+        keep_alive: mqtt_adapter::session::keep_alive::KeepAliveWheel::new(),
         topic_alias_maximum: 2,
         shutdown: CancellationToken::new(),
         metrics: shared.metrics.clone(),
