@@ -18,7 +18,7 @@ use std::time::Duration;
 use super::queue::{Mailbox, MailboxImage};
 use super::session::{Durable, State};
 use super::{Broker, DeferredWill, Expiry, Message, Session, SessionKey};
-use crate::state::{KeptWill, SessionRecord, StateError, StateTicket, WillDue};
+use crate::state::{unix_ms_now, KeptWill, SessionRecord, StateError, StateTicket, WillDue};
 
 /// How often online persistent sessions whose deliveries changed are written.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
@@ -26,11 +26,6 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// Publishes a will the state store kept, for a session this process did not see connect:
 /// given the session key, the will and the message to publish.
 pub type WillRoute = Arc<dyn Fn(&SessionKey, &KeptWill, Arc<Message>) + Send + Sync>;
-
-/// Unix time in milliseconds now.
-fn unix_ms() -> u64 {
-    u64::try_from(crate::clock::unix_nanos() / 1_000_000).unwrap_or(0)
-}
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -124,7 +119,7 @@ impl Broker {
         let Some(durable) = state.durable.as_mut() else {
             return;
         };
-        let now = unix_ms();
+        let now = unix_ms_now();
         durable.ended_ms = Some(now);
         durable.will = match (durable.will.take(), will) {
             (Some(kept), Some((message, delay))) => Some(KeptWill {
@@ -135,9 +130,15 @@ impl Broker {
             // Ended normally, or its will went out at once.
             _ => None,
         };
-        durable.changed = false;
+        self.write_all(session, state);
+    }
+
+    /// Writes the record and every delivery the session holds (replacing the kept ones);
+    /// later appends follow them.
+    fn write_all(&self, session: &Session, state: &mut State) {
         let image = state.mailbox.image();
         if let Some(d) = state.durable.as_mut() {
+            d.changed = false;
             d.next_position = image.entries.len() as u64;
         }
         drop(
@@ -161,17 +162,10 @@ impl Broker {
             let Some(d) = state.durable.as_mut() else {
                 continue;
             };
-            if !std::mem::take(&mut d.changed) {
+            if !d.changed {
                 continue;
             }
-            let image = state.mailbox.image();
-            if let Some(d) = state.durable.as_mut() {
-                d.next_position = image.entries.len() as u64;
-            }
-            drop(
-                self.state
-                    .put_session(record_of(&session, &state), Some(image.entries)),
-            );
+            self.write_all(&session, &mut state);
             written += 1;
         }
         written
@@ -208,7 +202,7 @@ impl Broker {
         if !self.state.keeps_sessions() {
             return Ok(restored);
         }
-        let now = unix_ms();
+        let now = unix_ms_now();
         let mut due_now = Vec::new();
         for loaded in self.state.load_sessions()? {
             let mut record = loaded.record;

@@ -19,6 +19,7 @@ mod local;
 mod memory;
 pub mod nats;
 mod record;
+pub(crate) use record::unix_ms_now;
 mod session;
 
 use std::path::PathBuf;

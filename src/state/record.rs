@@ -21,7 +21,7 @@ use crate::broker::{Message, Origin};
 const VERSION: u8 = 1;
 
 /// Unix time in milliseconds now.
-pub(super) fn unix_ms_now() -> u64 {
+pub(crate) fn unix_ms_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
